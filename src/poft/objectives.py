@@ -1,0 +1,86 @@
+"""The math of PoFT as pure tensor functions, shared by scoring and training.
+
+A model's preference score of a conversation is the mean log-probability of its response tokens
+(`sequence_mean_log_probs`). PoFT trains the target to score each pair higher than the references do,
+with a Bradley-Terry loss: L = -log sigmoid(beta * (r_theta - r_ref) + gamma). Its gradient is
+beta * sigmoid(-(beta * (r_theta - r_ref) + gamma)) times the gradient of the length-normalised
+cross-entropy, so `poft_weights` is the per-sample data weight that the references induce.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def sequence_mean_log_probs(
+    token_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    seq_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean of `token_log_probs` over `mask`, and the per-sequence token counts.
+
+    Padded batches: one sequence per row (`seq_ids` None). Packed / padding-free batches: `seq_ids`
+    (same shape as the log-probs) gives each position's sequence index in [0, num_sequences); positions
+    outside the mask may carry any valid index. Vectorised with scatter-add: no per-sequence loop, no
+    host synchronisation. A sequence with no masked token gets mean 0 and count 0.
+    """
+    mask = mask.to(token_log_probs.dtype)
+    masked = token_log_probs * mask
+    if seq_ids is None:
+        sums, counts = masked.sum(-1), mask.sum(-1)
+    else:
+        if num_sequences is None:
+            raise ValueError("num_sequences is required with seq_ids")
+        flat_ids = seq_ids.reshape(-1).clamp(0, num_sequences - 1)
+        sums = masked.new_zeros(num_sequences).scatter_add(0, flat_ids, masked.reshape(-1))
+        counts = mask.new_zeros(num_sequences).scatter_add(0, flat_ids, mask.reshape(-1))
+    return sums / counts.clamp(min=1), counts
+
+
+def poft_margins(
+    policy_scores: torch.Tensor, ref_scores: torch.Tensor, beta: float = 1.0, gamma: float = 0.0
+) -> torch.Tensor:
+    """The Bradley-Terry logit beta * (r_theta - r_ref) + gamma of each sample."""
+    return beta * (policy_scores - ref_scores.to(policy_scores.dtype)) + gamma
+
+
+def poft_loss(
+    policy_scores: torch.Tensor,
+    ref_scores: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """-log sigmoid(beta * (r_theta - r_ref) + gamma), averaged (or summed) over samples."""
+    losses = -F.logsigmoid(poft_margins(policy_scores, ref_scores, beta, gamma))
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "none":
+        return losses
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def poft_weights(
+    policy_scores: torch.Tensor, ref_scores: torch.Tensor, beta: float = 1.0, gamma: float = 0.0
+) -> torch.Tensor:
+    """sigmoid(-(beta * (r_theta - r_ref) + gamma)): the weight PoFT puts on each sample's normalised CE.
+
+    For beta = 1, gamma = 0 this is the paper's tau = sigmoid(r_ref - r_theta); the full gradient factor
+    is beta times this weight.
+    """
+    return torch.sigmoid(-poft_margins(policy_scores.detach(), ref_scores, beta, gamma))
+
+
+def nll_loss(token_log_probs: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """SFT's token-level cross-entropy: the summed negative log-probs over `num_items` (default: masked tokens)."""
+    total = -(token_log_probs * mask.to(token_log_probs.dtype)).sum()
+    denominator = mask.sum() if num_items is None else num_items
+    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)

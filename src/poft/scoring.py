@@ -1,0 +1,378 @@
+"""Score a dataset with reference models: r_m(x, y), the mean log-prob of the response tokens.
+
+Each reference reads every conversation in its own tokenizer and chat template (`poft.chat`), and its
+log-probs come from TRL's fused LM head, the same computation the trainer uses for r_theta. Batches are
+length-sorted and filled up to a token budget, so nothing is padded to `max_length`. Results are
+appended to a per-reference cache keyed by a fingerprint of the model (weights, tokenizer, template,
+truncation, dtype) and by `poft_id`: a killed run resumes where it stopped, and scoring again with one
+more reference computes only that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.utils import add_fused_lm_head
+
+from poft.chat import ConversationEncoder, EncodedConversation, TruncationMode
+from poft.objectives import sequence_mean_log_probs
+
+logger = logging.getLogger(__name__)
+
+REF_SCORE = "ref_score"
+SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "adapter_config.json",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ScoringError(RuntimeError):
+    """Scoring cannot go on; what was already computed stays in the cache."""
+
+
+@dataclass
+class ScoreConfig:
+    """Options of `poft score` (and of `score_dataset`)."""
+
+    data: str | None = field(default=None, metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."})
+    model: list[str] = field(default_factory=list, metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."})
+    output: str | None = field(default=None, metadata={"help": "Directory for the scored dataset (loadable with datasets.load_from_disk)."})
+    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate conversations to this many tokens; use the same value for training (TRL's default is 1024)."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."})
+    batch_tokens: int = field(default=16384, metadata={"help": "Token budget of one batch, padding included; batches are length-sorted."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Per-reference score cache (default: $POFT_CACHE or ~/.cache/poft/scores)."})
+    chat_template: str | None = field(default=None, metadata={"help": "Chat template (.jinja file or text) for references whose tokenizer has none."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories to run their own code."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.batch_tokens <= 0:
+            raise ValueError(f"--batch_tokens must be positive, got {self.batch_tokens}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference model: the column-safe name its scores are stored under, and where it loads from."""
+
+    name: str
+    path: str
+
+
+def parse_references(specs: Sequence[str]) -> list[Reference]:
+    """`PATH` or `NAME=PATH`; names default to the last path component and are made unique."""
+    references, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or os.sep in name:
+            name, path = Path(spec.rstrip("/")).name, spec
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+        unique, k = name, 2
+        while unique in seen:
+            unique, k = f"{name}_{k}", k + 1
+        seen.add(unique)
+        references.append(Reference(unique, path))
+    return references
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return dtypes[dtype]
+
+
+def model_fingerprint(path: str) -> str:
+    """Identify a checkpoint without reading its weights: small files by content, weight files by name, size and mtime.
+
+    A hub id is resolved to its cached snapshot, whose directory name is the commit hash.
+    """
+    directory = Path(path).expanduser()
+    revision = ""
+    if not directory.is_dir():
+        from transformers.utils.hub import cached_file
+
+        directory = Path(cached_file(path, "config.json")).parent
+        revision = directory.name
+    digest = hashlib.sha256(revision.encode())
+    for file in sorted(directory.iterdir()):
+        if file.name in SMALL_FILES:
+            digest.update(file.name.encode() + file.read_bytes())
+        elif file.suffix in WEIGHT_SUFFIXES:
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("POFT_CACHE", Path.home() / ".cache" / "poft")) / "scores"
+
+
+class ScoreCache:
+    """Append-only JSONL of {poft_id, score, n_tokens} for one reference fingerprint.
+
+    Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
+    line is ignored on reading, and duplicates collapse by `poft_id`.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str, meta: dict):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{fingerprint}.jsonl"
+        meta_path = directory / f"{fingerprint}.json"
+        if not meta_path.exists():
+            meta_path.write_text(json.dumps(meta, indent=2))
+
+    def load(self) -> dict[str, tuple[float | None, int]]:
+        if not self.path.exists():
+            return {}
+        entries: dict[str, tuple[float | None, int]] = {}
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                entries[record["poft_id"]] = (record["score"], record["n_tokens"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                if number == len(lines):
+                    break  # a write torn by a kill: that batch is scored again
+                raise ScoringError(
+                    f"{self.path}: line {number} is corrupt ({error}). Delete the file to rescore this reference."
+                ) from error
+        return entries
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens`.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batch: list[int] = []
+    for index in order:
+        longest = lengths[batch[0]] if batch else lengths[index]
+        if batch and (len(batch) + 1) * longest > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+def collate(encoded: Sequence[EncodedConversation], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and response-only labels."""
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels())
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean response log-prob and response token count of each row, from the fused LM head."""
+    outputs = model(**batch, fused_lm_head=True)
+    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+
+
+def load_reference_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    ).to(device)
+    model.eval()
+    add_fused_lm_head(model, cast_lm_head_to_fp32=True)
+    return model
+
+
+def score_reference(
+    dataset: Dataset, reference: Reference, config: ScoreConfig
+) -> tuple[list[float | None], list[int]]:
+    """Scores and response-token counts of every row for one reference, through its cache."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reference.path, trust_remote_code=config.trust_remote_code)
+        model_id = model_fingerprint(reference.path)
+    except (OSError, ValueError) as error:
+        raise ScoringError(
+            f"Cannot load reference {reference.name!r} from {reference.path!r}: {error}. Give a local model "
+            "directory or a hub id that is reachable (or already in the Hugging Face cache)."
+        ) from error
+    encoder = ConversationEncoder(
+        tokenizer,
+        fallback_template=config.chat_template,
+        max_length=config.max_length,
+        truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
+        name=reference.path,
+    )
+    meta = {
+        "model": reference.path,
+        "chat_template": encoder.template,
+        "masking": encoder.method,
+        "max_length": config.max_length,
+        "truncation_mode": config.truncation_mode,
+        "dtype": str(dtype),
+    }
+    fingerprint = hashlib.sha256(
+        (model_id + json.dumps(meta, sort_keys=True)).encode()
+    ).hexdigest()[:32]
+    cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta)
+    scored = cache.load()
+
+    ids = dataset["poft_id"]
+    todo: dict[str, EncodedConversation] = {}
+    for poft_id, messages in zip(ids, dataset["messages"], strict=True):
+        if poft_id not in scored and poft_id not in todo:
+            todo[poft_id] = encoder.encode(messages)
+    logger.info(
+        "%s: %d of %d conversations cached (%s), %d to score (%s masking)",
+        reference.name, len(ids) - len(todo), len(ids), cache.path, len(todo), encoder.method,
+    )
+    unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
+    if unscorable:
+        cache.append([{"poft_id": i, "score": None, "n_tokens": 0} for i in unscorable])
+        for i in unscorable:
+            todo.pop(i)
+    if todo:
+        _score_into_cache(todo, tokenizer, reference, config, device, dtype, cache)
+    scored = cache.load()
+    return [scored[i][0] for i in ids], [scored[i][1] for i in ids]
+
+
+def _score_into_cache(
+    todo: dict[str, EncodedConversation],
+    tokenizer,
+    reference: Reference,
+    config: ScoreConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache: ScoreCache,
+) -> None:
+    model = load_reference_model(reference.path, device, dtype, config.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    keys, encoded = list(todo), list(todo.values())
+    lengths = [len(e.input_ids) for e in encoded]
+    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=f"Scoring with {reference.name}") as bar:
+        for batch in token_budget_batches(lengths, config.batch_tokens):
+            means, counts = score_batch(model, collate([encoded[i] for i in batch], pad_id, device))
+            cache.append(
+                [
+                    {"poft_id": keys[i], "score": float(m), "n_tokens": int(c)}
+                    for i, m, c in zip(batch, means.tolist(), counts.tolist(), strict=True)
+                ]
+            )
+            bar.update(sum(lengths[i] for i in batch))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def score_dataset(dataset: Dataset, models: Sequence[str | Reference], config: ScoreConfig | None = None) -> Dataset:
+    """Add `score_<name>` and `n_tokens_<name>` per reference and their mean `ref_score` to `dataset`.
+
+    `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). A row whose response is
+    truncated away entirely gets null scores and is reported, never NaN.
+    """
+    config = config or ScoreConfig()
+    if not models:
+        raise ValueError("Give at least one reference model (--model PATH_OR_HUB_ID).")
+    missing = {"messages", "poft_id"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"The dataset lacks {sorted(missing)}; load it with poft.load_sft_dataset first.")
+    references = [m if isinstance(m, Reference) else parse_references([m])[0] for m in models]
+    if len({r.name for r in references}) < len(references):
+        references = parse_references([r.path for r in references])
+    columns: dict[str, list] = {}
+    for reference in references:
+        scores, counts = score_reference(dataset, reference, config)
+        columns[f"score_{reference.name}"], columns[f"n_tokens_{reference.name}"] = scores, counts
+    per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
+    columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
+    unscorable = sum(s is None for s in columns[REF_SCORE])
+    if unscorable:
+        logger.warning(
+            "%d of %d conversations have no response token left after truncation to %s tokens; their scores "
+            "are null and training skips them. Raise --max_length to keep them.",
+            unscorable, len(dataset), config.max_length,
+        )
+    dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values)
+    return dataset
+
+
+def run_score(config: ScoreConfig) -> Dataset:
+    """`poft score`: load, score with every reference, save to `config.output` with a metadata file."""
+    from poft.data import load_sft_dataset
+
+    if not config.data or not config.output:
+        raise ValueError("poft score needs --data and --output.")
+    output = Path(config.output)
+    dataset = load_sft_dataset(
+        config.data,
+        split=config.split,
+        skip_invalid=config.skip_invalid,
+        invalid_report=output / "invalid_rows.jsonl" if config.skip_invalid else None,
+    )
+    references = parse_references(config.model)
+    scored = score_dataset(dataset, references, config)
+    scored.save_to_disk(str(output))
+    unscorable = [i for i, s in zip(scored["poft_id"], scored[REF_SCORE], strict=True) if s is None]
+    (output / "poft_score.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(config),
+                "references": [asdict(r) for r in references],
+                "rows": len(scored),
+                "unscorable_poft_ids": unscorable,
+            },
+            indent=2,
+        )
+    )
+    logger.info("Saved %d scored conversations to %s", len(scored), output)
+    return scored

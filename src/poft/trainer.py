@@ -1,0 +1,272 @@
+"""PoFTTrainer: TRL's SFTTrainer with the PoFT objective (or the SFT baseline) and PoFT's metrics.
+
+Conversations are tokenized and masked by `poft.chat`, the code that scored the references, so the
+target's r_theta and the data's `ref_score` measure the same tokens. Each conversation's `ref_score`
+travels as a per-token column, which survives TRL's padding-free collation and BFD packing unchanged;
+the collator turns it back into one value per sequence, and the loss reduces the fused LM head's
+per-token log-probs to per-sequence means from the sequence boundaries. The loss is normalised by the
+number of sequences in the whole optimizer step (all micro-batches and processes), so gradient
+accumulation and data parallelism give the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from poft.chat import ConversationEncoder
+from poft.objectives import nll_loss, poft_margins, sequence_mean_log_probs
+
+logger = logging.getLogger(__name__)
+
+REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
+SEQ_IDS = "poft_seq_ids"
+LOSS_TYPES = ("poft", "sft")
+
+
+@dataclass
+class PoFTConfig(SFTConfig):
+    """SFTConfig plus PoFT's options. `loss_type` is "poft" (default) or "sft", the cross-entropy baseline."""
+
+    loss_type: str = field(
+        default="poft",
+        metadata={"help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline.", "choices": list(LOSS_TYPES)},
+    )
+    beta: float = field(default=1.0, metadata={"help": "Scale of the score margin in the Bradley-Terry loss (the paper uses 1)."})
+    gamma: float = field(default=0.0, metadata={"help": "Offset of the Bradley-Terry logit (the paper uses 0)."})
+    ref_score_column: str = field(default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on unconditionally, which fails on machines without bf16 hardware (a laptop CPU)
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        poft_loss_type, self.loss_type = self.loss_type, "nll"  # SFTConfig only knows its own loss types
+        super().__post_init__()
+        self.loss_type = poft_loss_type
+
+
+class PoFTDataCollator:
+    """TRL's language-modeling collator, plus one reference score per sequence and each token's sequence index."""
+
+    def __init__(self, base: DataCollatorForLanguageModeling):
+        self.base = base
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        refs = [example.get(REF_TOKENS) for example in examples]
+        batch = self.base([{k: v for k, v in e.items() if k != REF_TOKENS} for e in examples])
+        lengths = [list(e.get("seq_lengths") or [len(e["input_ids"])]) for e in examples]
+        if self.base.padding_free:
+            flat = [n for per_example in lengths for n in per_example]
+            seq_ids = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(flat))
+            width = batch["input_ids"].size(1)
+            batch[SEQ_IDS] = F.pad(seq_ids, (0, width - seq_ids.numel()), value=len(flat) - 1)[None]
+        if refs[0] is not None:
+            starts = [[sum(per_example[:k]) for k in range(len(per_example))] for per_example in lengths]
+            batch[REF_TOKENS] = torch.tensor(
+                [ref[s] for ref, per_example in zip(refs, starts, strict=True) for s in per_example], dtype=torch.float32
+            )
+        return batch
+
+
+class PoFTTrainer(SFTTrainer):
+    """Trains with PoFT (`loss_type="poft"`) or plain SFT (`"sft"`) and logs PoFT's weights either way.
+
+    The train dataset needs `messages` (see `poft.load_sft_dataset`) and, for PoFT, a finite reference
+    score per row (`poft score`'s `ref_score`). Logged per step: `poft/weight` (mean
+    sigmoid(-(beta (r_theta - r_ref) + gamma))), `poft/win_rate` (share of r_theta > r_ref),
+    `poft/margin` (mean r_theta - r_ref), `poft/r_theta`, `poft/r_ref`.
+    """
+
+    _tag_names = ["trl", "sft", "poft"]
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args: PoFTConfig | None = None, *pargs, **kwargs):
+        args = args or PoFTConfig(output_dir="poft-output")
+        if not isinstance(args, PoFTConfig):
+            raise TypeError(f"PoFTTrainer needs a PoFTConfig, got {type(args).__name__}")
+        if args.packing and args.packing_strategy != "bfd":
+            raise ValueError(
+                f"packing_strategy={args.packing_strategy!r} cuts conversations apart, so a packed piece no longer "
+                "matches its reference score. Use packing_strategy='bfd' (the default) or packing=False."
+            )
+        if args.assistant_only_loss or args.completion_only_loss:
+            logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
+        # SFTTrainer validates its own loss types, and refuses max_length with padding-free batches because it
+        # would not truncate them; the encoder truncates every conversation itself, so both are lifted meanwhile.
+        self._truncate_to = args.max_length
+        poft_loss_type, args.loss_type = args.loss_type, "nll"
+        if args.padding_free and not args.packing:
+            args.max_length = None
+        try:
+            super().__init__(model, args, *pargs, **kwargs)
+        finally:
+            args.loss_type, args.max_length = poft_loss_type, self._truncate_to
+        if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
+            raise ValueError("PoFTTrainer builds its own data collator; do not pass one.")
+        self.data_collator = PoFTDataCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", "seq_lengths", REF_TOKENS]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"PoFTTrainer needs a datasets.Dataset for {dataset_name}, got {type(dataset).__name__}")
+        if formatting_func is not None:
+            raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
+        if "messages" not in dataset.column_names:
+            raise ValueError(
+                f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
+                "Load it with poft.load_sft_dataset, which accepts messages, prompt/completion, Alpaca and ShareGPT."
+            )
+        ref_column = args.ref_score_column
+        has_ref = ref_column in dataset.column_names
+        if args.loss_type == "poft" and not has_ref:
+            raise ValueError(
+                f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
+                f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
+                "use loss_type='sft'."
+            )
+        encoder = ConversationEncoder(
+            self._tokenizer, max_length=self._truncate_to, truncation_mode=args.truncation_mode
+        )
+        dataset = dataset.map(
+            _tokenize,
+            with_indices=True,
+            fn_kwargs={"encoder": encoder, "ref_column": ref_column if has_ref else None},
+            remove_columns=dataset.column_names,
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
+        )
+        empty = dataset.filter(lambda n: n == 0, input_columns="poft_num_response_tokens").num_rows
+        if empty:
+            logger.warning(
+                "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
+                "and are skipped. Raise max_length to keep them.", empty, dataset_name, self._truncate_to,
+            )
+            dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
+        if args.loss_type == "poft":
+            _check_reference_scores(dataset, ref_column, dataset_name)
+        dataset = dataset.remove_columns(
+            ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
+        )
+        if packing:
+            columns = ["input_ids", "labels"] + ([REF_TOKENS] if has_ref else [])
+            dataset = dataset.select_columns(columns)
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = pack_dataset(dataset, self._truncate_to, "bfd", {"desc": f"Packing {dataset_name} dataset"})
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Sequences (PoFT) or response tokens (SFT) in the whole optimizer step, across processes."""
+        if not batch_samples:
+            return None
+        if self.args.loss_type == "poft":
+            count = sum(batch[REF_TOKENS].numel() for batch in batch_samples)
+        else:
+            count = sum(int(batch["labels"][..., 1:].ne(-100).sum()) for batch in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        ref = inputs.pop(REF_TOKENS, None)
+        seq_ids = inputs.pop(SEQ_IDS, None)
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        log_probs, mask = outputs.log_probs, outputs.label_mask
+        num_sequences = ref.numel() if ref is not None else None
+        if seq_ids is not None:
+            seq_ids = seq_ids[:, 1:]  # align with next-token log-probs
+
+        if self.args.loss_type == "poft":
+            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, num_sequences)
+            losses = -F.logsigmoid(poft_margins(r_theta, ref, self.args.beta, self.args.gamma))
+            loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
+        else:
+            loss = nll_loss(log_probs, mask, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+
+        self._log_step_metrics(mode, inputs, outputs, log_probs, mask, ref, seq_ids, num_sequences)
+        if return_outputs:
+            return loss, outputs
+        return loss
+
+    def _log_step_metrics(self, mode, inputs, outputs, log_probs, mask, ref, seq_ids, num_sequences) -> None:
+        """TRL's token metrics plus PoFT's, summed across processes before averaging (one host sync)."""
+        stats = [mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
+        if ref is not None:
+            with torch.no_grad():
+                r_theta, _ = sequence_mean_log_probs(log_probs.detach(), mask, seq_ids, num_sequences)
+                margin = poft_margins(r_theta, ref, self.args.beta, self.args.gamma)
+                stats += [
+                    torch.sigmoid(-margin).sum(),
+                    (r_theta > ref).sum(),
+                    (r_theta - ref).sum(),
+                    r_theta.sum(),
+                    ref.sum(),
+                    torch.tensor(ref.numel(), device=ref.device),
+                ]
+        if "attention_mask" in inputs:
+            stats.append(inputs["attention_mask"].sum())
+        else:
+            stats.append(torch.tensor(inputs["input_ids"].numel(), device=mask.device))
+        totals = self.accelerator.gather_for_metrics(torch.stack([s.float() for s in stats])[None]).sum(0).tolist()
+        tokens, entropy, correct = totals[:3]
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy / tokens if tokens else 0.0)
+        metrics["mean_token_accuracy"].append(correct / tokens if tokens else 0.0)
+        if ref is not None:
+            weight, wins, margin, r_theta_sum, ref_sum, n = totals[3:9]
+            for key, value in zip(
+                ("weight", "win_rate", "margin", "r_theta", "r_ref"), (weight, wins, margin, r_theta_sum, ref_sum)
+            ):
+                metrics[f"poft/{key}"].append(value / n)
+        if mode == "train":
+            self._total_train_tokens += int(totals[-1])
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
+    encoded = encoder.encode(example["messages"])
+    out = {
+        "input_ids": encoded.input_ids,
+        "labels": encoded.labels(),
+        "poft_num_response_tokens": encoded.num_response_tokens,
+        "poft_row": index,
+        "poft_id": example.get("poft_id") or "",
+    }
+    if ref_column is not None:
+        out[ref_column] = example[ref_column]
+        ref = example[ref_column]
+        out[REF_TOKENS] = [float("nan") if ref is None else float(ref)] * len(encoded.input_ids)
+    return out
+
+
+def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> None:
+    """Fail before training on a missing, NaN or infinite reference score, naming the rows."""
+    columns = zip(dataset[ref_column], dataset["poft_row"], dataset["poft_id"], strict=True)
+    bad = [(row, poft_id) for value, row, poft_id in columns if value is None or not math.isfinite(value)]
+    if bad:
+        shown = ", ".join(f"row {row}" + (f" (poft_id {poft_id})" if poft_id else "") for row, poft_id in bad[:5])
+        raise ValueError(
+            f"{len(bad)} rows of the {dataset_name} dataset have a missing, NaN or infinite {ref_column!r}: {shown}"
+            f"{' ...' if len(bad) > 5 else ''}. Rescore them with `poft score`, or drop them before training."
+        )
