@@ -269,9 +269,10 @@ def score_reference(
     for poft_id, messages in zip(ids, dataset["messages"], strict=True):
         if poft_id not in scored and poft_id not in todo:
             todo[poft_id] = encoder.encode(messages)
+    unique = len(set(ids))
     logger.info(
-        "%s: %d of %d conversations cached (%s), %d to score (%s masking)",
-        reference.name, len(ids) - len(todo), len(ids), cache.path, len(todo), encoder.method,
+        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking)",
+        reference.name, len(ids), unique, unique - len(todo), cache.path, len(todo), encoder.method,
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
     if unscorable:

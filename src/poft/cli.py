@@ -1,0 +1,158 @@
+"""`poft <stage>`: each stage's config from a YAML file (`--config`) plus flag overrides, TRL-style.
+
+Flags use the config fields' names, with underscores or dashes. User errors (bad data, a missing
+column, an unusable chat template, a bad option) end with one readable message and exit code 2;
+set POFT_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from poft.chat import ChatTemplateError
+from poft.data import DataError
+from poft.scoring import ScoreConfig, ScoringError, run_score
+from poft.trainer import PoFTConfig, PoFTTrainer
+
+logger = logging.getLogger("poft")
+
+USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFoundError)
+
+
+@dataclass
+class TrainDataArguments(ScriptArguments):
+    """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
+
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."})
+
+
+def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """`--model A --model B` -> `--model A B`, so a repeated list flag accumulates instead of overriding."""
+    values: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if name in flags:
+            if eq:
+                values.append(inline)
+                i += 1
+            else:
+                i += 1
+                while i < len(argv) and not argv[i].startswith("--"):
+                    values.append(argv[i])
+                    i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return rest + ([flags[0], *values] if values else [])
+
+
+def score_main(argv: Sequence[str]) -> None:
+    parser = TrlParser(
+        (ScoreConfig,),
+        prog="poft score",
+        description="Score SFT data with one or more reference models: per reference, the mean log-prob of the "
+        "response tokens in its own chat template; ref_score is their mean. Results are cached per model and resume "
+        "after an interruption.",
+    )
+    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--model"]))
+    if not config.model:
+        parser.error("give at least one reference with --model PATH_OR_HUB_ID")
+    run_score(config)
+
+
+def train_main(argv: Sequence[str]) -> None:
+    from poft.data import load_sft_dataset
+
+    parser = TrlParser(
+        (TrainDataArguments, PoFTConfig, ModelConfig),
+        prog="poft train",
+        description="Fine-tune a model with PoFT (loss_type=poft, needs a ref_score column from `poft score`) or "
+        "the SFT baseline (loss_type=sft). Every SFTConfig / TrainingArguments option is accepted.",
+    )
+    data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if not data_args.dataset_name or not model_args.model_name_or_path:
+        parser.error("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
+    report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
+    train_dataset = load_sft_dataset(
+        data_args.dataset_name, split=data_args.dataset_train_split, skip_invalid=data_args.skip_invalid, invalid_report=report
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    trainer = PoFTTrainer(
+        model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    logger.info("Saved the model to %s", training_args.output_dir)
+
+
+def quickstart_main(argv: Sequence[str]) -> None:
+    from poft.demo.quickstart import QuickstartConfig, run_quickstart
+
+    parser = TrlParser(
+        (QuickstartConfig,),
+        prog="poft quickstart",
+        description="Build tiny local models, score a small bundled dataset with two references and train a few "
+        "PoFT steps: the whole pipeline in seconds on a CPU, nothing downloaded.",
+    )
+    (config,) = parser.parse_args_and_config(argv)
+    run_quickstart(config)
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "score": (score_main, "score SFT data with reference models (writes ref_score)"),
+    "train": (train_main, "train with PoFT or the SFT baseline on TRL"),
+    "quickstart": (quickstart_main, "run the pipeline end to end on tiny local models"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: poft <command> [--config FILE.yaml] [--option value ...]", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`poft <command> --help` lists every option of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"poft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        COMMANDS[command][0](rest)
+    except USER_ERRORS as error:
+        if os.environ.get("POFT_DEBUG"):
+            raise
+        print(f"poft {command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Tests for poft.data: every input format and file kind, ids, and the errors users see."""
+
+import hashlib
+import json
+import logging
+import re
+
+import datasets
+import pandas as pd
+import pytest
+
+from poft.data import (
+    DataError,
+    conversation_id,
+    detect_format,
+    load_sft_dataset,
+    normalize_example,
+    split_prompt_response,
+)
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+ALPACA = [
+    {"instruction": "Add 2 and 3", "input": "", "output": "5", "category": "math", "ref_score": 0.5},
+    {"instruction": "Translate", "input": "chat", "output": "cat", "category": "fr", "ref_score": 1.5},
+    {"instruction": "Say N/A", "input": "", "output": "N/A", "category": "misc", "ref_score": 2.5},
+]
+ALPACA_MESSAGES = [
+    [{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "5"}],
+    [{"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "cat"}],
+    [{"role": "user", "content": "Say N/A"}, {"role": "assistant", "content": "N/A"}],
+]
+
+
+def write_jsonl(path, rows):
+    """Rows may be dicts or raw text lines (for blank and broken lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load_rows(tmp_path, rows, **kwargs):
+    return load_sft_dataset(str(write_jsonl(tmp_path / "data.jsonl", rows)), **kwargs)
+
+
+def test_messages_format_keeps_system_turns_and_only_role_content(tmp_path):
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi", "name": "bob"},
+        {"role": "assistant", "content": "Hello!", "weight": 1},
+    ]
+    ds = load_rows(tmp_path, [{"messages": turns, "answer": "x"}])
+    assert ds.column_names == ["messages", "poft_id", "answer"]
+    assert ds[0]["messages"] == [{"role": t["role"], "content": t["content"]} for t in turns]
+    assert ds[0]["answer"] == "x"
+
+
+def test_sharegpt_format(tmp_path):
+    convo = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "Q"},
+        {"from": "function", "value": "T"},
+        {"from": "gpt", "value": "A"},
+    ]
+    ds = load_rows(tmp_path, [{"conversations": convo, "category": "c"}])
+    assert ds.column_names == ["messages", "poft_id", "category"]
+    assert [(m["role"], m["content"]) for m in ds[0]["messages"]] == [
+        ("system", "S"), ("user", "Q"), ("tool", "T"), ("assistant", "A")
+    ]
+
+
+@pytest.mark.parametrize(
+    "speaker, role",
+    [("human", "user"), ("user", "user"), ("gpt", "assistant"), ("assistant", "assistant"),
+     ("chatgpt", "assistant"), ("bard", "assistant"), ("model", "assistant"), ("system", "system"),
+     ("tool", "tool"), ("function", "tool"), ("observation", "tool")],
+)
+def test_sharegpt_speaker_mapping(speaker, role):
+    convo = [{"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
+    assert normalize_example({"conversations": convo}, "sharegpt")[0]["role"] == role
+
+
+def test_prompt_completion_format(tmp_path):
+    rows = [
+        {"prompt": "Q1", "completion": "A1"},
+        {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}],
+         "completion": [{"role": "assistant", "content": "A2"}]},
+        {"prompt": "Q3", "completion": [{"role": "assistant", "content": "A3"}]},
+    ]
+    ds = load_rows(tmp_path, rows)
+    assert ds.column_names == ["messages", "poft_id"]
+    assert ds["messages"][0] == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    assert [m["role"] for m in ds["messages"][1]] == ["system", "user", "assistant"]
+    assert ds["messages"][2] == [{"role": "user", "content": "Q3"}, {"role": "assistant", "content": "A3"}]
+
+
+def test_alpaca_format_with_optional_input_and_system(tmp_path):
+    rows = [
+        {"instruction": "I1", "input": "ctx", "output": "O1", "system": "Sys"},
+        {"instruction": "I2", "output": "O2", "system": ""},
+    ]
+    ds = load_rows(tmp_path, rows)
+    assert ds.column_names == ["messages", "poft_id"]
+    assert ds["messages"][0] == [
+        {"role": "system", "content": "Sys"},
+        {"role": "user", "content": "I1\n\nctx"},
+        {"role": "assistant", "content": "O1"},
+    ]
+    assert ds["messages"][1] == [{"role": "user", "content": "I2"}, {"role": "assistant", "content": "O2"}]
+
+
+def test_extra_columns_kept_and_source_columns_dropped(tmp_path):
+    ds = load_rows(tmp_path, [dict(r, poft_noise=0.1) for r in ALPACA])
+    assert ds.column_names == ["messages", "poft_id", "category", "ref_score", "poft_noise"]
+    assert ds["messages"] == ALPACA_MESSAGES
+    assert ds["category"] == ["math", "fr", "misc"] and ds["ref_score"] == [0.5, 1.5, 2.5]
+
+
+@pytest.mark.parametrize("wrap", [lambda rows: rows, lambda rows: {"data": rows, "version": "1"}])
+def test_json_list_and_wrapped_object(tmp_path, wrap):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(wrap(ALPACA)))
+    ds = load_sft_dataset(str(path))
+    assert ds["messages"] == ALPACA_MESSAGES and ds["category"] == ["math", "fr", "misc"]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_parquet_and_csv(tmp_path, suffix):
+    path = tmp_path / f"data.{suffix}"
+    frame = pd.DataFrame(ALPACA)
+    frame.to_parquet(path) if suffix == "parquet" else frame.to_csv(path, index=False)
+    ds = load_sft_dataset(str(path))
+    assert ds.column_names == ["messages", "poft_id", "category", "ref_score"]
+    assert ds["messages"] == ALPACA_MESSAGES and ds["ref_score"] == [0.5, 1.5, 2.5]
+
+
+def test_saved_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "single"))
+    ds = load_sft_dataset(str(tmp_path / "single"))
+    assert ds.column_names == ["messages", "poft_id", "category", "ref_score"]
+    assert ds["messages"] == ALPACA_MESSAGES
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_list(ALPACA), test=datasets.Dataset.from_list([{"messages": CHAT}])
+    ).save_to_disk(str(tmp_path / "dict"))
+    assert load_sft_dataset(str(tmp_path / "dict"))["messages"] == ALPACA_MESSAGES
+    assert load_sft_dataset(str(tmp_path / "dict"), split="test")["messages"] == [CHAT]
+    with pytest.raises(DataError, match=r"no split 'validation' \(available: train, test\)"):
+        load_sft_dataset(str(tmp_path / "dict"), split="validation")
+
+
+def test_saved_dataset_bad_row_and_skip(tmp_path):
+    rows = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "Q"}]}, {"messages": CHAT[::-1]}]
+    src = str(tmp_path / "saved")
+    datasets.Dataset.from_list(rows).save_to_disk(src)
+    with pytest.raises(DataError, match=rf"^{re.escape(src)}: row 2: no assistant turn"):
+        load_sft_dataset(src)
+    report = tmp_path / "bad.jsonl"
+    ds = load_sft_dataset(src, skip_invalid=True, invalid_report=report)
+    assert ds["messages"] == [CHAT, CHAT[::-1]]
+    assert [json.loads(line)["row"] for line in report.read_text().splitlines()] == [2]
+
+
+def test_poft_id_is_a_content_hash(tmp_path):
+    plain = {"messages": CHAT, "poft_id": "stale"}
+    reordered = {"other": 1, "messages": [{"content": m["content"], "role": m["role"], "x": 0} for m in CHAT]}
+    changed = {"messages": [CHAT[0], {"role": "assistant", "content": "Hello"}]}
+    ids = load_rows(tmp_path, [plain, reordered, changed])["poft_id"]
+    canonical = json.dumps(CHAT, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert ids[0] == ids[1] == conversation_id(CHAT) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert ids[2] != ids[0] and len(ids[2]) == 16
+    assert conversation_id([{"role": "user", "content": "é"}]) != conversation_id([{"role": "user", "content": "e"}])
+
+
+BAD_LINES = {
+    "unknown role": ({"messages": [CHAT[0], {"role": "bot", "content": "x"}]},
+                     "unknown role 'bot' in turn 2 (allowed: system, user, assistant, tool)"),
+    "no assistant": ({"messages": [CHAT[0]]}, "no assistant turn"),
+    "empty content": ({"messages": [CHAT[0], {"role": "assistant", "content": "  "}]}, "empty content in turn 2"),
+    "non-string content": ({"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
+                           "non-string content in turn 2 (found list)"),
+    "unreadable json": ('{"messages": [', "unreadable JSON"),
+    "not an object": ("[1, 2]", "not a JSON object (found list)"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_LINES)
+def test_bad_jsonl_line_names_file_line_and_problem(tmp_path, name):
+    bad, problem = BAD_LINES[name]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}, "", bad, {"messages": CHAT}])
+    with pytest.raises(DataError) as info:
+        load_sft_dataset(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 3: ")
+    assert problem in message and "--skip-invalid" in message
+
+
+@pytest.mark.parametrize("suffix", ["json", "parquet", "csv"])
+def test_bad_row_in_other_files_uses_row_number(tmp_path, suffix):
+    rows = [dict(r) for r in ALPACA]
+    rows[1]["output"] = ""
+    path = tmp_path / f"data.{suffix}"
+    frame = pd.DataFrame(rows)
+    {"json": lambda: path.write_text(json.dumps(rows)), "parquet": lambda: frame.to_parquet(path),
+     "csv": lambda: frame.to_csv(path, index=False)}[suffix]()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: row 2: '?output'? (is empty|must be a string)"):
+        load_sft_dataset(str(path))
+
+
+def test_json_list_item_that_is_not_an_object(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"messages": CHAT}, "oops"]))
+    with pytest.raises(DataError, match=r"data.json: row 2: not a JSON object \(found str\)"):
+        load_sft_dataset(str(path))
+
+
+def test_unknown_format_lists_accepted_formats(tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}])
+    with pytest.raises(DataError) as info:
+        load_sft_dataset(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: unknown data format") and "found: text" in message
+    for needed in ("'messages'", "'conversations'", "'prompt' + 'completion'", "'instruction' + 'output'"):
+        assert needed in message
+    with pytest.raises(DataError, match="unknown data format"):
+        detect_format(["prompt"])
+    assert detect_format(["prompt", "completion", "messages"]) == "messages"
+
+
+def test_missing_file_never_calls_the_hub(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub called"))
+    with pytest.raises(DataError, match=r"^\./nope/missing\.jsonl: file not found"):
+        load_sft_dataset("./nope/missing.jsonl")
+
+
+def test_hub_failure_is_wrapped(monkeypatch):
+    def fail(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataError, match=r"^someone/some-data: does not exist locally.*offline"):
+        load_sft_dataset("someone/some-data")
+
+
+@pytest.mark.parametrize("name, text", [("e.jsonl", "\n\n"), ("e.json", "[]"), ("e.csv", ""), ("e.jsonl", "")])
+def test_empty_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the file is empty"):
+        load_sft_dataset(str(path))
+
+
+def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
+    good = [{"messages": [CHAT[0], {"role": "assistant", "content": f"A{i}"}], "i": i} for i in range(3)]
+    lines = [good[0], {"messages": [CHAT[0]], "i": 9}, "", good[1], "not json", good[2]]
+    report = tmp_path / "reports" / "bad.jsonl"
+    with caplog.at_level(logging.INFO, logger="poft.data"):
+        ds = load_rows(tmp_path, lines, skip_invalid=True, invalid_report=str(report))
+    assert ds["i"] == [0, 1, 2]
+    assert [m[1]["content"] for m in ds["messages"]] == ["A0", "A1", "A2"]
+    entries = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [e["line"] for e in entries] == [2, 5]
+    assert "no assistant turn" in entries[0]["error"] and "unreadable JSON" in entries[1]["error"]
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "Skipped 2 of 5 rows" in warning and str(report) in warning
+    assert any(r.getMessage() == f"Loaded 3 conversations from {tmp_path / 'data.jsonl'} (format: messages)"
+               for r in caplog.records)
+
+
+def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):
+    report = tmp_path / "bad.jsonl"
+    with pytest.raises(DataError, match="all 2 rows are invalid"):
+        load_rows(tmp_path, ["{", {"messages": [CHAT[0]]}], skip_invalid=True, invalid_report=report)
+    assert len(report.read_text().splitlines()) == 2
+
+
+def test_split_prompt_response():
+    turns = [{"role": "system", "content": "S"}, *CHAT, {"role": "user", "content": "More"}]
+    assert split_prompt_response(turns) == (turns[:2], turns[2:])
+    assert split_prompt_response(CHAT[:1]) == (CHAT[:1], [])
