@@ -146,7 +146,7 @@ class ScoreCache:
     """Append-only JSONL of {poft_id, score, n_tokens} for one reference fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
-    line is ignored on reading, and duplicates collapse by `poft_id`.
+    line is cut off on reading, and duplicates collapse by `poft_id`.
     """
 
     def __init__(self, directory: Path, fingerprint: str, meta: dict):
@@ -159,17 +159,17 @@ class ScoreCache:
     def load(self) -> dict[str, tuple[float | None, int]]:
         if not self.path.exists():
             return {}
+        text = self.path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # a write torn by a kill: cut it off, that batch is scored again
+            text = text[: text.rfind("\n") + 1]
+            with open(self.path, "r+b") as f:
+                f.truncate(len(text.encode("utf-8")))
         entries: dict[str, tuple[float | None, int]] = {}
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for number, line in enumerate(text.splitlines(), start=1):
             try:
                 record = json.loads(line)
                 entries[record["poft_id"]] = (record["score"], record["n_tokens"])
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                if number == len(lines):
-                    break  # a write torn by a kill: that batch is scored again
                 raise ScoringError(
                     f"{self.path}: line {number} is corrupt ({error}). Delete the file to rescore this reference."
                 ) from error

@@ -104,14 +104,14 @@ class PoFTTrainer(SFTTrainer):
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
         # SFTTrainer validates its own loss types, and refuses max_length with padding-free batches because it
         # would not truncate them; the encoder truncates every conversation itself, so both are lifted meanwhile.
-        self._truncate_to = args.max_length
-        poft_loss_type, args.loss_type = args.loss_type, "nll"
+        self._truncate_to, self.loss_type = args.max_length, args.loss_type
+        args.loss_type = "nll"
         if args.padding_free and not args.packing:
             args.max_length = None
         try:
             super().__init__(model, args, *pargs, **kwargs)
         finally:
-            args.loss_type, args.max_length = poft_loss_type, self._truncate_to
+            args.loss_type, args.max_length = self.loss_type, self._truncate_to
         if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
             raise ValueError("PoFTTrainer builds its own data collator; do not pass one.")
         self.data_collator = PoFTDataCollator(self.data_collator)
@@ -132,7 +132,7 @@ class PoFTTrainer(SFTTrainer):
             )
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
-        if args.loss_type == "poft" and not has_ref:
+        if self.loss_type == "poft" and not has_ref:
             raise ValueError(
                 f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
                 f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
@@ -156,7 +156,7 @@ class PoFTTrainer(SFTTrainer):
                 "and are skipped. Raise max_length to keep them.", empty, dataset_name, self._truncate_to,
             )
             dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
-        if args.loss_type == "poft":
+        if self.loss_type == "poft":
             _check_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
             ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
@@ -175,7 +175,7 @@ class PoFTTrainer(SFTTrainer):
         """Sequences (PoFT) or response tokens (SFT) in the whole optimizer step, across processes."""
         if not batch_samples:
             return None
-        if self.args.loss_type == "poft":
+        if self.loss_type == "poft":
             count = sum(batch[REF_TOKENS].numel() for batch in batch_samples)
         else:
             count = sum(int(batch["labels"][..., 1:].ne(-100).sum()) for batch in batch_samples)
@@ -184,19 +184,32 @@ class PoFTTrainer(SFTTrainer):
             count = self.accelerator.gather(count).sum()
         return count
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
+    def _forward(self, model, inputs: dict[str, Any]):
+        """Fused-LM-head forward; returns the outputs, the per-sequence reference scores and sequence ids."""
+        inputs = dict(inputs)
         ref = inputs.pop(REF_TOKENS, None)
         seq_ids = inputs.pop(SEQ_IDS, None)
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
-        log_probs, mask = outputs.log_probs, outputs.label_mask
-        num_sequences = ref.numel() if ref is not None else None
         if seq_ids is not None:
-            seq_ids = seq_ids[:, 1:]  # align with next-token log-probs
+            seq_ids = seq_ids[:, 1:]  # align with the next-token log-probs
+        return outputs, ref, seq_ids
 
-        if self.args.loss_type == "poft":
-            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, num_sequences)
+    def policy_scores(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """r_theta of every sequence in a collated batch, and its r_ref (None without reference scores)."""
+        outputs, ref, seq_ids = self._forward(model, inputs)
+        num_sequences = ref.numel() if ref is not None else None
+        r_theta, _ = sequence_mean_log_probs(outputs.log_probs, outputs.label_mask, seq_ids, num_sequences)
+        return r_theta, ref
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs, ref, seq_ids = self._forward(model, inputs)
+        log_probs, mask = outputs.log_probs, outputs.label_mask
+        r_theta = None
+        if ref is not None:
+            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, ref.numel())
+        if self.loss_type == "poft":
             losses = -F.logsigmoid(poft_margins(r_theta, ref, self.args.beta, self.args.gamma))
             loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
         else:
@@ -204,26 +217,26 @@ class PoFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
 
-        self._log_step_metrics(mode, inputs, outputs, log_probs, mask, ref, seq_ids, num_sequences)
+        self._log_step_metrics(mode, inputs, outputs, r_theta, ref)
         if return_outputs:
             return loss, outputs
         return loss
 
-    def _log_step_metrics(self, mode, inputs, outputs, log_probs, mask, ref, seq_ids, num_sequences) -> None:
+    def _log_step_metrics(self, mode, inputs, outputs, r_theta, ref) -> None:
         """TRL's token metrics plus PoFT's, summed across processes before averaging (one host sync)."""
+        mask = outputs.label_mask
         stats = [mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
         if ref is not None:
-            with torch.no_grad():
-                r_theta, _ = sequence_mean_log_probs(log_probs.detach(), mask, seq_ids, num_sequences)
-                margin = poft_margins(r_theta, ref, self.args.beta, self.args.gamma)
-                stats += [
-                    torch.sigmoid(-margin).sum(),
-                    (r_theta > ref).sum(),
-                    (r_theta - ref).sum(),
-                    r_theta.sum(),
-                    ref.sum(),
-                    torch.tensor(ref.numel(), device=ref.device),
-                ]
+            r_theta = r_theta.detach()
+            margin = poft_margins(r_theta, ref, self.args.beta, self.args.gamma)
+            stats += [
+                torch.sigmoid(-margin).sum(),
+                (r_theta > ref).sum(),
+                (r_theta - ref).sum(),
+                r_theta.sum(),
+                ref.sum(),
+                torch.tensor(ref.numel(), device=ref.device),
+            ]
         if "attention_mask" in inputs:
             stats.append(inputs["attention_mask"].sum())
         else:

@@ -1,0 +1,66 @@
+"""Shared fixtures: multi-turn conversations and two tiny models with different tokenizers and templates."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from datasets import Dataset
+
+from poft.data import conversation_id
+from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pixel"]
+
+
+def make_conversations(n: int = 16, seed: int = 0) -> list[list[dict]]:
+    """Multi-turn chats, some with system turns, of varied lengths."""
+    rng = random.Random(seed)
+    conversations = []
+    for i in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        messages = [{"role": "system", "content": "Answer briefly."}] if i % 3 == 0 else []
+        messages += [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+        for _ in range(i % 3):
+            word = rng.choice(WORDS)
+            messages += [
+                {"role": "user", "content": f"Reverse {word}, please."},
+                {"role": "assistant", "content": word[::-1] * rng.randint(1, 3)},
+            ]
+        conversations.append(messages)
+    return conversations
+
+
+def as_dataset(conversations: list[list[dict]], **columns) -> Dataset:
+    return Dataset.from_dict(
+        {"messages": conversations, "poft_id": [conversation_id(m) for m in conversations], **columns}
+    )
+
+
+def write_jsonl(path, conversations) -> str:
+    with open(path, "w") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def conversations() -> list[list[dict]]:
+    return make_conversations()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """'chatml': char-level tokenizer, template with generation markers; 'zephyr': BPE, template without."""
+    root = tmp_path_factory.mktemp("models")
+    texts = [m["content"] for c in make_conversations(64, seed=1) for m in c]
+    char_tok = char_tokenizer("".join(texts) + "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    bpe_tok = bpe_tokenizer(texts, vocab_size=320)
+    return {
+        "chatml": str(save_model(tiny_llama(char_tok, seed=1), char_tok, root / "chatml")),
+        "zephyr": str(save_model(tiny_llama(bpe_tok, seed=2), bpe_tok, root / "zephyr")),
+    }

@@ -1,0 +1,79 @@
+"""The response mask: exactly the assistant turns' content and end-of-turn tokens, in every template path."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from poft.chat import ChatTemplateError, ConversationEncoder
+from poft.demo.builders import CHATML_TEMPLATE, char_tokenizer
+
+
+def masked_text(tokenizer, encoded) -> str:
+    return tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.response_mask) if m])
+
+
+@pytest.mark.parametrize("name, method", [("chatml", "generation_markers"), ("zephyr", "prefix_rendering")])
+def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversations, name, method):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    encoder = ConversationEncoder(tokenizer)
+    assert encoder.method == method
+    for messages in conversations:
+        encoded = encoder.encode(messages)
+        expected = "".join(m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant")
+        assert masked_text(tokenizer, encoded) == expected
+        # the ids are the template's own rendering, tokenized as apply_chat_template does
+        assert encoded.input_ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert encoded.num_response_tokens == sum(encoded.response_mask)
+        assert encoded.labels() == [t if m else -100 for t, m in zip(encoded.input_ids, encoded.response_mask)]
+
+
+def test_trl_training_template_is_used_for_a_known_template_without_markers():
+    from trl.chat_template_utils import get_training_chat_template, llama3_chat_template
+
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz ?.\n", chat_template=llama3_chat_template)
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    encoder = ConversationEncoder(tokenizer)
+    assert encoder.method == "generation_markers"
+    assert encoder.template == get_training_chat_template(tokenizer)
+
+
+def test_truncation_keeps_start_and_counts_only_surviving_response_tokens(tiny_models, conversations):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    full = ConversationEncoder(tokenizer).encode(conversations[1])
+    cut = ConversationEncoder(tokenizer, max_length=len(full.input_ids) - 5).encode(conversations[1])
+    assert cut.truncated and cut.input_ids == full.input_ids[:-5] and cut.response_mask == full.response_mask[:-5]
+    end = ConversationEncoder(tokenizer, max_length=10, truncation_mode="keep_end").encode(conversations[1])
+    assert end.input_ids == full.input_ids[-10:]
+    prompt_only = ConversationEncoder(tokenizer, max_length=8).encode(conversations[1])
+    assert prompt_only.num_response_tokens == 0
+
+
+def test_missing_chat_template_names_the_fix():
+    tokenizer = char_tokenizer("abc", chat_template=None)
+    with pytest.raises(ChatTemplateError, match="--chat_template"):
+        ConversationEncoder(tokenizer, name="my-model")
+    encoder = ConversationEncoder(tokenizer, fallback_template=CHATML_TEMPLATE)
+    assert encoder.method == "generation_markers"
+
+
+def test_fallback_template_from_file(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(CHATML_TEMPLATE)
+    encoder = ConversationEncoder(char_tokenizer("abc ", chat_template=None), fallback_template=str(path))
+    assert encoder.template == CHATML_TEMPLATE
+    with pytest.raises(ChatTemplateError, match="not found"):
+        ConversationEncoder(char_tokenizer("abc", chat_template=None), fallback_template=str(tmp_path / "no.jinja"))
+
+
+def test_template_that_rewrites_history_is_reported():
+    # renders only the last assistant turn's content in full: earlier turns change as turns are added
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ 'x' }}{% else %}{{ m['content'] }}{% endif %}"
+        "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    encoder = ConversationEncoder(char_tokenizer("abcdefghijklmnopqrstuvwxyz ", chat_template=template))
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bc"}] * 2
+    with pytest.raises(ChatTemplateError, match="generation"):
+        encoder.encode(messages)

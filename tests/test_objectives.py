@@ -1,0 +1,76 @@
+"""The PoFT math against formulas computed by hand and against autograd of the definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+
+
+def test_poft_loss_equals_formula_by_hand():
+    policy, ref = [-1.2, -0.3, -2.5], [-1.0, -0.9, -0.4]
+    for beta, gamma in [(1.0, 0.0), (2.5, 0.3), (0.1, -1.0)]:
+        expected = sum(-math.log(1 / (1 + math.exp(-(beta * (p - r) + gamma)))) for p, r in zip(policy, ref)) / 3
+        got = poft_loss(torch.tensor(policy, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), beta, gamma)
+        assert got.item() == pytest.approx(expected, abs=1e-12)
+    total = poft_loss(torch.tensor(policy), torch.tensor(ref), reduction="sum")
+    assert total.item() == pytest.approx(3 * poft_loss(torch.tensor(policy), torch.tensor(ref)).item(), rel=1e-6)
+
+
+def _log_probs(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A toy model: token log-probs from a learnable logit table."""
+    return torch.log_softmax(weight, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("beta, gamma", [(1.0, 0.0), (2.0, 0.5)])
+def test_gradient_is_weighted_normalised_cross_entropy(beta, gamma):
+    torch.manual_seed(0)
+    weight = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    ref = torch.tensor([-2.0, -3.5, -1.0], dtype=torch.float64)
+
+    r_theta, _ = sequence_mean_log_probs(_log_probs(weight, tokens), mask)
+    (grad_poft,) = torch.autograd.grad(poft_loss(r_theta, ref, beta, gamma), weight)
+
+    # the paper's identity: grad L_PoFT = beta * tau * grad L_CE(length-normalised), per sample, averaged
+    expected = torch.zeros_like(weight)
+    for i in range(3):
+        r_i = _log_probs(weight, tokens)[i][mask[i]].mean()
+        (grad_ce,) = torch.autograd.grad(-r_i, weight)
+        tau = torch.sigmoid(-(beta * (r_i.detach() - ref[i]) + gamma))
+        expected += beta * tau * grad_ce / 3
+    torch.testing.assert_close(grad_poft, expected)
+    if beta == 1.0 and gamma == 0.0:
+        torch.testing.assert_close(poft_weights(r_theta, ref), torch.sigmoid(ref - r_theta.detach()))
+
+
+def test_packed_sequence_means_equal_padded():
+    torch.manual_seed(1)
+    lengths = [5, 2, 4]
+    rows = [torch.randn(n) for n in lengths]
+    masks = [torch.rand(n) > 0.3 for n in lengths]
+    masks[1][:] = True
+    padded = torch.zeros(3, 5)
+    padded_mask = torch.zeros(3, 5, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        padded[i, : len(r)], padded_mask[i, : len(r)] = r, m
+    means, counts = sequence_mean_log_probs(padded, padded_mask)
+    packed = torch.cat(rows)[None]
+    packed_mask = torch.cat(masks)[None]
+    seq_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    packed_means, packed_counts = sequence_mean_log_probs(packed, packed_mask, seq_ids, 3)
+    torch.testing.assert_close(packed_means, means)
+    torch.testing.assert_close(packed_counts, counts)
+    by_hand = torch.stack([r[m].mean() for r, m in zip(rows, masks)])
+    torch.testing.assert_close(means, by_hand)
+
+
+def test_nll_is_token_mean_or_sum_over_given_count():
+    log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert nll_loss(log_probs, mask).item() == pytest.approx(7.0 / 3)
+    assert nll_loss(log_probs, mask, num_items=7).item() == pytest.approx(1.0)

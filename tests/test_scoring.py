@@ -1,0 +1,141 @@
+"""Reference scoring: equal to a slow independent computation, cached, resumable, and reported when empty."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import poft.scoring as scoring
+from poft.chat import ConversationEncoder
+from poft.scoring import ScoreConfig, parse_references, score_dataset, token_budget_batches
+from tests.conftest import as_dataset, make_conversations, write_jsonl
+
+
+def slow_score(model_path: str, messages: list[dict], max_length: int | None = None) -> tuple[float, int]:
+    """Full forward, log_softmax over the whole vocabulary, gather, mask: one conversation at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    encoded = ConversationEncoder(tokenizer, max_length=max_length).encode(messages)
+    ids = torch.tensor([encoded.input_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    token_log_probs = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    mask = torch.tensor(encoded.response_mask[1:], dtype=torch.bool)
+    return token_log_probs[mask].mean().item(), int(mask.sum())
+
+
+def test_scores_equal_slow_computation(tiny_models, conversations, tmp_path):
+    dataset = as_dataset(conversations)
+    config = ScoreConfig(cache_dir=str(tmp_path / "cache"), batch_tokens=300, device="cpu")
+    scored = score_dataset(dataset, [tiny_models["chatml"], tiny_models["zephyr"]], config)
+    for name in ("chatml", "zephyr"):
+        for messages, score, count in zip(conversations, scored[f"score_{name}"], scored[f"n_tokens_{name}"]):
+            expected, expected_count = slow_score(tiny_models[name], messages)
+            assert score == pytest.approx(expected, abs=1e-5)
+            assert count == expected_count
+    for row in scored:
+        assert row["ref_score"] == pytest.approx((row["score_chatml"] + row["score_zephyr"]) / 2)
+
+
+def test_fully_truncated_response_is_null_and_reported(tiny_models, conversations, tmp_path, caplog):
+    long_prompt = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    dataset = as_dataset([conversations[0], long_prompt])
+    config = ScoreConfig(cache_dir=str(tmp_path / "c"), max_length=150, device="cpu")
+    scored = score_dataset(dataset, [tiny_models["chatml"]], config)
+    assert scored["ref_score"][1] is None and scored["n_tokens_chatml"][1] == 0
+    assert scored["ref_score"][0] == pytest.approx(slow_score(tiny_models["chatml"], conversations[0], 150)[0], abs=1e-5)
+    assert "no response token left" in caplog.text
+
+
+def test_token_budget_batches_cover_every_row_once_within_budget():
+    lengths = [5, 17, 3, 17, 9, 40, 1, 8]
+    batches = list(token_budget_batches(lengths, 34))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 34
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+
+
+def test_reference_names_are_unique_and_column_safe():
+    refs = parse_references(["org/model-a", "other/model-a", "judge=./x/y", "/p/q r/"])
+    assert [r.name for r in refs] == ["model-a", "model-a_2", "judge", "q_r"]
+    assert refs[2].path == "./x/y"
+
+
+def test_adding_a_reference_scores_only_that_one(tiny_models, conversations, tmp_path, monkeypatch):
+    dataset = as_dataset(conversations)
+    config = ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu")
+    first = score_dataset(dataset, [tiny_models["chatml"]], config)
+    loaded = []
+    original = scoring.load_reference_model
+    monkeypatch.setattr(scoring, "load_reference_model", lambda path, *a: loaded.append(path) or original(path, *a))
+    both = score_dataset(dataset, [tiny_models["chatml"], tiny_models["zephyr"]], config)
+    assert loaded == [tiny_models["zephyr"]]
+    assert both["score_chatml"] == first["score_chatml"]
+    assert both["ref_score"] != first["ref_score"]
+
+
+SLOW_SCORER = (
+    "import sys, time, poft.scoring as s\n"
+    "original = s.score_batch\n"
+    "def slow(*a):\n    time.sleep(0.2)\n    return original(*a)\n"
+    "s.score_batch = slow\n"
+    "from poft.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_rows(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(40, seed=3))
+    cache = tmp_path / "cache"
+    args = ["score", "--data", data, "--model", tiny_models["chatml"], "--batch-tokens", "200", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SCORER, *args, "--output", str(tmp_path / "killed"), "--cache_dir", str(cache)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        files = list(cache.glob("*.jsonl"))
+        if files and len(files[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (cache_file,) = cache.glob("*.jsonl")
+    partial = len(cache_file.read_text().splitlines())
+    assert 0 < partial < 40, "the kill should land mid-run"
+
+    from poft.cli import main
+
+    assert main([*args, "--output", str(tmp_path / "resumed"), "--cache_dir", str(cache)]) == 0
+    assert main([*args, "--output", str(tmp_path / "fresh"), "--cache_dir", str(tmp_path / "cache2")]) == 0
+    resumed, fresh = load_from_disk(str(tmp_path / "resumed")), load_from_disk(str(tmp_path / "fresh"))
+    assert resumed["poft_id"] == fresh["poft_id"] and len(resumed) == 40
+    assert resumed["score_chatml"] == pytest.approx(fresh["score_chatml"], abs=1e-5)
+    ids = [json.loads(line)["poft_id"] for line in cache_file.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == len(set(resumed["poft_id"]))
+    meta = json.loads((tmp_path / "resumed" / "poft_score.json").read_text())
+    assert meta["references"][0]["path"] == tiny_models["chatml"]
+
+
+def test_torn_last_line_is_rescored(tiny_models, conversations, tmp_path):
+    config = ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu")
+    first = score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+    (cache_file,) = (tmp_path / "cache").glob("*.jsonl")
+    lines = cache_file.read_text().splitlines()
+    cache_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
+    again = score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+    assert again["score_chatml"] == pytest.approx(first["score_chatml"], abs=1e-6)
+    cache_file.write_text("garbage\n" + "\n".join(lines) + "\n")
+    with pytest.raises(scoring.ScoringError, match="line 1 is corrupt"):
+        score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)

@@ -1,0 +1,137 @@
+"""PoFTTrainer: the same score definition as scoring, batch-layout invariance, GA correctness, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from poft.scoring import ScoreConfig, score_dataset
+from poft.trainer import PoFTConfig, PoFTTrainer
+from tests.conftest import as_dataset
+
+
+def config(tmp_path, **overrides) -> PoFTConfig:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-3,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        max_length=256,
+        seed=0,
+    )
+    return PoFTConfig(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_models, conversations, tmp_path_factory):
+    """The conversations scored by each tiny model alone, so ref_score is that model's own score."""
+    cache = tmp_path_factory.mktemp("cache")
+    return {
+        name: score_dataset(as_dataset(conversations), [path], ScoreConfig(cache_dir=str(cache), max_length=256, device="cpu"))
+        for name, path in tiny_models.items()
+    }
+
+
+def whole_batch(trainer: PoFTTrainer) -> dict:
+    dataset = trainer.train_dataset
+    return trainer.data_collator([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("name", ["chatml", "zephyr"])
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}, {"packing": True}])
+def test_r_theta_equals_the_models_own_score(tiny_models, scored, tmp_path, name, layout):
+    trainer = PoFTTrainer(tiny_models[name], args=config(tmp_path, **layout), train_dataset=scored[name])
+    trainer.model.eval()
+    with torch.no_grad():
+        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+    assert len(ref) == len(scored[name])
+    torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
+    assert sorted(ref.tolist()) == pytest.approx(sorted(scored[name]["ref_score"]), abs=1e-6)
+
+
+def loss_and_grads(trainer: PoFTTrainer):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, whole_batch(trainer))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, loss_type):
+    data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
+    results = []
+    for layout in ({}, {"padding_free": True}, {"packing": True}):
+        trainer = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data)
+        trainer.model.train()
+        results.append(loss_and_grads(trainer))
+    (loss, grads), *others = results
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss, atol=1e-5, rtol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, loss_type):
+    weights = []
+    for batch, accumulation in ((4, 1), (1, 4)):
+        args = config(
+            tmp_path, loss_type=loss_type, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            optim="sgd", learning_rate=1.0, max_grad_norm=1e9,
+        )
+        trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=scored["zephyr"])
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        weights.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
+    for name, update in weights[0].items():
+        assert update.abs().max() > 0
+        torch.testing.assert_close(weights[1][name], update, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tmp_path, loss_type):
+    args = config(tmp_path, loss_type=loss_type, max_steps=12, learning_rate=3e-3)
+    trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=scored["zephyr"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    for key in ("poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref", "entropy", "mean_token_accuracy"):
+        assert all(math.isfinite(h[key]) for h in logs), key
+    assert all(0 <= h["poft/weight"] <= 1 and 0 <= h["poft/win_rate"] <= 1 for h in logs)
+    first = logs[0]
+    assert first["poft/margin"] == pytest.approx(first["poft/r_theta"] - first["poft/r_ref"], abs=1e-5)
+    if loss_type == "poft":
+        # with beta=1, gamma=0 the loss is -log sigmoid(margin); weights fall as the target overtakes the references
+        assert logs[-1]["poft/weight"] < logs[0]["poft/weight"]
+
+
+def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
+    trainer = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, loss_type="sft", max_steps=2), train_dataset=as_dataset(conversations))
+    trainer.train()
+    assert not any("poft/weight" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_bad_reference_score_fails_before_training(tiny_models, conversations, tmp_path, bad):
+    refs = [-1.0] * len(conversations)
+    refs[3] = bad
+    with pytest.raises(ValueError, match=r"1 rows .* missing, NaN or infinite 'ref_score': row 3 \(poft_id"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs))
+
+
+def test_missing_reference_column_names_the_fix(tiny_models, conversations, tmp_path):
+    with pytest.raises(ValueError, match="poft score"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations))
+
+
+def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_path):
+    with pytest.raises(ValueError, match="bfd"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, packing=True, packing_strategy="wrapped"), train_dataset=scored["chatml"])
+    with pytest.raises(ValueError, match="loss_type"):
+        config(tmp_path, loss_type="dpo")
