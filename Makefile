@@ -1,0 +1,26 @@
+# Each target makes .venv if missing and installs torch first (2.13.0: here the CPU build from a local
+# file), so that pip never pulls a multi-GB CUDA build to satisfy the package's torch requirement.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.poft-installed
+
+.PHONY: demo quickstart test bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: quickstart
+
+quickstart: $(STAMP)
+	$(BIN)/poft quickstart --output poft-quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/training_step.py
