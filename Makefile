@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: quickstart
+demo: $(STAMP)
+	$(BIN)/poft demo --output poft-demo
 
 quickstart: $(STAMP)
 	$(BIN)/poft quickstart --output poft-quickstart

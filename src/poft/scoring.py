@@ -285,6 +285,44 @@ def score_reference(
     return [scored[i][0] for i in ids], [scored[i][1] for i in ids]
 
 
+def iter_scores(
+    model, encoded: Sequence[EncodedConversation], pad_token_id: int, batch_tokens: int, device: torch.device, desc: str
+) -> Iterator[tuple[list[int], list[float], list[int]]]:
+    """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
+
+    `model` must carry TRL's fused LM head (`load_reference_model` adds it; SFT/PoFT trainers' models have it).
+    """
+    lengths = [len(e.input_ids) for e in encoded]
+    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
+        for batch in token_budget_batches(lengths, batch_tokens):
+            means, counts = score_batch(model, collate([encoded[i] for i in batch], pad_token_id, device))
+            yield batch, means.tolist(), [int(c) for c in counts.tolist()]
+            bar.update(sum(lengths[i] for i in batch))
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def model_scores(
+    model, encoder: ConversationEncoder, conversations: Sequence[Sequence[dict]], batch_tokens: int = 16384
+) -> list[float | None]:
+    """r_m of each conversation for an in-memory model (None where no response token survives truncation)."""
+    encoded = [encoder.encode(messages) for messages in conversations]
+    scores: list[float | None] = [None] * len(encoded)
+    scorable = [i for i, e in enumerate(encoded) if e.num_response_tokens > 0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for batch, means, _ in iter_scores(
+        model, [encoded[i] for i in scorable], pad_token_id(encoder.tokenizer), batch_tokens, device, "Scoring"
+    ):
+        for i, mean in zip(batch, means, strict=True):
+            scores[scorable[i]] = mean
+    model.train(was_training)
+    return scores
+
+
 def _score_into_cache(
     todo: dict[str, EncodedConversation],
     tokenizer,
@@ -295,19 +333,13 @@ def _score_into_cache(
     cache: ScoreCache,
 ) -> None:
     model = load_reference_model(reference.path, device, dtype, config.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     keys, encoded = list(todo), list(todo.values())
-    lengths = [len(e.input_ids) for e in encoded]
-    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=f"Scoring with {reference.name}") as bar:
-        for batch in token_budget_batches(lengths, config.batch_tokens):
-            means, counts = score_batch(model, collate([encoded[i] for i in batch], pad_id, device))
-            cache.append(
-                [
-                    {"poft_id": keys[i], "score": float(m), "n_tokens": int(c)}
-                    for i, m, c in zip(batch, means.tolist(), counts.tolist(), strict=True)
-                ]
-            )
-            bar.update(sum(lengths[i] for i in batch))
+    for batch, means, counts in iter_scores(
+        model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}"
+    ):
+        cache.append(
+            [{"poft_id": keys[i], "score": m, "n_tokens": c} for i, m, c in zip(batch, means, counts, strict=True)]
+        )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

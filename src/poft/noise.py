@@ -1,0 +1,144 @@
+"""Inject noise into SFT data, seeded, marking each row it changed.
+
+`paper`: the recipe of the PoFT paper. A chosen fraction of rows take the responses of another randomly
+chosen row (a prompt paired with a mismatched answer), then their characters are corrupted by random
+insertion, deletion and substitution. References separate such rows from clean ones almost perfectly.
+
+`subtle`: one small edit per response that keeps it plausible: a number off by one, two neighbouring
+words swapped, or one letter changed. References cannot separate these perfectly, which is where PoFT
+has to be more than a data filter.
+
+Only assistant turns change; prompts stay as they are. `poft_noise` marks changed rows and `poft_id`
+is recomputed, since the content changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import string
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+
+from poft.data import conversation_id
+
+logger = logging.getLogger(__name__)
+
+NOISE_KINDS = ("paper", "subtle")
+NOISE_COLUMN = "poft_noise"
+
+
+@dataclass
+class NoiseConfig:
+    """Options of `poft noise`."""
+
+    data: str | None = field(default=None, metadata={"help": "SFT data to corrupt (any format `poft score` reads)."})
+    output: str | None = field(default=None, metadata={"help": "Directory for the noised dataset (datasets.load_from_disk)."})
+    rate: float = field(default=0.3, metadata={"help": "Fraction of rows to corrupt, in [0, 1]."})
+    kind: str = field(default="paper", metadata={"help": "paper: swapped responses plus character edits; subtle: one plausible small edit.", "choices": list(NOISE_KINDS)})
+    char_rate: float = field(default=0.1, metadata={"help": "paper noise: share of characters inserted, deleted or substituted."})
+    seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
+    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"--rate must be in [0, 1], got {self.rate}")
+        if self.kind not in NOISE_KINDS:
+            raise ValueError(f"--kind must be one of {NOISE_KINDS}, got {self.kind!r}")
+        if not 0.0 <= self.char_rate <= 1.0:
+            raise ValueError(f"--char_rate must be in [0, 1], got {self.char_rate}")
+
+
+ALPHABET = string.ascii_letters + string.digits + " "
+
+
+def corrupt_characters(text: str, rate: float, rng: random.Random) -> str:
+    """Each character is, with probability `rate`, deleted, substituted or followed by an inserted one."""
+    out = []
+    for char in text:
+        if rng.random() >= rate:
+            out.append(char)
+            continue
+        edit = rng.randrange(3)
+        if edit == 1:
+            out.append(rng.choice(ALPHABET))
+        elif edit == 2:
+            out.extend((char, rng.choice(ALPHABET)))
+    return "".join(out) or rng.choice(ALPHABET)
+
+
+def subtle_edit(text: str, rng: random.Random) -> str:
+    """One plausible edit: a number off by one, else two neighbouring words swapped, else one letter changed."""
+    numbers = list(re.finditer(r"\d+", text))
+    if numbers:
+        match = rng.choice(numbers)
+        value = int(match.group())
+        value = value + 1 if value == 0 or rng.random() < 0.5 else value - 1
+        return text[: match.start()] + str(value) + text[match.end() :]
+    words = text.split(" ")
+    pairs = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
+    if pairs:
+        i = rng.choice(pairs)
+        words[i], words[i + 1] = words[i + 1], words[i]
+        return " ".join(words)
+    letters = [i for i, c in enumerate(text) if c.isalpha()]
+    if not letters:
+        return text + rng.choice(string.ascii_lowercase)
+    i = rng.choice(letters)
+    pool = string.ascii_uppercase if text[i].isupper() else string.ascii_lowercase
+    return text[:i] + rng.choice(pool.replace(text[i], "")) + text[i + 1 :]
+
+
+def _responses(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "assistant"]
+
+
+def _with_responses(messages: list[dict], responses: list[str]) -> list[dict]:
+    replaced = iter(responses)
+    return [{**m, "content": next(replaced)} if m["role"] == "assistant" else m for m in messages]
+
+
+def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int = 0, char_rate: float = 0.1) -> Dataset:
+    """Corrupt round(rate * rows) randomly chosen rows; the others are returned unchanged, in order."""
+    NoiseConfig(rate=rate, kind=kind, char_rate=char_rate)  # validates
+    rng = random.Random(seed)
+    n = len(dataset)
+    chosen = set(rng.sample(range(n), round(rate * n)))
+    conversations = dataset["messages"]
+    noised = []
+    for row, messages in enumerate(conversations):
+        if row not in chosen:
+            noised.append(messages)
+            continue
+        own = _responses(messages)
+        if kind == "paper":
+            donor = rng.choice([i for i in range(n) if i != row]) if n > 1 else row
+            donated = _responses(conversations[donor])
+            responses = [corrupt_characters(donated[i % len(donated)], char_rate, rng) for i in range(len(own))]
+        else:
+            responses = list(own)
+            turn = rng.randrange(len(own))
+            responses[turn] = subtle_edit(own[turn], rng)
+        noised.append(_with_responses(messages, responses))
+    dataset = dataset.map(
+        lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: row in chosen},
+        with_indices=True,
+        desc=f"Adding {kind} noise",
+    )
+    logger.info("Corrupted %d of %d rows with %s noise (seed %d)", len(chosen), n, kind, seed)
+    return dataset
+
+
+def run_noise(config: NoiseConfig) -> Dataset:
+    """`poft noise`: load, corrupt, save."""
+    from poft.data import load_sft_dataset
+
+    if not config.data or not config.output:
+        raise ValueError("poft noise needs --data and --output.")
+    dataset = load_sft_dataset(config.data, split=config.split)
+    noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
+    noised.save_to_disk(config.output)
+    logger.info("Saved the noised dataset to %s", config.output)
+    return noised

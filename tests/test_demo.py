@@ -1,0 +1,74 @@
+"""The demo's task checker, AUC, and a toy-size end-to-end run whose report files are well formed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from poft.demo.pipeline import DemoConfig, run_demo
+from poft.demo.tasks import FAMILIES, alphabet, check, make_words, sample_examples
+from poft.report import auc
+
+
+def test_task_answers_are_correct():
+    words = make_words(30, seed=0)
+    for example in sample_examples(140, seed=1, words=words):
+        prompt, answer = example.prompt, example.answer
+        numbers = [int(t.strip("?.")) for t in prompt.split() if t.strip("?.").isdigit()]
+        if example.family == "add":
+            assert int(answer) == sum(numbers)
+        elif example.family == "subtract":
+            assert int(answer) == (numbers[1] - numbers[0] if "Subtract" in prompt else numbers[0] - numbers[1])
+        elif example.family == "sort":
+            assert answer.split() == sorted(str(n) for n in numbers)
+        elif example.family == "upper":
+            assert answer == answer.upper() and answer.lower() in prompt
+        elif example.family == "reverse":
+            assert answer[::-1] in prompt
+        elif example.family == "count":
+            assert any(len(w.strip("?.")) == int(answer) and w.strip("?.") in words for w in prompt.split())
+        elif example.family == "repeat":
+            assert len(answer.split()) == numbers[0] and len(set(answer.split())) == 1
+        assert set(prompt + answer) <= set(alphabet())
+    assert {e.family for e in sample_examples(14, seed=2, words=words)} == set(FAMILIES)
+
+
+def test_held_out_prompts_never_in_training():
+    words = make_words(30, seed=0)
+    test = sample_examples(70, seed=1, words=words, unique=True)
+    assert len({e.prompt for e in test}) == 70
+    train = sample_examples(500, seed=2, words=words, exclude=frozenset(e.prompt for e in test))
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+
+
+def test_check_is_exact_match_up_to_whitespace():
+    assert check(" 42 \n", "42") and not check("42.", "42") and not check("4 2", "42")
+
+
+def test_auc_against_pairwise_counting():
+    pos, neg = [0.9, 0.4, 0.4, 0.1], [0.4, 0.2, 0.0]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert auc(pos, neg) == pytest.approx(sum(pairs) / len(pairs))
+    assert auc([1, 2], [0]) == 1.0 and auc([0], [1, 2]) == 0.0
+
+
+def test_toy_demo_writes_a_well_formed_report(tmp_path):
+    config = DemoConfig(
+        output=str(tmp_path / "demo"), cache_dir=str(tmp_path / "cache"), epochs=1, target_rows=70, reference_rows=140,
+        test_rows=14, hidden_size=32, num_layers=1, reference_epochs=1, device="cpu",
+    )
+    results = run_demo(config)
+    out = tmp_path / "demo"
+    for name in ("report.md", "accuracy.png", "score_distribution.png", "weights.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"] == results["runs"]
+    assert {(r["method"], r["epoch"]) for r in saved["runs"]} == {(m, e) for m in ("sft", "poft") for e in (0, 1)}
+    for run in saved["runs"]:
+        assert {"method", "noise_rate", "seed", "epoch", "accuracy"} <= set(run) and 0 <= run["accuracy"] <= 1
+        assert run["noise_rate"] == 0.5 and run["seed"] == 0
+    assert 0 <= saved["separation"][0]["auc"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| paper | 0.5 | poft |" in report and "![accuracy per epoch](accuracy.png)" in report
+    assert (tmp_path / "cache").exists()
