@@ -52,7 +52,7 @@ class DemoConfig:
     noise_kind: list[str] = field(default_factory=lambda: ["paper"], metadata={"help": "paper (swapped, corrupted responses) and/or subtle (one plausible edit)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the noise and of training; results are reported per seed."})
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target (evaluated after each)."})
-    full: bool = field(default=False, metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, plus the oracle and score-filter baselines."})
+    full: bool = field(default=False, metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, plus the oracle (clean rows only) and ref_score-filter baselines where there is noise."})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where the world (references, base) is cached (default: $POFT_CACHE/demo or ~/.cache/poft/demo)."})
     target_rows: int = field(default=1800, metadata={"help": "Rows of the target's training split."})
