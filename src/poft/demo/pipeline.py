@@ -40,7 +40,7 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 1  # bump when the world's construction changes, to invalidate cached models
+WORLD_VERSION = 2  # bump when the world's construction changes, to invalidate cached models
 
 
 @dataclass
