@@ -121,6 +121,20 @@ def noise_main(argv: Sequence[str]) -> None:
     run_noise(config)
 
 
+def filter_main(argv: Sequence[str]) -> None:
+    from poft.filtering import FilterConfig, run_filter
+
+    parser = TrlParser(
+        (FilterConfig,),
+        prog="poft filter",
+        description="Keep the top fraction (or the rows above a threshold) of SFT data by a score column: ref_score "
+        "(the paper's score filtering), any score_<name>, or IFD computed with --ifd_model (rows with IFD >= 1 are "
+        "dropped, as its authors do). Filters compose; poft_filters and filter_summary.json record what was kept.",
+    )
+    (config,) = parser.parse_args_and_config(argv)
+    run_filter(config)
+
+
 def demo_main(argv: Sequence[str]) -> None:
     from poft.demo.pipeline import DemoConfig, run_demo
 
@@ -152,6 +166,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "demo": (demo_main, "PoFT vs SFT on noisy data, end to end on a CPU (the embedded default)"),
     "score": (score_main, "score SFT data with reference models (writes ref_score)"),
     "noise": (noise_main, "inject the paper's noise (or subtle noise) into SFT data"),
+    "filter": (filter_main, "keep the best-scored rows (ref_score, any score column, or IFD)"),
     "train": (train_main, "train with PoFT or the SFT baseline on TRL"),
     "quickstart": (quickstart_main, "run the pipeline in seconds on tiny random models"),
 }

@@ -1,0 +1,159 @@
+"""Filter SFT data by a score column: the references' `ref_score` (the paper's score filtering) or IFD.
+
+IFD (Cherry LLM's instruction-following difficulty) of a pair is the model's mean response
+cross-entropy given the prompt divided by its mean response cross-entropy without it. Both are PoFT
+scores computed by `score_dataset` (the conditional one is exactly the model's reference score, so a
+reference's cache serves it), the unconditional one on the response turns alone in the same template.
+Its authors drop IFD >= 1 (the prompt does not help) and keep the highest fraction of the rest.
+
+Filters compose: each keeps rows, appends what it did to the `poft_filters` column, and adds a record to
+`filter_summary.json` in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+
+from poft.data import conversation_id
+from poft.scoring import ScoreConfig, parse_references, score_dataset
+
+logger = logging.getLogger(__name__)
+
+FILTERS_COLUMN = "poft_filters"
+IFD_COLUMN = "ifd"
+
+
+@dataclass
+class FilterConfig:
+    """Options of `poft filter`."""
+
+    data: str | None = field(default=None, metadata={"help": "Data to filter: a scored dataset directory from `poft score` or any SFT data."})
+    output: str | None = field(default=None, metadata={"help": "Directory for the kept rows (datasets.load_from_disk)."})
+    by: str = field(default="ref_score", metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."})
+    top_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction of the rows, in (0, 1], highest scores first."})
+    threshold: float | None = field(default=None, metadata={"help": "Keep rows whose score is at least this (instead of, or besides, --top_fraction)."})
+    ifd_model: str | None = field(default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."})
+    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    max_length: int | None = field(default=1024, metadata={"help": "IFD: truncation, as in `poft score`."})
+    batch_tokens: int = field(default=16384, metadata={"help": "IFD: token budget of a scoring batch."})
+    device: str = field(default="auto", metadata={"help": "IFD: auto, cpu, cuda."})
+    dtype: str = field(default="auto", metadata={"help": "IFD: auto, float32, bfloat16, float16."})
+    cache_dir: str | None = field(default=None, metadata={"help": "IFD: score cache (shared with `poft score`)."})
+
+    def __post_init__(self):
+        if self.ifd_model:
+            self.by = IFD_COLUMN
+        check_selection(self.top_fraction, self.threshold)
+
+
+def check_selection(top_fraction: float | None, threshold: float | None) -> None:
+    if top_fraction is None and threshold is None:
+        raise ValueError("Say what to keep: --top_fraction F (in (0, 1]) and/or --threshold T.")
+    if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"--top_fraction must be in (0, 1], got {top_fraction}; e.g. --top_fraction 0.4 keeps the top 40%.")
+
+
+def filter_by_score(
+    dataset: Dataset, column: str, *, top_fraction: float | None = None, threshold: float | None = None, drop_at_or_above: float | None = None
+) -> tuple[Dataset, dict]:
+    """Keep the rows with the highest `column` (a fraction of all rows, and/or at least `threshold`).
+
+    Rows with a missing or non-finite score are dropped, and so are rows whose score is at least
+    `drop_at_or_above` (IFD's rule). Kept rows stay in their original order. Returns the kept rows and
+    a summary of what was kept and why.
+    """
+    check_selection(top_fraction, threshold)
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"The data has no {column!r} column (columns: {', '.join(dataset.column_names)}). Score it first "
+            "(`poft score` writes ref_score and score_<name>), filter by an existing column with --by, or use "
+            "--ifd_model to compute IFD."
+        )
+    scores = dataset[column]
+    valid = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
+    eligible = [i for i in valid if drop_at_or_above is None or scores[i] < drop_at_or_above]
+    ranked = sorted(eligible, key=lambda i: scores[i], reverse=True)
+    if threshold is not None:
+        ranked = [i for i in ranked if scores[i] >= threshold]
+    if top_fraction is not None:
+        ranked = ranked[: math.ceil(top_fraction * len(dataset))]
+    kept = sorted(ranked)
+    cutoff = min((scores[i] for i in kept), default=None)
+    rule = f"{column} " + " and ".join(
+        ([f"top {top_fraction:g}"] if top_fraction is not None else [])
+        + ([f">= {threshold:g}"] if threshold is not None else [])
+        + ([f"< {drop_at_or_above:g}"] if drop_at_or_above is not None else [])
+    )
+    summary = {
+        "filter": rule,
+        "rows_in": len(dataset),
+        "rows_kept": len(kept),
+        "dropped_missing_score": len(dataset) - len(valid),
+        "dropped_by_rule": len(valid) - len(kept),
+        "kept_min_score": cutoff,
+    }
+    note = f"{rule} (kept score >= {cutoff:.4g})" if cutoff is not None else rule
+    previous = dataset[FILTERS_COLUMN] if FILTERS_COLUMN in dataset.column_names else [[] for _ in range(len(dataset))]
+    kept_dataset = dataset.select(kept)
+    if FILTERS_COLUMN in kept_dataset.column_names:
+        kept_dataset = kept_dataset.remove_columns(FILTERS_COLUMN)
+    kept_dataset = kept_dataset.add_column(FILTERS_COLUMN, [list(previous[i]) + [note] for i in kept])
+    logger.info("%s: kept %d of %d rows", rule, len(kept), len(dataset))
+    return kept_dataset, summary
+
+
+def response_only(messages: list[dict]) -> list[dict]:
+    """The conversation's assistant turns alone: what IFD's unconditional score reads."""
+    return [m for m in messages if m["role"] == "assistant"]
+
+
+def ifd_scores(dataset: Dataset, model: str, config: ScoreConfig) -> list[float | None]:
+    """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing."""
+    reference = parse_references([model])
+    conditional = score_dataset(dataset.select_columns(["messages", "poft_id"]), reference, config)
+    alone = [response_only(m) for m in dataset["messages"]]
+    unconditional = score_dataset(
+        Dataset.from_dict({"messages": alone, "poft_id": [conversation_id(m) for m in alone]}), reference, config
+    )
+    column = f"score_{reference[0].name}"
+    return [
+        None if c is None or u is None or u == 0 else c / u
+        for c, u in zip(conditional[column], unconditional[column], strict=True)
+    ]
+
+
+def run_filter(config: FilterConfig) -> Dataset:
+    """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json."""
+    from poft.data import load_sft_dataset
+
+    if not config.data or not config.output:
+        raise ValueError("poft filter needs --data and --output.")
+    dataset = load_sft_dataset(config.data, split=config.split)
+    drop = None
+    if config.by == IFD_COLUMN:
+        if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
+            raise ValueError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
+        if config.ifd_model is not None:
+            score_config = ScoreConfig(
+                max_length=config.max_length, batch_tokens=config.batch_tokens, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir
+            )
+            values = ifd_scores(dataset, config.ifd_model, score_config)
+            dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(IFD_COLUMN, values)
+        drop = 1.0
+    kept, summary = filter_by_score(dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop)
+    output = Path(config.output)
+    kept.save_to_disk(str(output))
+    history = []
+    source_summary = Path(config.data) / "filter_summary.json"
+    if source_summary.is_file():
+        history = json.loads(source_summary.read_text())
+    history.append({**summary, "source": config.data, "config": asdict(config)})
+    (output / "filter_summary.json").write_text(json.dumps(history, indent=2))
+    print(json.dumps(summary, indent=2))
+    return kept
