@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -407,5 +408,8 @@ def run_score(config: ScoreConfig) -> Dataset:
             indent=2,
         )
     )
+    filter_history = Path(config.data) / "filter_summary.json"
+    if filter_history.is_file():  # provenance of an earlier `poft filter` follows the data
+        shutil.copyfile(filter_history, output / "filter_summary.json")
     logger.info("Saved %d scored conversations to %s", len(scored), output)
     return scored
