@@ -89,3 +89,7 @@ def test_recipe_keys_are_real_options(recipe):
     keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
     known = _fields(ScoreConfig) if "score" in recipe else _fields(TrainDataArguments, PoFTConfig, ModelConfig)
     assert keys <= known, keys - known
+
+
+def test_merge_repeated_keeps_flags_apart():
+    assert merge_repeated(["--runs", "a", "--eval", "x", "--runs", "b"], ["--runs", "--eval"]) == ["--runs", "a", "b", "--eval", "x"]

@@ -22,7 +22,7 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger("poft")
 
-USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFoundError)
+USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFoundError, ImportError)
 
 
 @dataclass
@@ -34,25 +34,24 @@ class TrainDataArguments(ScriptArguments):
 
 def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
     """`--model A --model B` -> `--model A B`, so a repeated list flag accumulates instead of overriding."""
-    values: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, inline = arg.partition("=")
-        if name in flags:
-            if eq:
+    argv = list(argv)
+    for flag in flags:
+        values: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(argv):
+            name, eq, inline = argv[i].partition("=")
+            i += 1
+            if name != flag:
+                rest.append(argv[i - 1])
+            elif eq:
                 values.append(inline)
-                i += 1
             else:
-                i += 1
                 while i < len(argv) and not argv[i].startswith("--"):
                     values.append(argv[i])
                     i += 1
-            continue
-        rest.append(arg)
-        i += 1
-    return rest + ([flags[0], *values] if values else [])
+        argv = rest + ([flag, *values] if values else [])
+    return argv
 
 
 def score_main(argv: Sequence[str]) -> None:
@@ -104,6 +103,7 @@ def train_main(argv: Sequence[str]) -> None:
     logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged curves `poft report --runs` plots
     logger.info("Saved the model to %s", training_args.output_dir)
 
 
@@ -133,6 +133,33 @@ def filter_main(argv: Sequence[str]) -> None:
     )
     (config,) = parser.parse_args_and_config(argv)
     run_filter(config)
+
+
+def eval_main(argv: Sequence[str]) -> None:
+    from poft.evaluation import EvalConfig, run_eval
+
+    parser = TrlParser(
+        (EvalConfig,),
+        prog="poft eval",
+        description="Evaluate one or more models side by side: the paper's Open LLM Leaderboard tasks (or any lm-eval "
+        "task or local task YAML) through lm-eval-harness (pip install 'poft[eval]'), and/or greedy exact match and "
+        "held-out response log-likelihood on data with an answer column.",
+    )
+    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--model"]))
+    run_eval(config)
+
+
+def report_main(argv: Sequence[str]) -> None:
+    from poft.report import ReportConfig, run_report
+
+    parser = TrlParser(
+        (ReportConfig,),
+        prog="poft report",
+        description="A markdown report with plots: score distributions and reference agreement of a scored dataset, "
+        "training curves (loss, PoFT weight, win rate, margin) of runs, and a comparison table of eval results.",
+    )
+    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--runs", "--eval"]))
+    print(f"Wrote {run_report(config)}")
 
 
 def demo_main(argv: Sequence[str]) -> None:
@@ -168,6 +195,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "noise": (noise_main, "inject the paper's noise (or subtle noise) into SFT data"),
     "filter": (filter_main, "keep the best-scored rows (ref_score, any score column, or IFD)"),
     "train": (train_main, "train with PoFT or the SFT baseline on TRL"),
+    "eval": (eval_main, "evaluate models: lm-eval benchmarks and exact match on answer-checked data"),
+    "report": (report_main, "markdown report with plots of scores, training runs and evals"),
     "quickstart": (quickstart_main, "run the pipeline in seconds on tiny random models"),
 }
 

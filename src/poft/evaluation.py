@@ -1,19 +1,27 @@
-"""Evaluate a model on data with checkable answers: greedy exact match and held-out response likelihood.
+"""Evaluate models: benchmark suites through lm-eval-harness, and exact match on data with answers.
 
-Prompts are rendered with the model's own chat template (generation prompt added), decoded greedily,
-and compared with the `answer` column. The likelihood is the same response score `poft score` computes,
-so held-out numbers are comparable with the references'.
+Benchmarks default to the Open LLM Leaderboard tasks the paper reports, each with the leaderboard's
+few-shot count; any lm-eval task or a local task YAML works too (lm-eval is the optional extra
+`poft[eval]`). For data with a checkable answer column, prompts are rendered with the model's own chat
+template, decoded greedily and compared with the answer; the held-out likelihood is the same response
+score `poft score` computes, so it is comparable with the references'.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 
 from poft.chat import ConversationEncoder
 from poft.scoring import model_scores
+
+logger = logging.getLogger(__name__)
 
 
 def prompt_messages(messages: Sequence[dict]) -> list[dict]:
@@ -67,3 +75,103 @@ def heldout_log_likelihood(model, tokenizer, dataset: Dataset, *, max_length: in
     scores = model_scores(model, ConversationEncoder(tokenizer, max_length=max_length), dataset["messages"])
     kept = [s for s in scores if s is not None]
     return sum(kept) / max(len(kept), 1)
+
+
+# The Open LLM Leaderboard (v1) tasks the paper reports, with the leaderboard's few-shot settings.
+LEADERBOARD_TASKS = ("arc_challenge:25", "hellaswag:10", "truthfulqa_mc2:0", "mmlu:5", "winogrande:5", "gsm8k:5")
+
+
+@dataclass
+class EvalConfig:
+    """Options of `poft eval`."""
+
+    model: list[str] = field(default_factory=list, metadata={"help": "Model(s) to evaluate (path or hub id, or NAME=PATH); repeat to compare several side by side."})
+    tasks: list[str] = field(default_factory=lambda: list(LEADERBOARD_TASKS), metadata={"help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot counts), or 'none'."})
+    task_dir: str | None = field(default=None, metadata={"help": "A directory of lm-eval task YAML files (local tasks), added to lm-eval's task index."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many examples per task (a quick look, not a score to report)."})
+    data: str | None = field(default=None, metadata={"help": "Data with a checkable answer column: greedy exact match and held-out response log-likelihood."})
+    answer_column: str = field(default="answer", metadata={"help": "Column of --data holding the expected answer."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation length for the exact-match evaluation."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."})
+    output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
+
+    def __post_init__(self):
+        self.tasks = [] if [t.lower() for t in self.tasks] == ["none"] else self.tasks
+        for task in self.tasks:
+            name, _, shots = task.partition(":")
+            if not name or (shots and not shots.isdigit()):
+                raise ValueError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
+
+
+def parse_task(task: str) -> tuple[str, int | None]:
+    name, _, shots = task.partition(":")
+    return name, int(shots) if shots else None
+
+
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> dict[str, dict[str, float]]:
+    """lm-eval-harness on an in-memory model, one call per task so each keeps its own few-shot count."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError("Benchmark tasks need lm-eval-harness: pip install 'poft[eval]'.") from error
+    manager = TaskManager(include_path=config.task_dir)
+    unknown = [name for name, _ in map(parse_task, tasks) if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task YAML in a "
+            "directory and pass it with --task_dir."
+        )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(next(model.parameters()).device))
+    scores: dict[str, dict[str, float]] = {}
+    for name, shots in map(parse_task, tasks):
+        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False)
+        for task_name, metrics in out["results"].items():
+            scores[task_name] = {
+                key.replace(",none", ""): float(value)
+                for key, value in metrics.items()
+                if isinstance(value, (int, float)) and not key.startswith("alias") and "_stderr" not in key
+            }
+    return scores
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """`poft eval`: every model on the lm-eval tasks and/or the answer-checked data; JSON plus a comparison table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from poft.data import load_sft_dataset
+    from poft.report import eval_table
+    from poft.scoring import parse_references, resolve_device, resolve_dtype
+
+    if not config.model:
+        raise ValueError("poft eval needs at least one --model.")
+    if not config.tasks and not config.data:
+        raise ValueError("Nothing to evaluate: give --tasks and/or --data.")
+    data = load_sft_dataset(config.data) if config.data else None
+    device = resolve_device(config.device)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for reference in parse_references(config.model):
+        logger.info("Evaluating %s", reference.path)
+        tokenizer = AutoTokenizer.from_pretrained(reference.path)
+        model = AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device)).to(device).eval()
+        scores = run_lm_eval(model, tokenizer, config.tasks, config) if config.tasks else {}
+        if data is not None:
+            accuracy, _ = exact_match_accuracy(
+                model, tokenizer, data, answer_column=config.answer_column, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size
+            )
+            scores[f"data:{Path(config.data).name}"] = {
+                "exact_match": accuracy,
+                "response_log_likelihood": heldout_log_likelihood(model, tokenizer, data),
+            }
+        results[reference.name] = scores
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    payload = {"models": {r.name: r.path for r in parse_references(config.model)}, "results": results}
+    (output / "eval_results.json").write_text(json.dumps(payload, indent=2))
+    table = eval_table([payload])
+    (output / "eval_table.md").write_text(table + "\n")
+    print(table)
+    return payload

@@ -1,16 +1,19 @@
 """Plots (matplotlib, headless) and markdown reports of what a run measured.
 
-`auc` is the rank statistic of how well reference scores separate clean from noisy rows.
-`write_demo_report` turns the demo's results into report.md with three plots: the reference score
-distribution of clean vs noisy rows (the paper's Figures 2 and 3d), accuracy per epoch per method, and
-the mean PoFT weight on clean vs noisy rows over training.
+`poft report` covers a scored dataset (per-reference and aggregate score distributions as in the
+paper's Figure 2, agreement between references, clean vs noisy where `poft_noise` exists), training
+runs (loss, PoFT weight, win rate and margin curves from the trainer's logs) and `poft eval` results
+(a comparison table). `write_demo_report` turns the demo's results into its report.md and plots.
+`auc` is the rank statistic of how well scores separate clean from noisy rows.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -178,3 +181,153 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
         lines += ["## PoFT's weight on clean and noisy rows over training", "", "![PoFT weights](weights.png)", ""]
     (output / "report.md").write_text("\n".join(lines))
     return table
+
+
+def eval_table(payloads: Sequence[dict]) -> str:
+    """Markdown: one row per (task, metric), one column per model, from `poft eval` results."""
+    results: dict[str, dict] = {}
+    for payload in payloads:
+        results.update(payload["results"])
+    models = list(results)
+    rows = sorted({(task, metric) for scores in results.values() for task, metrics in scores.items() for metric in metrics})
+    lines = ["| task | metric | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
+    for task, metric in rows:
+        cells = [results[m].get(task, {}).get(metric) for m in models]
+        lines.append(f"| {task} | {metric} | " + " | ".join("-" if c is None else f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mx, my = statistics.mean(x), statistics.mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and values[order[j]] == values[order[i]]:
+            j += 1
+        for k in order[i:j]:
+            ranks[k] = (i + j + 1) / 2
+        i = j
+    return ranks
+
+
+def agreement_table(columns: dict[str, list[float]]) -> str:
+    """Markdown: Pearson / Spearman correlation between every pair of score columns (rows scored by all)."""
+    names = list(columns)
+    rows = [i for i in range(len(next(iter(columns.values())))) if all(columns[n][i] is not None for n in names)]
+    lines = ["| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            x, y = [columns[a][i] for i in rows], [columns[b][i] for i in rows]
+            cells.append(f"{_pearson(x, y):.3f} / {_pearson(_ranks(x), _ranks(y)):.3f}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scored_data_section(dataset, output: Path) -> list[str]:
+    """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy."""
+    names = [c for c in dataset.column_names if c.startswith("score_")] + (["ref_score"] if "ref_score" in dataset.column_names else [])
+    if not names:
+        raise ValueError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
+    columns = {n: dataset[n] for n in names}
+    noisy = dataset["poft_noise"] if "poft_noise" in dataset.column_names else None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = [v for v in columns[name] if v is not None]
+        if noisy is None:
+            ax.hist(values, bins=40, color="tab:blue")
+        else:
+            ax.hist([v for v, n in zip(columns[name], noisy) if v is not None and not n], bins=40, alpha=0.6, label="clean", color="tab:blue")
+            ax.hist([v for v, n in zip(columns[name], noisy) if v is not None and n], bins=40, alpha=0.6, label="noisy", color="tab:red")
+            ax.legend()
+        ax.set_title(name)
+        ax.set_xlabel("mean response log-prob")
+    fig.tight_layout()
+    fig.savefig(output / "score_distributions.png", dpi=110)
+    plt.close(fig)
+    lines = ["## Reference scores", "", f"{len(dataset)} rows.", "", "| column | mean | std | min | max | missing |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        values = [v for v in columns[name] if v is not None]
+        lines.append(
+            f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | {min(values):.3f} | {max(values):.3f} | {len(columns[name]) - len(values)} |"
+        )
+    lines += ["", "![score distributions](score_distributions.png)", ""]
+    if len(names) > 2:
+        lines += ["Agreement between references (Pearson / Spearman):", "", agreement_table({n: columns[n] for n in names if n != "ref_score"}), ""]
+    if noisy is not None and any(noisy) and not all(noisy):
+        lines += ["| column | AUC clean > noisy |", "| --- | --- |"]
+        for name in names:
+            clean = [v for v, n in zip(columns[name], noisy) if v is not None and not n]
+            bad = [v for v, n in zip(columns[name], noisy) if v is not None and n]
+            lines.append(f"| {name} | {auc(clean, bad):.3f} |")
+        lines.append("")
+    return lines
+
+
+TRAINING_CURVES = ("loss", "poft/weight", "poft/win_rate", "poft/margin")
+
+
+def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
+    """Loss, PoFT weight, win rate and margin per step, one line per run, from trainer_state.json."""
+    histories = {}
+    for run in run_dirs:
+        path = Path(run) / "trainer_state.json" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            raise ValueError(f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory.")
+        histories[Path(run).name] = [h for h in json.loads(path.read_text())["log_history"] if "loss" in h]
+    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4.2 * len(TRAINING_CURVES), 3.3), squeeze=False)
+    for ax, key in zip(axes[0], TRAINING_CURVES):
+        for name, history in histories.items():
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), label=name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output / "training_curves.png", dpi=110)
+    plt.close(fig)
+    lines = ["## Training", "", "| run | steps | last loss | last PoFT weight | last win rate | last margin |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, history in histories.items():
+        last = history[-1] if history else {}
+        cells = " | ".join(f"{last[k]:.4f}" if k in last else "-" for k in TRAINING_CURVES)
+        lines.append(f"| {name} | {last.get('step', 0)} | {cells} |")
+    return lines + ["", "![training curves](training_curves.png)", ""]
+
+
+@dataclass
+class ReportConfig:
+    """Options of `poft report`."""
+
+    scored: str | None = field(default=None, metadata={"help": "A scored dataset directory (`poft score` output)."})
+    runs: list[str] = field(default_factory=list, metadata={"help": "Training output directories (or trainer_state.json files) to plot."})
+    eval: list[str] = field(default_factory=list, metadata={"help": "`poft eval` eval_results.json files to compare."})
+    output: str = field(default="poft-report", metadata={"help": "Directory for report.md and its plots."})
+
+
+def run_report(config: ReportConfig) -> Path:
+    """`poft report`: one markdown report over whatever was given."""
+    from datasets import load_from_disk
+
+    if not (config.scored or config.runs or config.eval):
+        raise ValueError("Nothing to report: give --scored, --runs and/or --eval.")
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    lines = ["# poft report", ""]
+    if config.scored:
+        lines += scored_data_section(load_from_disk(config.scored), output)
+    if config.runs:
+        lines += training_section(config.runs, output)
+    if config.eval:
+        payloads = [json.loads(Path(p).read_text()) for p in config.eval]
+        lines += ["## Evaluation", "", eval_table(payloads), ""]
+    (output / "report.md").write_text("\n".join(lines))
+    return output / "report.md"

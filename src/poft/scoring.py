@@ -309,6 +309,8 @@ def model_scores(
     model, encoder: ConversationEncoder, conversations: Sequence[Sequence[dict]], batch_tokens: int = 16384
 ) -> list[float | None]:
     """r_m of each conversation for an in-memory model (None where no response token survives truncation)."""
+    if "forward" not in vars(model):  # TRL's fused LM head patches the instance; trainers' models already have it
+        add_fused_lm_head(model)
     encoded = [encoder.encode(messages) for messages in conversations]
     scores: list[float | None] = [None] * len(encoded)
     scorable = [i for i, e in enumerate(encoded) if e.num_response_tokens > 0]
