@@ -135,6 +135,12 @@ def filter_main(argv: Sequence[str]) -> None:
     run_filter(config)
 
 
+def dpo_main(argv: Sequence[str]) -> None:
+    from poft.dpo import dpo_main as run
+
+    run(argv)
+
+
 def eval_main(argv: Sequence[str]) -> None:
     from poft.evaluation import EvalConfig, run_eval
 
@@ -195,6 +201,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "noise": (noise_main, "inject the paper's noise (or subtle noise) into SFT data"),
     "filter": (filter_main, "keep the best-scored rows (ref_score, any score column, or IFD)"),
     "train": (train_main, "train with PoFT or the SFT baseline on TRL"),
+    "dpo": (dpo_main, "DPO on preference data after PoFT or SFT, through TRL's DPOTrainer"),
     "eval": (eval_main, "evaluate models: lm-eval benchmarks and exact match on answer-checked data"),
     "report": (report_main, "markdown report with plots of scores, training runs and evals"),
     "quickstart": (quickstart_main, "run the pipeline in seconds on tiny random models"),

@@ -71,7 +71,7 @@ class DataError(ValueError):
 
 
 @dataclass
-class _Row:
+class Row:
     """One input row (or why it could not be read), located the way the user will look for it."""
 
     kind: str  # "line" for JSONL, where blank lines count; "row" otherwise
@@ -102,13 +102,13 @@ def load_sft_dataset(
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        dataset, fmt = _convert_dataset(_load_saved(path, source, split), source, skip_invalid, invalid_report)
+        dataset, fmt = _convert_dataset(load_saved(path, source, split), source, skip_invalid, invalid_report)
     elif path.is_file():
-        dataset, fmt = _convert_rows(_read_file(path, source), source, skip_invalid, invalid_report)
-    elif _looks_like_path(source):
+        dataset, fmt = _convert_rows(read_file(path, source), source, skip_invalid, invalid_report)
+    elif looks_like_path(source):
         raise DataError(f"{source}: file not found. Check the path (relative paths start from {os.getcwd()}).")
     else:
-        dataset, fmt = _convert_dataset(_load_hub(source, split), source, skip_invalid, invalid_report)
+        dataset, fmt = _convert_dataset(load_hub(source, split), source, skip_invalid, invalid_report)
     logger.info("Loaded %d conversations from %s (format: %s)", len(dataset), source, fmt)
     return dataset
 
@@ -158,7 +158,7 @@ def _match_format(columns: Iterable[str]) -> str | None:
     return next((fmt for fmt, needed in FORMAT_COLUMNS.items() if present.issuperset(needed)), None)
 
 
-def _kind(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -167,7 +167,7 @@ def _turn_list(example: dict, key: str) -> list:
     if value is None:
         raise ValueError(f"missing '{key}'")
     if not isinstance(value, list):
-        raise ValueError(f"'{key}' must be a list of turns, found {_kind(value)}")
+        raise ValueError(f"'{key}' must be a list of turns, found {type_name(value)}")
     return value
 
 
@@ -181,7 +181,7 @@ def _from_sharegpt(example: dict) -> list[dict]:
 
 def _sharegpt_turn(turn: Any, index: int) -> dict:
     if not isinstance(turn, dict):
-        raise ValueError(f"turn {index} is not an object (found {_kind(turn)})")
+        raise ValueError(f"turn {index} is not an object (found {type_name(turn)})")
     speaker = turn.get("from")
     role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
     if role is None:
@@ -201,7 +201,7 @@ def _as_turns(example: dict, key: str, role: str) -> list:
         return [{"role": role, "content": value}]
     if isinstance(value, list):
         return value
-    raise ValueError(f"'{key}' must be a string or a list of messages, found {_kind(value)}")
+    raise ValueError(f"'{key}' must be a string or a list of messages, found {type_name(value)}")
 
 
 def _from_alpaca(example: dict) -> list[dict]:
@@ -223,7 +223,7 @@ def _text(example: dict, key: str, *, required: bool = False) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be a string, found {_kind(value)}")
+        raise ValueError(f"'{key}' must be a string, found {type_name(value)}")
     if required and not value.strip():
         raise ValueError(f"'{key}' is empty")
     return value
@@ -238,23 +238,23 @@ _TO_TURNS: dict[str, Callable[[dict], list]] = {
 
 
 def _validate(turns: list) -> list[dict]:
-    clean = [_clean_turn(turn, i) for i, turn in enumerate(turns, start=1)]
+    clean = [clean_turn(turn, i) for i, turn in enumerate(turns, start=1)]
     if not any(turn["role"] == "assistant" for turn in clean):
         raise ValueError("no assistant turn (a conversation needs at least one assistant reply to learn from)")
     return clean
 
 
-def _clean_turn(turn: Any, index: int) -> dict:
+def clean_turn(turn: Any, index: int) -> dict:
     """Check one turn (``index`` is 1-based) and keep only role and content."""
     if not isinstance(turn, dict):
-        raise ValueError(f"turn {index} is not an object with role and content (found {_kind(turn)})")
+        raise ValueError(f"turn {index} is not an object with role and content (found {type_name(turn)})")
     role, content = turn.get("role"), turn.get("content")
     if not isinstance(role, str):
-        raise ValueError(f"turn {index} has no string 'role' (found {_kind(role)})")
+        raise ValueError(f"turn {index} has no string 'role' (found {type_name(role)})")
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} in turn {index} (allowed: {', '.join(ROLES)})")
     if not isinstance(content, str):
-        raise ValueError(f"non-string content in turn {index} (found {_kind(content)}); content must be text")
+        raise ValueError(f"non-string content in turn {index} (found {type_name(content)}); content must be text")
     if not content.strip():
         raise ValueError(f"empty content in turn {index}")
     return {"role": role, "content": content}
@@ -263,11 +263,11 @@ def _clean_turn(turn: Any, index: int) -> dict:
 # --------------------------------------------------------------------------- reading files
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return source.startswith(("./", "../", "/", "~")) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
-def _read_file(path: Path, source: str) -> list[_Row]:
+def read_file(path: Path, source: str) -> list[Row]:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(
@@ -283,25 +283,25 @@ def _read_file(path: Path, source: str) -> list[_Row]:
     return rows
 
 
-def _read_jsonl(path: Path, source: str) -> list[_Row]:
+def _read_jsonl(path: Path, source: str) -> list[Row]:
     """Read line by line, so every problem has an exact line number (blank lines count, but hold no row)."""
     with path.open("rb") as lines:
         return [_parse_jsonl_line(raw, n) for n, raw in enumerate(lines, start=1) if raw.strip()]
 
 
-def _parse_jsonl_line(raw: bytes, number: int) -> _Row:
+def _parse_jsonl_line(raw: bytes, number: int) -> Row:
     try:
         record = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
-        return _Row("line", number, error="not valid UTF-8")
+        return Row("line", number, error="not valid UTF-8")
     except json.JSONDecodeError as exc:
-        return _Row("line", number, error=f"unreadable JSON ({exc.msg} at column {exc.colno})")
+        return Row("line", number, error=f"unreadable JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(record, dict):
-        return _Row("line", number, error=f"not a JSON object (found {_kind(record)})")
-    return _Row("line", number, record)
+        return Row("line", number, error=f"not a JSON object (found {type_name(record)})")
+    return Row("line", number, record)
 
 
-def _read_json(path: Path, source: str) -> list[_Row]:
+def _read_json(path: Path, source: str) -> list[Row]:
     text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
         return []
@@ -317,10 +317,10 @@ def _read_json(path: Path, source: str) -> list[_Row]:
     return [_json_row(n, record) for n, record in enumerate(_json_records(data, source), start=1)]
 
 
-def _json_row(number: int, record: Any) -> _Row:
+def _json_row(number: int, record: Any) -> Row:
     if not isinstance(record, dict):
-        return _Row("row", number, error=f"not a JSON object (found {_kind(record)})")
-    return _Row("row", number, record)
+        return Row("row", number, error=f"not a JSON object (found {type_name(record)})")
+    return Row("row", number, record)
 
 
 def _json_records(data: Any, source: str) -> list:
@@ -335,22 +335,22 @@ def _json_records(data: Any, source: str) -> list:
             return lists[0]
         found = f"an object with {len(lists)} list values"
     else:
-        found = _kind(data)
+        found = type_name(data)
     raise DataError(
         f"{source}: expected a list of records, or an object with exactly one list value "
         f'such as {{"data": [...]}}; found {found}. Reshape the file into one of those.'
     )
 
 
-def _read_parquet(path: Path, source: str) -> list[_Row]:
+def _read_parquet(path: Path, source: str) -> list[Row]:
     try:
         records = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{source}: could not read the Parquet file ({exc}). Check that it is valid Parquet.") from None
-    return [_Row("row", n, record) for n, record in enumerate(records, start=1)]
+    return [Row("row", n, record) for n, record in enumerate(records, start=1)]
 
 
-def _read_csv(path: Path, source: str) -> list[_Row]:
+def _read_csv(path: Path, source: str) -> list[Row]:
     try:
         # Only empty cells are missing; text such as "NA" or "None" is content.
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
@@ -359,10 +359,10 @@ def _read_csv(path: Path, source: str) -> list[_Row]:
     except pd.errors.ParserError as exc:
         raise DataError(f"{source}: could not parse the CSV file ({exc}). Fix its quoting or column counts.") from None
     frame = frame.astype(object).where(frame.notna(), None)
-    return [_Row("row", n, record) for n, record in enumerate(frame.to_dict("records"), start=1)]
+    return [Row("row", n, record) for n, record in enumerate(frame.to_dict("records"), start=1)]
 
 
-_READERS: dict[str, Callable[[Path, str], list[_Row]]] = {
+_READERS: dict[str, Callable[[Path, str], list[Row]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".parquet": _read_parquet,
@@ -373,7 +373,7 @@ _READERS: dict[str, Callable[[Path, str], list[_Row]]] = {
 # --------------------------------------------------------------------------- datasets sources
 
 
-def _load_saved(path: Path, source: str, split: str) -> datasets.Dataset:
+def load_saved(path: Path, source: str, split: str) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError:
@@ -388,7 +388,7 @@ def _load_saved(path: Path, source: str, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _load_hub(source: str, split: str) -> datasets.Dataset:
+def load_hub(source: str, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as exc:  # the Hub fails in many unrelated ways; each means "cannot use this source"
@@ -408,7 +408,7 @@ def _detect(source: str, columns: Iterable[str]) -> str:
         raise DataError(f"{source}: {exc}") from None
 
 
-def _row_error(source: str, row: _Row) -> DataError:
+def _row_error(source: str, row: Row) -> DataError:
     return DataError(f"{source}: {row.where}: {row.error}. {SKIP_HINT}")
 
 
@@ -417,12 +417,12 @@ def _extra_columns(fmt: str, columns: Iterable[str]) -> list[str]:
     return [c for c in columns if c not in SOURCE_COLUMNS[fmt] and c != "poft_id"]
 
 
-def _column_union(records: Iterable[dict]) -> list[str]:
+def column_union(records: Iterable[dict]) -> list[str]:
     """All keys in first-seen order: JSONL rows need not share one set of keys."""
     return list(dict.fromkeys(key for record in records for key in record))
 
 
-def _normalize_row(row: _Row, fmt: str | None) -> list[dict] | None:
+def _normalize_row(row: Row, fmt: str | None) -> list[dict] | None:
     """Normalise a read row, or record on it why it is bad (``fmt`` is None only when no row was readable)."""
     if row.error is None and fmt is not None:
         try:
@@ -433,14 +433,14 @@ def _normalize_row(row: _Row, fmt: str | None) -> list[dict] | None:
 
 
 def _convert_rows(
-    rows: list[_Row], source: str, skip_invalid: bool, invalid_report: str | os.PathLike | None
+    rows: list[Row], source: str, skip_invalid: bool, invalid_report: str | os.PathLike | None
 ) -> tuple[datasets.Dataset, str | None]:
     """Normalise rows read from a file, in memory, stopping at the first bad row unless skipping."""
     readable = [row.record for row in rows if row.record is not None]
-    columns = _column_union(readable)
+    columns = column_union(readable)
     fmt = _detect(source, columns) if readable else None
     good: list[tuple[dict, list[dict]]] = []
-    bad: list[_Row] = []
+    bad: list[Row] = []
     for row in rows:
         messages = _normalize_row(row, fmt)
         if messages is not None:
@@ -479,7 +479,7 @@ def _convert_dataset(
     )
 
     def convert(example: dict, index: int) -> dict:
-        row = _Row("row", index + 1, example)
+        row = Row("row", index + 1, example)
         messages = _normalize_row(row, fmt)
         if messages is None and not skip_invalid:
             raise _row_error(source, row)
@@ -498,14 +498,14 @@ def _convert_dataset(
         desc="Normalising conversations",
     )
     errors = list(converted[_ERROR_COLUMN])
-    bad = [_Row("row", i, error=error) for i, error in enumerate(errors, start=1) if error]
+    bad = [Row("row", i, error=error) for i, error in enumerate(errors, start=1) if error]
     _handle_invalid(bad, len(errors), source, invalid_report)
     if bad:
         converted = converted.select([i for i, error in enumerate(errors) if not error])
     return converted.select_columns(["messages", "poft_id", *extras]), fmt
 
 
-def _handle_invalid(bad: list[_Row], total: int, source: str, invalid_report: str | os.PathLike | None) -> None:
+def _handle_invalid(bad: list[Row], total: int, source: str, invalid_report: str | os.PathLike | None) -> None:
     """Report skipped rows, and refuse to go on when none are left."""
     if not bad:
         return
@@ -523,7 +523,7 @@ def _handle_invalid(bad: list[_Row], total: int, source: str, invalid_report: st
     logger.warning("Skipped %d of %d rows of %s as invalid (first: %s); %s", len(bad), total, source, first, details)
 
 
-def _write_report(bad: list[_Row], report: Path) -> None:
+def _write_report(bad: list[Row], report: Path) -> None:
     report.parent.mkdir(parents=True, exist_ok=True)
     with report.open("w", encoding="utf-8") as out:
         for row in bad:
