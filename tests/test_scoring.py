@@ -139,3 +139,22 @@ def test_torn_last_line_is_rescored(tiny_models, conversations, tmp_path):
     cache_file.write_text("garbage\n" + "\n".join(lines) + "\n")
     with pytest.raises(scoring.ScoringError, match="line 1 is corrupt"):
         score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+
+
+def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(30, seed=8))
+    args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = subprocess.run([*launcher, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shards = sorted((tmp_path / "c2").glob("*.shard*.jsonl"))
+    assert [len(s.read_text().splitlines()) for s in shards] == [15, 15]
+    from poft.cli import main
+
+    assert main([*args, "--output", str(tmp_path / "one"), "--cache_dir", str(tmp_path / "c1")]) == 0
+    two, one = load_from_disk(str(tmp_path / "two")), load_from_disk(str(tmp_path / "one"))
+    assert two["poft_id"] == one["poft_id"]
+    assert two["score_zephyr"] == pytest.approx(one["score_zephyr"], abs=1e-5)

@@ -1,5 +1,8 @@
 """Score a dataset with reference models: r_m(x, y), the mean log-prob of the response tokens.
 
+Under `accelerate launch` the uncached rows are shared out among the processes, each writing its own
+cache shard; every process then reads the merged cache, and the main process writes the output.
+
 Each reference reads every conversation in its own tokenizer and chat template (`poft.chat`), and its
 log-probs come from TRL's fused LM head, the same computation the trainer uses for r_theta. Batches are
 length-sorted and filled up to a token budget, so nothing is padded to `max_length`. Results are
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,33 +151,35 @@ class ScoreCache:
     """Append-only JSONL of {poft_id, score, n_tokens} for one reference fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
-    line is cut off on reading, and duplicates collapse by `poft_id`.
+    line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
+    writes its own shard file (`shard`), and every process reads all of them.
     """
 
-    def __init__(self, directory: Path, fingerprint: str, meta: dict):
+    def __init__(self, directory: Path, fingerprint: str, meta: dict, shard: int | None = None):
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{fingerprint}.jsonl"
+        self.directory, self.fingerprint = directory, fingerprint
+        self.path = directory / (f"{fingerprint}.jsonl" if shard is None else f"{fingerprint}.shard{shard}.jsonl")
         meta_path = directory / f"{fingerprint}.json"
         if not meta_path.exists():
             meta_path.write_text(json.dumps(meta, indent=2))
 
     def load(self) -> dict[str, tuple[float | None, int]]:
-        if not self.path.exists():
-            return {}
-        text = self.path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):  # a write torn by a kill: cut it off, that batch is scored again
-            text = text[: text.rfind("\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(text.encode("utf-8")))
         entries: dict[str, tuple[float | None, int]] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            try:
-                record = json.loads(line)
-                entries[record["poft_id"]] = (record["score"], record["n_tokens"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ScoringError(
-                    f"{self.path}: line {number} is corrupt ({error}). Delete the file to rescore this reference."
-                ) from error
+        for path in sorted(self.directory.glob(f"{self.fingerprint}*.jsonl")):
+            text = path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # a write torn by a kill: that batch is scored again
+                text = text[: text.rfind("\n") + 1]
+                if path == self.path:  # only the writer of a file may cut it
+                    with open(path, "r+b") as f:
+                        f.truncate(len(text.encode("utf-8")))
+            for number, line in enumerate(text.splitlines(), start=1):
+                try:
+                    record = json.loads(line)
+                    entries[record["poft_id"]] = (record["score"], record["n_tokens"])
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ScoringError(
+                        f"{path}: line {number} is corrupt ({error}). Delete the file to rescore this reference."
+                    ) from error
         return entries
 
     def append(self, records: list[dict]) -> None:
@@ -262,18 +268,23 @@ def score_reference(
     fingerprint = hashlib.sha256(
         (model_id + json.dumps(meta, sort_keys=True)).encode()
     ).hexdigest()[:32]
-    cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta)
+    state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
+    shard = state.process_index if state.num_processes > 1 else None
+    cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
     scored = cache.load()
 
     ids = dataset["poft_id"]
+    pending = sorted({i for i in ids if i not in scored})
+    mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
     todo: dict[str, EncodedConversation] = {}
     for poft_id, messages in zip(ids, dataset["messages"], strict=True):
-        if poft_id not in scored and poft_id not in todo:
+        if poft_id in mine and poft_id not in todo:
             todo[poft_id] = encoder.encode(messages)
     unique = len(set(ids))
     logger.info(
-        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking)",
-        reference.name, len(ids), unique, unique - len(todo), cache.path, len(todo), encoder.method,
+        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
+        reference.name, len(ids), unique, unique - len(pending), cache.directory, len(pending), encoder.method,
+        f"; this process scores {len(todo)}" if shard is not None else "",
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
     if unscorable:
@@ -281,7 +292,9 @@ def score_reference(
         for i in unscorable:
             todo.pop(i)
     if todo:
+        device = state.device if shard is not None and config.device == "auto" else device
         _score_into_cache(todo, tokenizer, reference, config, device, dtype, cache)
+    state.wait_for_everyone()
     scored = cache.load()
     return [scored[i][0] for i in ids], [scored[i][1] for i in ids]
 
@@ -397,6 +410,8 @@ def run_score(config: ScoreConfig) -> Dataset:
     )
     references = parse_references(config.model)
     scored = score_dataset(dataset, references, config)
+    if not PartialState().is_main_process:
+        return scored
     scored.save_to_disk(str(output))
     unscorable = [i for i, s in zip(scored["poft_id"], scored[REF_SCORE], strict=True) if s is None]
     (output / "poft_score.json").write_text(
