@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,22 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     two, one = load_from_disk(str(tmp_path / "two")), load_from_disk(str(tmp_path / "one"))
     assert two["poft_id"] == one["poft_id"]
     assert two["score_zephyr"] == pytest.approx(one["score_zephyr"], abs=1e-5)
+
+
+def _append_many(directory: str, worker: int) -> None:
+    cache = scoring.ScoreCache(Path(directory), "fp", {})
+    for batch in range(40):
+        cache.append([{"poft_id": f"{worker}-{batch}-{i}-" + "x" * 200, "score": -1.0, "n_tokens": 3} for i in range(50)])
+        cache.load()  # readers must never cut a line another process is writing
+
+
+def test_concurrent_runs_can_share_a_cache(tmp_path):
+    import multiprocessing
+
+    workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(str(tmp_path), w)) for w in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert len(scoring.ScoreCache(tmp_path, "fp", {}).load()) == 2 * 40 * 50

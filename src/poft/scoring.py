@@ -20,8 +20,14 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 from accelerate import PartialState
@@ -152,7 +158,8 @@ class ScoreCache:
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
-    writes its own shard file (`shard`), and every process reads all of them.
+    writes its own shard file (`shard`), and every process reads all of them; files are locked while
+    read or written, so separate runs can share one cache.
     """
 
     def __init__(self, directory: Path, fingerprint: str, meta: dict, shard: int | None = None):
@@ -166,12 +173,11 @@ class ScoreCache:
     def load(self) -> dict[str, tuple[float | None, int]]:
         entries: dict[str, tuple[float | None, int]] = {}
         for path in sorted(self.directory.glob(f"{self.fingerprint}*.jsonl")):
-            text = path.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):  # a write torn by a kill: that batch is scored again
-                text = text[: text.rfind("\n") + 1]
-                if path == self.path:  # only the writer of a file may cut it
-                    with open(path, "r+b") as f:
-                        f.truncate(len(text.encode("utf-8")))
+            with open(path, "r+b") as f, _locked(f):  # writers hold the lock, so a torn tail is a killed writer's
+                text = f.read().decode("utf-8")
+                if text and not text.endswith("\n"):  # that batch is scored again
+                    text = text[: text.rfind("\n") + 1]
+                    f.truncate(len(text.encode("utf-8")))
             for number, line in enumerate(text.splitlines(), start=1):
                 try:
                     record = json.loads(line)
@@ -183,10 +189,23 @@ class ScoreCache:
         return entries
 
     def append(self, records: list[dict]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+        with open(self.path, "ab") as f, _locked(f):
+            f.write("".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def _locked(file) -> Iterator[None]:
+    """An exclusive advisory lock, so concurrent runs sharing a cache never interleave or cut each other's lines."""
+    if fcntl is None:  # no advisory locks on this platform: one writer at a time is the user's to ensure
+        yield
+        return
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:

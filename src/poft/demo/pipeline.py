@@ -52,7 +52,8 @@ class DemoConfig:
     noise_kind: list[str] = field(default_factory=lambda: ["paper"], metadata={"help": "paper (swapped, corrupted responses) and/or subtle (one plausible edit)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the noise and of training; results are reported per seed."})
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target (evaluated after each)."})
-    full: bool = field(default=False, metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, plus the oracle (clean rows only) and ref_score-filter baselines where there is noise."})
+    full: bool = field(default=False, metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, with --baselines."})
+    baselines: bool = field(default=False, metadata={"help": "Also train SFT on the clean rows only (the oracle filter) and on the top --filter_fractions by ref_score, where there is noise."})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where the world (references, base) is cached (default: $POFT_CACHE/demo or ~/.cache/poft/demo)."})
     target_rows: int = field(default=1800, metadata={"help": "Rows of the target's training split."})
@@ -67,7 +68,7 @@ class DemoConfig:
 
     def __post_init__(self):
         if self.full:
-            self.noise_rate, self.noise_kind = [0.0, 0.3, 0.6], ["paper", "subtle"]
+            self.noise_rate, self.noise_kind, self.baselines = [0.0, 0.3, 0.6], ["paper", "subtle"], True
             if self.seeds == [0]:
                 self.seeds = [0, 1, 2]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
@@ -182,7 +183,8 @@ def _default_cache() -> Path:
 
 
 class EpochEvaluator(TrainerCallback):
-    """Exact match on the held-out prompts and the PoFT weight of clean and noisy rows, before training and after each epoch."""
+    """Exact match on the held-out prompts before training and after each epoch, and for PoFT the mean
+    weight of clean and noisy rows."""
 
     def __init__(self, test: Dataset, train: Dataset, record: dict, runs: list[dict]):
         self.test, self.train, self.record, self.runs = test, train, record, runs
@@ -190,6 +192,10 @@ class EpochEvaluator(TrainerCallback):
     def _evaluate(self, model, tokenizer, epoch: int) -> None:
         accuracy, _ = exact_match_accuracy(model, tokenizer, self.test, max_new_tokens=24)
         entry = {**self.record, "epoch": epoch, "accuracy": accuracy}
+        if self.record["method"] != "poft":
+            self.runs.append(entry)
+            logger.info("%s", json.dumps(entry))
+            return
         r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), self.train["messages"]))
         weights = poft_weights(r_theta, torch.tensor(self.train["ref_score"]))
         noisy = torch.tensor(self.train[NOISE_COLUMN])
@@ -238,7 +244,7 @@ def run_demo(config: DemoConfig) -> dict:
                 distributions.setdefault(f"{kind} {rate}", {"clean": clean_scores, "noisy": noisy_scores})
             record = {"noise_kind": kind if rate > 0 else "none", "noise_rate": rate, "seed": seed}
             methods = {"sft": scored, "poft": scored}
-            if config.full and rate > 0:
+            if config.baselines and rate > 0:
                 methods["oracle"] = scored.filter(lambda n: not n, input_columns=NOISE_COLUMN)
                 for fraction in config.filter_fractions:
                     keep = max(1, math.ceil(fraction * len(scored)))
