@@ -13,14 +13,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from poft.chat import ChatTemplateError
 from poft.data import DataError
 from poft.scoring import ScoreConfig, ScoringError, run_score
-from poft.trainer import PoFTConfig, PoFTTrainer
-
-logger = logging.getLogger("poft")
+from poft.trainer import PoFTConfig, run_train
 
 USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFoundError, ImportError)
 
@@ -69,42 +67,13 @@ def score_main(argv: Sequence[str]) -> None:
 
 
 def train_main(argv: Sequence[str]) -> None:
-    from poft.data import load_sft_dataset
-
     parser = TrlParser(
         (TrainDataArguments, PoFTConfig, ModelConfig),
         prog="poft train",
         description="Fine-tune a model with PoFT (loss_type=poft, needs a ref_score column from `poft score`) or "
         "the SFT baseline (loss_type=sft). Every SFTConfig / TrainingArguments option is accepted.",
     )
-    data_args, training_args, model_args = parser.parse_args_and_config(argv)
-    if not data_args.dataset_name or not model_args.model_name_or_path:
-        parser.error("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
-    report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
-    train_dataset = load_sft_dataset(
-        data_args.dataset_name, split=data_args.dataset_train_split, skip_invalid=data_args.skip_invalid, invalid_report=report
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    trainer = PoFTTrainer(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
-    logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logged curves `poft report --runs` plots
-    logger.info("Saved the model to %s", training_args.output_dir)
+    run_train(*parser.parse_args_and_config(argv))
 
 
 def noise_main(argv: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ from poft.data import (
     read_file,
     Row,
 )
+from poft.trainer import model_init_kwargs, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +227,7 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     trainer = DPOTrainer(
         model_args.model_name_or_path,
         args=training_args,
@@ -243,11 +239,7 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
         "DPO of %s on %d preference pairs (beta=%g, loss_type=%s)",
         model_args.model_name_or_path, len(train_dataset), training_args.beta, ",".join(training_args.loss_type),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    logger.info("Saved the model to %s", training_args.output_dir)
-    return training_args.output_dir
+    return train_and_save(trainer, training_args.resume_from_checkpoint)
 
 
 def dpo_main(argv: Sequence[str]) -> None:

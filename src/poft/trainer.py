@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,3 +284,49 @@ def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str
             f"{len(bad)} rows of the {dataset_name} dataset have a missing, NaN or infinite {ref_column!r}: {shown}"
             f"{' ...' if len(bad) > 5 else ''}. Rescore them with `poft score`, or drop them before training."
         )
+
+
+def model_init_kwargs(model_args, configured: dict | None) -> dict:
+    """What `poft train` / `poft dpo` pass to from_pretrained: TRL's ModelConfig, then the config's own kwargs."""
+    return {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(configured or {}),
+    }
+
+
+def train_and_save(trainer, resume_from_checkpoint: str | bool | None) -> str:
+    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots)."""
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(trainer.args.output_dir)
+    trainer.save_state()
+    logger.info("Saved the model to %s", trainer.args.output_dir)
+    return trainer.args.output_dir
+
+
+def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
+    """`poft train`: load the (scored) data, train with PoFT or SFT, save."""
+    from trl import get_peft_config
+
+    from poft.data import load_sft_dataset
+
+    if not data_args.dataset_name or not model_args.model_name_or_path:
+        raise ValueError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
+    report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
+    train_dataset = load_sft_dataset(
+        data_args.dataset_name, split=data_args.dataset_train_split, skip_invalid=data_args.skip_invalid, invalid_report=report
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
+    trainer = PoFTTrainer(
+        model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
+    return train_and_save(trainer, training_args.resume_from_checkpoint)
