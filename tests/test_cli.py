@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_merge_repeated_model_flags():
     ]
 
 
-def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_path):
+def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_path, caplog):
     data = write_jsonl(tmp_path / "chats.jsonl", conversations)
     scored = tmp_path / "scored"
     code = main([
@@ -60,6 +61,10 @@ def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--beta", "2.0", "--logging-steps", "1"]) == 0
     assert (tmp_path / "trained" / "model.safetensors").exists()
+    assert (tmp_path / "trained" / "trainer_state.json").exists()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]) == 0
+    assert "max_length=256 but training uses max_length=200" in caplog.text
 
 
 def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):

@@ -11,6 +11,7 @@ accumulation and data parallelism give the same update as one large batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -320,6 +321,7 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
+    _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     trainer = PoFTTrainer(
         model_args.model_name_or_path,
@@ -330,3 +332,19 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
     )
     logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
     return train_and_save(trainer, training_args.resume_from_checkpoint)
+
+
+def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
+    """r_ref and r_theta cover the same tokens only if scoring and training truncate alike."""
+    record = os.path.join(dataset_path, "poft_score.json")
+    if training_args.loss_type != "poft" or not os.path.isfile(record):
+        return
+    with open(record, encoding="utf-8") as f:
+        scored = json.load(f)["config"]
+    for option in ("max_length", "truncation_mode"):
+        if scored[option] != getattr(training_args, option):
+            logger.warning(
+                "The reference scores were computed with %s=%s but training uses %s=%s: long conversations are "
+                "then scored on different tokens. Use the same value in `poft score` and `poft train`.",
+                option, scored[option], option, getattr(training_args, option),
+            )
