@@ -15,7 +15,6 @@ from poft.data import (
     detect_format,
     load_sft_dataset,
     normalize_example,
-    split_prompt_response,
 )
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -269,9 +268,3 @@ def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):
     with pytest.raises(DataError, match="all 2 rows are invalid"):
         load_rows(tmp_path, ["{", {"messages": [CHAT[0]]}], skip_invalid=True, invalid_report=report)
     assert len(report.read_text().splitlines()) == 2
-
-
-def test_split_prompt_response():
-    turns = [{"role": "system", "content": "S"}, *CHAT, {"role": "user", "content": "More"}]
-    assert split_prompt_response(turns) == (turns[:2], turns[2:])
-    assert split_prompt_response(CHAT[:1]) == (CHAT[:1], [])

@@ -144,12 +144,6 @@ def conversation_id(messages: Sequence[dict]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def split_prompt_response(messages: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """Split at the first assistant turn: what the model is given, and what it should produce."""
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    return list(messages[:first]), list(messages[first:])
-
-
 # --------------------------------------------------------------------------- formats
 
 
