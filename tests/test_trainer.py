@@ -135,3 +135,31 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
         PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, packing=True, packing_strategy="wrapped"), train_dataset=scored["chatml"])
     with pytest.raises(ValueError, match="loss_type"):
         config(tmp_path, loss_type="dpo")
+
+
+def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
+    """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from poft.cli import main
+
+    data = str(tmp_path / "scored")
+    scored["zephyr"].save_to_disk(data)
+    common = ["train", "--model_name_or_path", tiny_models["chatml"], "--dataset_name", data, "--loss_type", "poft",
+              "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "1e9", "--max_length", "256",
+              "--gradient_checkpointing", "false", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--seed", "0"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"]
+    run = subprocess.run([*launcher, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+    two, one = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    before = load_file(os.path.join(tiny_models["chatml"], "model.safetensors"))
+    for name, weight in one.items():
+        assert not torch.equal(weight, before[name]), name
+        torch.testing.assert_close(two[name], weight, atol=1e-5, rtol=1e-4)

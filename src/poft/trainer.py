@@ -243,7 +243,7 @@ class PoFTTrainer(SFTTrainer):
             stats.append(inputs["attention_mask"].sum())
         else:
             stats.append(torch.tensor(inputs["input_ids"].numel(), device=mask.device))
-        totals = self.accelerator.gather_for_metrics(torch.stack([s.float() for s in stats])[None]).sum(0).tolist()
+        totals = self.accelerator.reduce(torch.stack([s.float() for s in stats]), reduction="sum").tolist()
         tokens, entropy, correct = totals[:3]
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy / tokens if tokens else 0.0)
