@@ -24,4 +24,5 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
+	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/training_step.py
