@@ -163,3 +163,16 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
     for name, weight in one.items():
         assert not torch.equal(weight, before[name]), name
         torch.testing.assert_close(two[name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_path):
+    data = scored["zephyr"]
+    args = config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16)
+    trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=data, eval_dataset=data)
+    metrics = trainer.evaluate()
+    trainer.model.eval()
+    with torch.no_grad():
+        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+    expected = torch.nn.functional.softplus(-(r_theta - ref)).mean().item()  # -log sigmoid(margin)
+    assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert metrics["eval_poft/margin"] == pytest.approx((r_theta - ref).mean().item(), abs=1e-5)
