@@ -178,3 +178,19 @@ def test_concurrent_runs_can_share_a_cache(tmp_path):
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0]
     assert len(scoring.ScoreCache(tmp_path, "fp", {}).load()) == 2 * 40 * 50
+
+
+@pytest.mark.parametrize("name", ["chatml", "zephyr"])
+def test_packed_scores_equal_padded(tiny_models, conversations, tmp_path, name):
+    dataset = as_dataset(conversations)
+    padded = score_dataset(dataset, [tiny_models[name]], ScoreConfig(cache_dir=str(tmp_path / "a"), device="cpu", packing=False))
+    packed = score_dataset(dataset, [tiny_models[name]], ScoreConfig(cache_dir=str(tmp_path / "b"), device="cpu", packing=True, batch_tokens=400))
+    assert packed[f"n_tokens_{name}"] == padded[f"n_tokens_{name}"]
+    assert packed[f"score_{name}"] == pytest.approx(padded[f"score_{name}"], abs=1e-5)
+
+
+def test_packed_batches_fill_the_budget_without_padding():
+    lengths = [5, 17, 3, 17, 9, 40, 1, 8]
+    batches = list(scoring.packed_batches(lengths, 34))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 34 for b in batches)

@@ -34,6 +34,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
 from poft.chat import ConversationEncoder, EncodedConversation, TruncationMode
@@ -70,6 +71,8 @@ class ScoreConfig:
     max_length: int | None = field(default=1024, metadata={"help": "Truncate conversations to this many tokens; use the same value for training (TRL's default is 1024)."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."})
     batch_tokens: int = field(default=16384, metadata={"help": "Token budget of one batch, padding included; batches are length-sorted."})
+    packing: bool | None = field(default=None, metadata={"help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation to load references with, e.g. sdpa or flash_attention_2 (default: transformers' choice)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."})
     cache_dir: str | None = field(default=None, metadata={"help": "Per-reference score cache (default: $POFT_CACHE or ~/.cache/poft/scores)."})
@@ -246,9 +249,11 @@ def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
 
 
-def load_reference_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+def load_reference_model(
+    path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None = None
+):
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation
     ).to(device)
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
@@ -318,17 +323,65 @@ def score_reference(
     return [scored[i][0] for i in ids], [scored[i][1] for i in ids]
 
 
+def packed_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped longest first so that the summed length stays within `batch_tokens` (no padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batch: list[int] = []
+    total = 0
+    for index in order:
+        if batch and total + lengths[index] > batch_tokens:
+            yield batch
+            batch, total = [], 0
+        batch.append(index)
+        total += lengths[index]
+    if batch:
+        yield batch
+
+
+def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device) -> dict[str, torch.Tensor]:
+    """One padding-free row through TRL's collator: position ids restart per conversation, and the
+    cumulative sequence lengths let varlen attention kernels keep the conversations apart."""
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collator([{"input_ids": e.input_ids, "labels": e.labels()} for e in encoded])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_packed_batch(model, batch: dict[str, torch.Tensor], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-conversation mean response log-prob and token count of a packed row."""
+    seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
+    outputs = model(**batch, fused_lm_head=True)
+    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+
+
+def uses_varlen_attention(model, device: torch.device) -> bool:
+    """Packing pays off only where attention skips the masked-out pairs: flash attention's varlen path."""
+    return device.type == "cuda" and "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
 def iter_scores(
-    model, encoded: Sequence[EncodedConversation], pad_token_id: int, batch_tokens: int, device: torch.device, desc: str
+    model,
+    encoded: Sequence[EncodedConversation],
+    pad_token_id: int,
+    batch_tokens: int,
+    device: torch.device,
+    desc: str,
+    packing: bool = False,
 ) -> Iterator[tuple[list[int], list[float], list[int]]]:
     """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
 
+    Padded batches by default; `packing` concatenates conversations into one padding-free row instead.
     `model` must carry TRL's fused LM head (`load_reference_model` adds it; SFT/PoFT trainers' models have it).
     """
     lengths = [len(e.input_ids) for e in encoded]
+    batches = packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens)
     with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
-        for batch in token_budget_batches(lengths, batch_tokens):
-            means, counts = score_batch(model, collate([encoded[i] for i in batch], pad_token_id, device))
+        for batch in batches:
+            chosen = [encoded[i] for i in batch]
+            if packing:
+                means, counts = score_packed_batch(model, collate_packed(chosen, device), len(batch))
+            else:
+                means, counts = score_batch(model, collate(chosen, pad_token_id, device))
             yield batch, means.tolist(), [int(c) for c in counts.tolist()]
             bar.update(sum(lengths[i] for i in batch))
 
@@ -367,10 +420,11 @@ def _score_into_cache(
     dtype: torch.dtype,
     cache: ScoreCache,
 ) -> None:
-    model = load_reference_model(reference.path, device, dtype, config.trust_remote_code)
+    model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
+    packing = uses_varlen_attention(model, device) if config.packing is None else config.packing
     keys, encoded = list(todo), list(todo.values())
     for batch, means, counts in iter_scores(
-        model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}"
+        model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
     ):
         cache.append(
             [{"poft_id": keys[i], "score": m, "n_tokens": c} for i, m, c in zip(batch, means, counts, strict=True)]
