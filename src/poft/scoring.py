@@ -152,8 +152,13 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where poft keeps what it can recompute: $POFT_CACHE, else ~/.cache/poft."""
+    return Path(os.environ.get("POFT_CACHE", Path.home() / ".cache" / "poft"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("POFT_CACHE", Path.home() / ".cache" / "poft")) / "scores"
+    return cache_root() / "scores"
 
 
 class ScoreCache:

@@ -35,7 +35,7 @@ from poft.evaluation import exact_match_accuracy
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.objectives import poft_weights
 from poft.report import auc, write_demo_report
-from poft.scoring import ScoreConfig, model_scores, resolve_device, score_dataset
+from poft.scoring import ScoreConfig, cache_root, model_scores, resolve_device, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def build_world(config: DemoConfig) -> World:
     pretrain_examples = sample_examples(config.reference_rows, seed=4, words=words, exclude=held_out)
     world = World(train=_rows(train_examples), test=_rows(test_examples), references=[], base="")
 
-    root = Path(config.cache_dir) if config.cache_dir else _default_cache() / "demo"
+    root = Path(config.cache_dir) if config.cache_dir else cache_root() / "demo"
     root = root / f"world-{config.world_key()}"
     paths = {"ref-char": root / "ref-char", "ref-bpe": root / "ref-bpe", "base": root / "base"}
     world.references, world.base = [str(paths["ref-char"]), str(paths["ref-bpe"])], str(paths["base"])
@@ -174,12 +174,6 @@ def build_world(config: DemoConfig) -> World:
     shutil.rmtree(root / "tmp", ignore_errors=True)
     (root / "done").write_text(json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy}, indent=2))
     return world
-
-
-def _default_cache() -> Path:
-    import os
-
-    return Path(os.environ.get("POFT_CACHE", Path.home() / ".cache" / "poft"))
 
 
 class EpochEvaluator(TrainerCallback):
