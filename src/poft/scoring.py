@@ -75,7 +75,7 @@ class ScoreConfig:
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation to load references with, e.g. sdpa or flash_attention_2 (default: transformers' choice)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Per-reference score cache (default: $POFT_CACHE or ~/.cache/poft/scores)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Per-reference score cache (default: $POFT_CACHE/scores or ~/.cache/poft/scores)."})
     chat_template: str | None = field(default=None, metadata={"help": "Chat template (.jinja file or text) for references whose tokenizer has none."})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories to run their own code."})
