@@ -114,17 +114,19 @@ def response_only(messages: list[dict]) -> list[dict]:
 
 
 def ifd_scores(dataset: Dataset, model: str, config: ScoreConfig) -> list[float | None]:
-    """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing."""
+    """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing.
+
+    Both kinds of conversation are scored in one pass, so the model loads once.
+    """
     reference = parse_references([model])
-    conditional = score_dataset(dataset.select_columns(["messages", "poft_id"]), reference, config)
-    alone = [response_only(m) for m in dataset["messages"]]
-    unconditional = score_dataset(
-        Dataset.from_dict({"messages": alone, "poft_id": [conversation_id(m) for m in alone]}), reference, config
-    )
-    column = f"score_{reference[0].name}"
+    n = len(dataset)
+    conversations = list(dataset["messages"]) + [response_only(m) for m in dataset["messages"]]
+    both = Dataset.from_dict({"messages": conversations, "poft_id": [conversation_id(m) for m in conversations]})
+    scores = score_dataset(both, reference, config)[f"score_{reference[0].name}"]
+    conditional, unconditional = scores[:n], scores[n:]
     return [
         None if c is None or u is None or u == 0 else c / u
-        for c, u in zip(conditional[column], unconditional[column], strict=True)
+        for c, u in zip(conditional, unconditional, strict=True)
     ]
 
 

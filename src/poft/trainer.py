@@ -151,7 +151,7 @@ class PoFTTrainer(SFTTrainer):
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
         )
-        empty = dataset.filter(lambda n: n == 0, input_columns="poft_num_response_tokens").num_rows
+        empty = sum(n == 0 for n in dataset["poft_num_response_tokens"])
         if empty:
             logger.warning(
                 "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
