@@ -94,23 +94,32 @@ def load_sft_dataset(
     skip_invalid: bool = False,
     invalid_report: str | os.PathLike | None = None,
 ) -> datasets.Dataset:
-    """Load ``source`` as a dataset of normalised conversations (``messages``, ``poft_id``, extra columns).
+    """Load ``source`` (see `open_source`) as a dataset of normalised conversations (``messages``, ``poft_id``,
+    extra columns)."""
+    source = os.fspath(source)
+    loaded = open_source(source, split)
+    if isinstance(loaded, list):
+        dataset, fmt = _convert_rows(loaded, source, skip_invalid, invalid_report)
+    else:
+        dataset, fmt = _convert_dataset(loaded, source, skip_invalid, invalid_report)
+    logger.info("Loaded %d conversations from %s (format: %s)", len(dataset), source, fmt)
+    return dataset
+
+
+def open_source(source: str, split: str) -> list[Row] | datasets.Dataset:
+    """The rows of a local file (located by line or row), or the dataset of a saved directory or hub id.
 
     Local paths win over Hub ids; a source that looks like a path but does not exist is an
     error rather than a Hub lookup, so a typo never turns into a confusing network failure.
     """
-    source = os.fspath(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        dataset, fmt = _convert_dataset(load_saved(path, source, split), source, skip_invalid, invalid_report)
-    elif path.is_file():
-        dataset, fmt = _convert_rows(read_file(path, source), source, skip_invalid, invalid_report)
-    elif looks_like_path(source):
+        return load_saved(path, source, split)
+    if path.is_file():
+        return read_file(path, source)
+    if looks_like_path(source):
         raise DataError(f"{source}: file not found. Check the path (relative paths start from {os.getcwd()}).")
-    else:
-        dataset, fmt = _convert_dataset(load_hub(source, split), source, skip_invalid, invalid_report)
-    logger.info("Loaded %d conversations from %s (format: %s)", len(dataset), source, fmt)
-    return dataset
+    return load_hub(source, split)
 
 
 def detect_format(column_names: Iterable[str]) -> str:

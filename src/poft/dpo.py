@@ -16,7 +16,6 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -28,12 +27,9 @@ from poft.data import (
     DataError,
     clean_turn,
     column_union,
-    type_name,
-    load_hub,
-    load_saved,
-    looks_like_path,
-    read_file,
     Row,
+    open_source,
+    type_name,
 )
 from poft.trainer import model_init_kwargs, train_and_save
 
@@ -79,20 +75,11 @@ class PoFTDPOConfig(DPOConfig):
 
 
 def load_preference_dataset(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
-    """Load ``source`` as explicit-prompt preference pairs: ``prompt``, ``chosen``, ``rejected`` columns only.
-
-    Local paths win over Hub ids, and a missing local-looking path is an error rather than a Hub lookup.
-    """
+    """Load ``source`` (see `poft.data.open_source`) as explicit-prompt preference pairs: ``prompt``, ``chosen``,
+    ``rejected`` columns only."""
     source = os.fspath(source)
-    path = Path(source).expanduser()
-    if path.is_file():
-        dataset = _pairs_from_rows(read_file(path, source), source)
-    elif path.is_dir():
-        dataset = _pairs_from_dataset(load_saved(path, source, split), source)
-    elif looks_like_path(source):
-        raise DataError(f"{source}: file not found. Check the path (relative paths start from {os.getcwd()}).")
-    else:
-        dataset = _pairs_from_dataset(load_hub(source, split), source)
+    loaded = open_source(source, split)
+    dataset = _pairs_from_rows(loaded, source) if isinstance(loaded, list) else _pairs_from_dataset(loaded, source)
     form = "message lists" if dataset.features == PAIR_FEATURES["chat"] else "text"
     logger.info("Loaded %d preference pairs from %s (%s)", len(dataset), source, form)
     return dataset
