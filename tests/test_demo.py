@@ -7,7 +7,8 @@ import json
 import pytest
 
 from poft.demo.pipeline import DemoConfig, run_demo
-from poft.demo.tasks import FAMILIES, alphabet, check, make_words, sample_examples
+from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
+from poft.evaluation import exact_match
 from poft.report import auc
 
 
@@ -43,7 +44,7 @@ def test_held_out_prompts_never_in_training():
 
 
 def test_check_is_exact_match_up_to_whitespace():
-    assert check(" 42 \n", "42") and not check("42.", "42") and not check("4 2", "42")
+    assert exact_match(" 42 \n", "42") and not exact_match("42.", "42") and not exact_match("4 2", "42")
 
 
 def test_auc_against_pairwise_counting():

@@ -24,6 +24,11 @@ from poft.scoring import model_scores
 logger = logging.getLogger(__name__)
 
 
+def exact_match(prediction: str, answer: str) -> bool:
+    """The answer check: equal after trimming surrounding whitespace."""
+    return prediction.strip() == answer.strip()
+
+
 def prompt_messages(messages: Sequence[dict]) -> list[dict]:
     """The conversation up to (not including) its last assistant turn."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -66,7 +71,7 @@ def exact_match_accuracy(
         raise ValueError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
     prompts = [prompt_messages(m) for m in dataset["messages"]]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    correct = sum(p.strip() == str(a).strip() for p, a in zip(predictions, dataset[answer_column], strict=True))
+    correct = sum(exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True))
     return correct / max(len(predictions), 1), predictions
 
 
@@ -152,8 +157,9 @@ def run_eval(config: EvalConfig) -> dict:
         raise ValueError("Nothing to evaluate: give --tasks and/or --data.")
     data = load_sft_dataset(config.data) if config.data else None
     device = resolve_device(config.device)
+    references = parse_references(config.model)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for reference in parse_references(config.model):
+    for reference in references:
         logger.info("Evaluating %s", reference.path)
         tokenizer = AutoTokenizer.from_pretrained(reference.path)
         model = AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device)).to(device).eval()
@@ -169,7 +175,7 @@ def run_eval(config: EvalConfig) -> dict:
         results[reference.name] = scores
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    payload = {"models": {r.name: r.path for r in parse_references(config.model)}, "results": results}
+    payload = {"models": {r.name: r.path for r in references}, "results": results}
     (output / "eval_results.json").write_text(json.dumps(payload, indent=2))
     table = eval_table([payload])
     (output / "eval_table.md").write_text(table + "\n")

@@ -3,7 +3,7 @@
 Seven families (add, subtract, reverse a word, sort digits, upper-case a phrase, count letters,
 repeat a word) with several phrasings each. Words are pronounceable nonsense drawn from a seeded
 generator, so nothing depends on an outside vocabulary. Every example is a single-turn chat plus its
-`answer` and `family`, and `check` is the exact-match rule the demo evaluates with.
+`answer` and `family`, which `poft.evaluation.exact_match` checks.
 """
 
 from __future__ import annotations
@@ -115,11 +115,6 @@ def sample_examples(
             seen.add(prompt)
         examples.append(Example(family, prompt, answer))
     return examples
-
-
-def check(prediction: str, answer: str) -> bool:
-    """Exact match after trimming surrounding whitespace."""
-    return prediction.strip() == answer.strip()
 
 
 def alphabet() -> str:
