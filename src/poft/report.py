@@ -26,17 +26,9 @@ def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """P(a positive scores above a negative), ties counted half: the Mann-Whitney AUC."""
     if not positives or not negatives:
         raise ValueError("auc needs at least one positive and one negative score")
-    pooled = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
-    rank_sum, i = 0.0, 0
-    while i < len(pooled):
-        j = i
-        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
-            j += 1
-        average_rank = (i + j + 1) / 2  # ranks are 1-based
-        rank_sum += average_rank * sum(label for _, label in pooled[i:j])
-        i = j
+    ranks = _ranks(list(positives) + list(negatives))
     n_pos, n_neg = len(positives), len(negatives)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return (sum(ranks[:n_pos]) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -205,6 +197,7 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
     i = 0
