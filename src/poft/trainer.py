@@ -269,8 +269,7 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         "poft_id": example.get("poft_id") or "",
     }
     if ref_column is not None:
-        out[ref_column] = example[ref_column]
-        ref = example[ref_column]
+        ref = out[ref_column] = example[ref_column]
         out[REF_TOKENS] = [float("nan") if ref is None else float(ref)] * len(encoded.input_ids)
     return out
 
