@@ -21,6 +21,8 @@ quickstart: $(STAMP)
 	$(BIN)/poft quickstart --output poft-quickstart
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

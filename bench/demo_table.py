@@ -48,7 +48,10 @@ def main(paths: list[str]) -> None:
     for (kind, rate), values in sorted(aucs.items()):
         print(f"| {kind} | {rate:g} | {statistics.mean(values):.3f} |")
     print()
-    print("References on the held-out prompts: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in reference_accuracy.items()))
+    print(
+        "References on the held-out prompts: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in reference_accuracy.items())
+    )
 
 
 if __name__ == "__main__":

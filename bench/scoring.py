@@ -28,8 +28,22 @@ from poft.chat import EncodedConversation
 from poft.scoring import iter_scores
 
 SHAPES = {
-    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": {
+        "vocab_size": 32000,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "llama-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
 }
 
 
@@ -71,7 +85,7 @@ def public_strategy(model, data, max_length: int, batch_size: int, device) -> li
 def poft_strategy(model, data, batch_tokens: int, device) -> list[float]:
     scores = [0.0] * len(data)
     for batch, means, _ in iter_scores(model, data, 0, batch_tokens, device, "poft"):
-        for i, m in zip(batch, means):
+        for i, m in zip(batch, means, strict=False):
             scores[i] = m
     return scores
 
@@ -89,8 +103,10 @@ def worker(args) -> None:
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], attn_implementation="sdpa")).to(device, dtype).eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     data = make_data(args.samples, args.mean_length, args.max_length, model.config.vocab_size)
-    run = (lambda: public_strategy(model, data, args.max_length, args.public_batch, device)) if args.method == "public" else (
-        lambda: poft_strategy(model, data, args.batch_tokens, device)
+    run = (
+        (lambda: public_strategy(model, data, args.max_length, args.public_batch, device))
+        if args.method == "public"
+        else (lambda: poft_strategy(model, data, args.batch_tokens, device))
     )
     run()  # warm-up
     if device.type == "cuda":
@@ -102,11 +118,24 @@ def worker(args) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (rss_kib("VmHWM:") - baseline) / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (rss_kib("VmHWM:") - baseline) / 1024
+    )
     tokens = sum(len(e.input_ids) for e in data)
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"method": args.method, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
-                      "flops_per_s": 2 * params * tokens / seconds, "scores": scores, "device": str(device)}))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "peak_mib": peak,
+                "flops_per_s": 2 * params * tokens / seconds,
+                "scores": scores,
+                "device": str(device),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -114,11 +143,18 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--mean_length", type=float, default=300)
-    parser.add_argument("--max_length", type=int, default=1024, help="the public strategy pads to this (its code: 4096)")
+    parser.add_argument(
+        "--max_length", type=int, default=1024, help="the public strategy pads to this (its code: 4096)"
+    )
     parser.add_argument("--public_batch", type=int, default=12)
     parser.add_argument("--batch_tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak_tflops", type=float, default=790.0, help="bf16 dense peak for MFU (H100/H200: ~790 sparse-free per issue 5)")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=790.0,
+        help="bf16 dense peak for MFU (H100/H200: ~790 sparse-free per issue 5)",
+    )
     parser.add_argument("--method", choices=["public", "poft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
@@ -127,20 +163,29 @@ def main() -> None:
     results: dict[str, list[dict]] = {"public": [], "poft": []}
     for _ in range(args.repeats):
         for method in ("public", "poft"):  # alternate, so machine noise hits both alike
-            out = subprocess.run([sys.executable, __file__, f"--method={method}", *passthrough], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, f"--method={method}", *passthrough],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
     public, ours = results["public"], results["poft"]
-    difference = max(abs(a - b) for a, b in zip(public[0]["scores"], ours[0]["scores"]))
+    difference = max(abs(a - b) for a, b in zip(public[0]["scores"], ours[0]["scores"], strict=False))
     speed = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in results.items()}
     memory = {m: statistics.median(r["peak_mib"] for r in rs) for m, rs in results.items()}
     flops = {m: statistics.median(r["flops_per_s"] for r in rs) for m, rs in results.items()}
-    print(f"device: {ours[0]['device']}  shape: {args.shape}  samples: {args.samples}  mean length ~{args.mean_length:g}  max_length {args.max_length}")
+    print(
+        f"device: {ours[0]['device']}  shape: {args.shape}  samples: {args.samples}  mean length ~{args.mean_length:g}  max_length {args.max_length}"
+    )
     print("| method | real tokens/s | peak memory (MiB) | MFU (2*params*tokens) |")
     print("| --- | --- | --- | --- |")
     for method in ("public", "poft"):
         mfu = f"{100 * flops[method] / (args.peak_tflops * 1e12):.1f}%" if "cuda" in ours[0]["device"] else "-"
         print(f"| {method} | {speed[method]:,.0f} | {memory[method]:,.0f} | {mfu} |")
-    print(f"speed ratio poft/public: {speed['poft'] / speed['public']:.2f}x   memory ratio poft/public: {memory['poft'] / memory['public']:.2f}   max |score difference|: {difference:.2e}")
+    print(
+        f"speed ratio poft/public: {speed['poft'] / speed['public']:.2f}x   memory ratio poft/public: {memory['poft'] / memory['public']:.2f}   max |score difference|: {difference:.2e}"
+    )
 
 
 if __name__ == "__main__":

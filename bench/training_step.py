@@ -31,10 +31,27 @@ from poft.demo.builders import char_tokenizer
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 SHAPES = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
 }
-CONFIGS = {"sft-padded": ("sft", False), "poft-padded": ("poft", False), "sft-packed": ("sft", True), "poft-packed": ("poft", True)}
+CONFIGS = {
+    "sft-padded": ("sft", False),
+    "poft-padded": ("poft", False),
+    "sft-packed": ("sft", True),
+    "poft-packed": ("poft", True),
+}
 
 
 def make_dataset(n: int, mean_chars: float, seed: int = 0) -> Dataset:
@@ -44,7 +61,10 @@ def make_dataset(n: int, mean_chars: float, seed: int = 0) -> Dataset:
         length = int(min(4 * mean_chars, max(8, math.exp(math.log(mean_chars) - 0.18 + 0.6 * rng.gauss(0, 1)))))
         text = "".join(rng.choice("abcdefghij ") for _ in range(length))
         cut = int(0.4 * length)
-        messages = [{"role": "user", "content": text[:cut] or "a"}, {"role": "assistant", "content": text[cut:] or "b"}]
+        messages = [
+            {"role": "user", "content": text[:cut] or "a"},
+            {"role": "assistant", "content": text[cut:] or "b"},
+        ]
         rows.append({"messages": messages, "poft_id": conversation_id(messages), "ref_score": -2.0 + rng.random()})
     return Dataset.from_list(rows)
 
@@ -78,14 +98,30 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available()
     tokenizer = char_tokenizer("abcdefghij ")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SHAPES[args.shape], pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), **SHAPES[args.shape], pad_token_id=tokenizer.pad_token_id)
+    )
     data = make_dataset(args.samples, args.mean_chars)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         config = PoFTConfig(
-            output_dir=out, loss_type=loss_type, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            max_length=args.max_length, packing=packed, padding_free=packed, learning_rate=1e-4, gradient_checkpointing=False,
-            logging_steps=10**6, save_strategy="no", include_num_input_tokens_seen="non_padding", report_to=[], bf16=cuda, use_cpu=not cuda, disable_tqdm=True, seed=0,
+            output_dir=out,
+            loss_type=loss_type,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            max_length=args.max_length,
+            packing=packed,
+            padding_free=packed,
+            learning_rate=1e-4,
+            gradient_checkpointing=False,
+            logging_steps=10**6,
+            save_strategy="no",
+            include_num_input_tokens_seen="non_padding",
+            report_to=[],
+            bf16=cuda,
+            use_cpu=not cuda,
+            disable_tqdm=True,
+            seed=0,
         )
         trainer = PoFTTrainer(model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
         if cuda:
@@ -94,8 +130,17 @@ def worker(args) -> None:
         trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (rss_kib("VmHWM:") - baseline) / 1024
     seconds, tokens = sum(timer.times[3:]), sum(timer.tokens[3:])  # the first steps warm up
-    print(json.dumps({"config": args.config, "step_s": statistics.median(timer.times[3:]), "tokens_per_s": tokens / seconds,
-                      "peak_mib": peak, "device": "cuda" if cuda else "cpu"}))
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "step_s": statistics.median(timer.times[3:]),
+                "tokens_per_s": tokens / seconds,
+                "peak_mib": peak,
+                "device": "cuda" if cuda else "cpu",
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -115,19 +160,28 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:  # alternate, so machine noise hits every configuration alike
-            out = subprocess.run([sys.executable, __file__, f"--config={name}", *passthrough], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, f"--config={name}", *passthrough],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     step = {n: statistics.median(r["step_s"] for r in rs) for n, rs in results.items()}
     speed = {n: statistics.median(r["tokens_per_s"] for r in rs) for n, rs in results.items()}
     memory = {n: statistics.median(r["peak_mib"] for r in rs) for n, rs in results.items()}
-    print(f"device: {results['sft-padded'][0]['device']}  shape: {args.shape}  batch {args.batch_size}  samples {args.samples}  mean chars ~{args.mean_chars:g}")
+    print(
+        f"device: {results['sft-padded'][0]['device']}  shape: {args.shape}  batch {args.batch_size}  samples {args.samples}  mean chars ~{args.mean_chars:g}"
+    )
     print("| configuration | median step (s) | real tokens/s | peak memory above setup (MiB) |")
     print("| --- | --- | --- | --- |")
     for name in CONFIGS:
         print(f"| {name} | {step[name]:.4f} | {speed[name]:,.0f} | {memory[name]:,.0f} |")
     for layout in ("padded", "packed"):
-        print(f"PoFT/SFT step time ({layout}): {step[f'poft-{layout}'] / step[f'sft-{layout}']:.3f}x   "
-              f"peak memory: {memory[f'poft-{layout}'] / memory[f'sft-{layout}']:.3f}x")
+        print(
+            f"PoFT/SFT step time ({layout}): {step[f'poft-{layout}'] / step[f'sft-{layout}']:.3f}x   "
+            f"peak memory: {memory[f'poft-{layout}'] / memory[f'sft-{layout}']:.3f}x"
+        )
     print(f"packed/padded throughput (PoFT, real tokens/s): {speed['poft-packed'] / speed['poft-padded']:.2f}x")
 
 

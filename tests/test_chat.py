@@ -10,7 +10,7 @@ from poft.demo.builders import CHATML_TEMPLATE, char_tokenizer
 
 
 def masked_text(tokenizer, encoded) -> str:
-    return tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.response_mask) if m])
+    return tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=False) if m])
 
 
 @pytest.mark.parametrize("name, method", [("chatml", "generation_markers"), ("zephyr", "prefix_rendering")])
@@ -23,16 +23,25 @@ def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversation
         expected = "".join(m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant")
         assert masked_text(tokenizer, encoded) == expected
         # the ids are the template's own rendering, tokenized as apply_chat_template does
-        assert encoded.input_ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert (
+            encoded.input_ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        )
         assert encoded.num_response_tokens == sum(encoded.response_mask)
-        assert encoded.labels() == [t if m else -100 for t, m in zip(encoded.input_ids, encoded.response_mask)]
+        assert encoded.labels() == [
+            t if m else -100 for t, m in zip(encoded.input_ids, encoded.response_mask, strict=False)
+        ]
 
 
 def test_trl_training_template_is_used_for_a_known_template_without_markers():
     from trl.chat_template_utils import get_training_chat_template, llama3_chat_template
 
     tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz ?.\n", chat_template=llama3_chat_template)
-    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        }
+    )
     encoder = ConversationEncoder(tokenizer)
     assert encoder.method == "generation_markers"
     assert encoder.template == get_training_chat_template(tokenizer)

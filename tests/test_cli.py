@@ -27,50 +27,119 @@ def test_help_lists_commands_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     out = capsys.readouterr().out
-    for option in ("--data", "--model", "--output", "--max_length", "--batch_tokens", "--device", "--dtype", "--skip_invalid", "--chat_template"):
+    for option in (
+        "--data",
+        "--model",
+        "--output",
+        "--max_length",
+        "--batch_tokens",
+        "--device",
+        "--dtype",
+        "--skip_invalid",
+        "--chat_template",
+    ):
         assert option in out
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for option in ("--model_name_or_path", "--dataset_name", "--output_dir", "--loss_type", "--beta", "--gamma", "--max_steps", "--max_length", "--use_peft", "--packing"):
+    for option in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--output_dir",
+        "--loss_type",
+        "--beta",
+        "--gamma",
+        "--max_steps",
+        "--max_length",
+        "--use_peft",
+        "--packing",
+    ):
         assert option in out
     assert main(["nope"]) == 2
 
 
 def test_merge_repeated_model_flags():
-    assert merge_repeated(["--data", "d", "--model", "a", "--out", "o", "--model=b", "--model", "c", "d"], ["--model"]) == [
-        "--data", "d", "--out", "o", "--model", "a", "b", "c", "d",
+    assert merge_repeated(
+        ["--data", "d", "--model", "a", "--out", "o", "--model=b", "--model", "c", "d"], ["--model"]
+    ) == [
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--model",
+        "a",
+        "b",
+        "c",
+        "d",
     ]
 
 
 def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_path, caplog):
     data = write_jsonl(tmp_path / "chats.jsonl", conversations)
     scored = tmp_path / "scored"
-    code = main([
-        "score", "--data", data, "--model", tiny_models["chatml"], "--model", f"bpe={tiny_models['zephyr']}",
-        "--output", str(scored), "--max-length", "256", "--batch-tokens", "512", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
-    ])
+    code = main(
+        [
+            "score",
+            "--data",
+            data,
+            "--model",
+            tiny_models["chatml"],
+            "--model",
+            f"bpe={tiny_models['zephyr']}",
+            "--output",
+            str(scored),
+            "--max-length",
+            "256",
+            "--batch-tokens",
+            "512",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert code == 0
     dataset = load_from_disk(str(scored))
-    assert {"messages", "poft_id", "score_chatml", "n_tokens_chatml", "score_bpe", "n_tokens_bpe", "ref_score"} <= set(dataset.column_names)
+    assert {"messages", "poft_id", "score_chatml", "n_tokens_chatml", "score_bpe", "n_tokens_bpe", "ref_score"} <= set(
+        dataset.column_names
+    )
     meta = json.loads((scored / "poft_score.json").read_text())
     assert [r["name"] for r in meta["references"]] == ["chatml", "bpe"] and meta["config"]["max_length"] == 256
 
     recipe = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())
-    recipe.update(model_name_or_path=tiny_models["chatml"], dataset_name=str(scored), output_dir=str(tmp_path / "trained"), max_steps=3)
+    recipe.update(
+        model_name_or_path=tiny_models["chatml"],
+        dataset_name=str(scored),
+        output_dir=str(tmp_path / "trained"),
+        max_steps=3,
+    )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--beta", "2.0", "--logging-steps", "1"]) == 0
     assert (tmp_path / "trained" / "model.safetensors").exists()
     assert (tmp_path / "trained" / "trainer_state.json").exists()
     with caplog.at_level(logging.WARNING):
-        assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]) == 0
+        assert (
+            main(["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]) == 0
+        )
     assert "max_length=256 but training uses max_length=200" in caplog.text
 
 
 def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
-    args = ["score", "--data", str(bad), "--model", tiny_models["chatml"], "--device", "cpu", "--cache_dir", str(tmp_path / "c")]
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n'
+    )
+    args = [
+        "score",
+        "--data",
+        str(bad),
+        "--model",
+        tiny_models["chatml"],
+        "--device",
+        "cpu",
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     assert main([*args, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl: line 2" in err and "unknown role 'bot'" in err and "Traceback" not in err
@@ -81,7 +150,19 @@ def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):
 
 def test_train_without_scores_explains_the_fix(tiny_models, conversations, tmp_path, capsys):
     data = write_jsonl(tmp_path / "chats.jsonl", conversations)
-    code = main(["train", "--model_name_or_path", tiny_models["chatml"], "--dataset_name", data, "--output_dir", str(tmp_path / "o"), "--gradient_checkpointing", "false"])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            tiny_models["chatml"],
+            "--dataset_name",
+            data,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--gradient_checkpointing",
+            "false",
+        ]
+    )
     assert code == 2 and "poft score" in capsys.readouterr().err
 
 
@@ -97,4 +178,10 @@ def test_recipe_keys_are_real_options(recipe):
 
 
 def test_merge_repeated_keeps_flags_apart():
-    assert merge_repeated(["--runs", "a", "--eval", "x", "--runs", "b"], ["--runs", "--eval"]) == ["--runs", "a", "b", "--eval", "x"]
+    assert merge_repeated(["--runs", "a", "--eval", "x", "--runs", "b"], ["--runs", "--eval"]) == [
+        "--runs",
+        "a",
+        "b",
+        "--eval",
+        "x",
+    ]

@@ -62,15 +62,28 @@ def test_sharegpt_format(tmp_path):
     ds = load_rows(tmp_path, [{"conversations": convo, "category": "c"}])
     assert ds.column_names == ["messages", "poft_id", "category"]
     assert [(m["role"], m["content"]) for m in ds[0]["messages"]] == [
-        ("system", "S"), ("user", "Q"), ("tool", "T"), ("assistant", "A")
+        ("system", "S"),
+        ("user", "Q"),
+        ("tool", "T"),
+        ("assistant", "A"),
     ]
 
 
 @pytest.mark.parametrize(
     "speaker, role",
-    [("human", "user"), ("user", "user"), ("gpt", "assistant"), ("assistant", "assistant"),
-     ("chatgpt", "assistant"), ("bard", "assistant"), ("model", "assistant"), ("system", "system"),
-     ("tool", "tool"), ("function", "tool"), ("observation", "tool")],
+    [
+        ("human", "user"),
+        ("user", "user"),
+        ("gpt", "assistant"),
+        ("assistant", "assistant"),
+        ("chatgpt", "assistant"),
+        ("bard", "assistant"),
+        ("model", "assistant"),
+        ("system", "system"),
+        ("tool", "tool"),
+        ("function", "tool"),
+        ("observation", "tool"),
+    ],
 )
 def test_sharegpt_speaker_mapping(speaker, role):
     convo = [{"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
@@ -80,8 +93,10 @@ def test_sharegpt_speaker_mapping(speaker, role):
 def test_prompt_completion_format(tmp_path):
     rows = [
         {"prompt": "Q1", "completion": "A1"},
-        {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}],
-         "completion": [{"role": "assistant", "content": "A2"}]},
+        {
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}],
+            "completion": [{"role": "assistant", "content": "A2"}],
+        },
         {"prompt": "Q3", "completion": [{"role": "assistant", "content": "A3"}]},
     ]
     ds = load_rows(tmp_path, rows)
@@ -169,12 +184,16 @@ def test_poft_id_is_a_content_hash(tmp_path):
 
 
 BAD_LINES = {
-    "unknown role": ({"messages": [CHAT[0], {"role": "bot", "content": "x"}]},
-                     "unknown role 'bot' in turn 2 (allowed: system, user, assistant, tool)"),
+    "unknown role": (
+        {"messages": [CHAT[0], {"role": "bot", "content": "x"}]},
+        "unknown role 'bot' in turn 2 (allowed: system, user, assistant, tool)",
+    ),
     "no assistant": ({"messages": [CHAT[0]]}, "no assistant turn"),
     "empty content": ({"messages": [CHAT[0], {"role": "assistant", "content": "  "}]}, "empty content in turn 2"),
-    "non-string content": ({"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
-                           "non-string content in turn 2 (found list)"),
+    "non-string content": (
+        {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
+        "non-string content in turn 2 (found list)",
+    ),
     "unreadable json": ('{"messages": [', "unreadable JSON"),
     "not an object": ("[1, 2]", "not a JSON object (found list)"),
 }
@@ -197,8 +216,11 @@ def test_bad_row_in_other_files_uses_row_number(tmp_path, suffix):
     rows[1]["output"] = ""
     path = tmp_path / f"data.{suffix}"
     frame = pd.DataFrame(rows)
-    {"json": lambda: path.write_text(json.dumps(rows)), "parquet": lambda: frame.to_parquet(path),
-     "csv": lambda: frame.to_csv(path, index=False)}[suffix]()
+    {
+        "json": lambda: path.write_text(json.dumps(rows)),
+        "parquet": lambda: frame.to_parquet(path),
+        "csv": lambda: frame.to_csv(path, index=False),
+    }[suffix]()
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: row 2: '?output'? (is empty|must be a string)"):
         load_sft_dataset(str(path))
 
@@ -259,8 +281,10 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
     assert "no assistant turn" in entries[0]["error"] and "unreadable JSON" in entries[1]["error"]
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "Skipped 2 of 5 rows" in warning and str(report) in warning
-    assert any(r.getMessage() == f"Loaded 3 conversations from {tmp_path / 'data.jsonl'} (format: messages)"
-               for r in caplog.records)
+    assert any(
+        r.getMessage() == f"Loaded 3 conversations from {tmp_path / 'data.jsonl'} (format: messages)"
+        for r in caplog.records
+    )
 
 
 def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):

@@ -56,8 +56,16 @@ def test_auc_against_pairwise_counting():
 
 def test_toy_demo_writes_a_well_formed_report(tmp_path):
     config = DemoConfig(
-        output=str(tmp_path / "demo"), cache_dir=str(tmp_path / "cache"), epochs=1, target_rows=70, reference_rows=140,
-        test_rows=14, hidden_size=32, num_layers=1, reference_epochs=1, device="cpu",
+        output=str(tmp_path / "demo"),
+        cache_dir=str(tmp_path / "cache"),
+        epochs=1,
+        target_rows=70,
+        reference_rows=140,
+        test_rows=14,
+        hidden_size=32,
+        num_layers=1,
+        reference_epochs=1,
+        device="cpu",
     )
     results = run_demo(config)
     out = tmp_path / "demo"

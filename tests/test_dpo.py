@@ -45,7 +45,14 @@ def ultrafeedback_rows(pairs) -> list[dict]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
     return [
-        {"prompt": p, "prompt_id": str(i), "chosen": chat(p, c), "rejected": chat(p, r), "score_chosen": 8.0, "score_rejected": 3.0}
+        {
+            "prompt": p,
+            "prompt_id": str(i),
+            "chosen": chat(p, c),
+            "rejected": chat(p, r),
+            "score_chosen": 8.0,
+            "score_rejected": 3.0,
+        }
         for i, (p, c, r) in enumerate(pairs)
     ]
 
@@ -58,14 +65,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     tokenizer = char_tokenizer(string.ascii_letters + string.digits + " ?.\n")
-    return str(save_model(tiny_llama(tokenizer, hidden_size=32, num_layers=1), tokenizer, tmp_path_factory.mktemp("dpo") / "model"))
+    return str(
+        save_model(
+            tiny_llama(tokenizer, hidden_size=32, num_layers=1), tokenizer, tmp_path_factory.mktemp("dpo") / "model"
+        )
+    )
 
 
 def dpo_flags(model: str, data: str, output: Path, **options) -> list[str]:
     settings = {
-        "model_name_or_path": model, "dataset_name": data, "output_dir": str(output), "max_steps": 3,
-        "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "gradient_checkpointing": False,
-        "save_strategy": "no", "report_to": "none", "seed": 0, **options,
+        "model_name_or_path": model,
+        "dataset_name": data,
+        "output_dir": str(output),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        **options,
     }
     return [token for key, value in settings.items() for token in (f"--{key}", str(value))]
 
@@ -79,16 +99,27 @@ def test_ultrafeedback_rows_become_explicit_prompt_pairs(tmp_path):
     rows = ultrafeedback_rows(make_pairs(4))
     from_file = load_preference_dataset(write_jsonl(tmp_path / "uf.jsonl", rows))
     saved = tmp_path / "uf"
-    DatasetDict({"train_prefs": Dataset.from_list(rows), "test_prefs": Dataset.from_list(rows[:2])}).save_to_disk(str(saved))
+    DatasetDict({"train_prefs": Dataset.from_list(rows), "test_prefs": Dataset.from_list(rows[:2])}).save_to_disk(
+        str(saved)
+    )
     from_disk = load_preference_dataset(str(saved), split="train_prefs")
     for dataset in (from_file, from_disk):
         assert dataset.column_names == ["prompt", "chosen", "rejected"] and len(dataset) == 4
         assert dataset[0]["prompt"] == [{"role": "user", "content": rows[0]["prompt"]}]
         assert dataset[0]["chosen"] == rows[0]["chosen"][1:] and dataset[0]["rejected"] == rows[0]["rejected"][1:]
-    explicit = load_preference_dataset(write_jsonl(tmp_path / "explicit.jsonl", [
-        {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello.", "rejected": "No."},
-        {"prompt": "Sum?", "chosen": [{"role": "assistant", "content": "2."}], "rejected": [{"role": "assistant", "content": "3."}]},
-    ]))
+    explicit = load_preference_dataset(
+        write_jsonl(
+            tmp_path / "explicit.jsonl",
+            [
+                {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello.", "rejected": "No."},
+                {
+                    "prompt": "Sum?",
+                    "chosen": [{"role": "assistant", "content": "2."}],
+                    "rejected": [{"role": "assistant", "content": "3."}],
+                },
+            ],
+        )
+    )
     assert explicit[0]["chosen"] == [{"role": "assistant", "content": "Hello."}]
     assert explicit[1]["prompt"] == [{"role": "user", "content": "Sum?"}]
 
@@ -102,7 +133,9 @@ def test_dpo_end_to_end(tiny_model, tmp_path, form):
     logs = step_logs(output)
     assert len(logs) == 3
     assert all(math.isfinite(entry["loss"]) for entry in logs)
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(logs[0])
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(
+        logs[0]
+    )
 
 
 def completion_log_probs(model, tokenizer, prompt: str, completion: str) -> float:
@@ -112,11 +145,14 @@ def completion_log_probs(model, tokenizer, prompt: str, completion: str) -> floa
     with torch.no_grad():
         log_probs = model(ids[None]).logits[0, :-1].log_softmax(-1)
     token_log_probs = log_probs.gather(-1, ids[1:, None])[:, 0]
-    return token_log_probs[len(prompt_ids) - 1:].sum().item()
+    return token_log_probs[len(prompt_ids) - 1 :].sum().item()
 
 
 def mean_margin(model, tokenizer, pairs) -> float:
-    margins = [completion_log_probs(model, tokenizer, p, c) - completion_log_probs(model, tokenizer, p, r) for p, c, r in pairs]
+    margins = [
+        completion_log_probs(model, tokenizer, p, c) - completion_log_probs(model, tokenizer, p, r)
+        for p, c, r in pairs
+    ]
     return sum(margins) / len(margins)
 
 
@@ -124,7 +160,11 @@ def test_dpo_widens_the_chosen_rejected_margin(tiny_model, tmp_path):
     pairs = make_pairs()
     output = tmp_path / "dpo"
     parser = TrlParser((DPODataArguments, PoFTDPOConfig, ModelConfig))
-    args = parser.parse_args_and_config(dpo_flags(tiny_model, write_jsonl(tmp_path / "p.jsonl", text_rows(pairs)), output, max_steps=12, learning_rate=5e-3))
+    args = parser.parse_args_and_config(
+        dpo_flags(
+            tiny_model, write_jsonl(tmp_path / "p.jsonl", text_rows(pairs)), output, max_steps=12, learning_rate=5e-3
+        )
+    )
     assert run_dpo(*args) == str(output)
 
     margins = [entry["rewards/margins"] for entry in step_logs(output)]  # 12 steps: 3 epochs of 4 batches
@@ -159,8 +199,8 @@ def test_recipes_use_real_options(recipe):
     path = RECIPES / recipe
     options = {f.name for cls in (DPODataArguments, PoFTDPOConfig, ModelConfig) for f in dataclasses.fields(cls)}
     assert set(yaml.safe_load(path.read_text())) - options == set()
-    data_args, training_args, model_args = TrlParser((DPODataArguments, PoFTDPOConfig, ModelConfig)).parse_args_and_config(
-        ["--config", str(path), "--bf16", "false"]
-    )
+    data_args, training_args, model_args = TrlParser(
+        (DPODataArguments, PoFTDPOConfig, ModelConfig)
+    ).parse_args_and_config(["--config", str(path), "--bf16", "false"])
     assert data_args.dataset_train_split == "train_prefs" and training_args.beta == 0.1
     assert model_args.model_name_or_path == "outputs/mistral-7b-poft-ultrachat"

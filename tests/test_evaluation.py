@@ -16,7 +16,9 @@ from tests.conftest import as_dataset, make_conversations
 
 @pytest.fixture(scope="module")
 def chatml(tiny_models):
-    return AutoModelForCausalLM.from_pretrained(tiny_models["chatml"]).eval(), AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    return AutoModelForCausalLM.from_pretrained(tiny_models["chatml"]).eval(), AutoTokenizer.from_pretrained(
+        tiny_models["chatml"]
+    )
 
 
 def greedy_by_hand(model, tokenizer, messages, steps: int) -> str:
@@ -34,7 +36,7 @@ def greedy_by_hand(model, tokenizer, messages, steps: int) -> str:
 def test_generation_and_exact_match(chatml):
     model, tokenizer = chatml
     conversations = make_conversations(6, seed=2)
-    prompts = [[m for m in c[:-1]] for c in conversations]
+    prompts = [list(c[:-1]) for c in conversations]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
     assert predictions == [greedy_by_hand(model, tokenizer, p, 8) for p in prompts]
     answers = [p if i % 2 else "never this" for i, p in enumerate(predictions)]
@@ -72,7 +74,9 @@ def test_lm_eval_local_task_matches_loglikelihoods_by_hand(chatml, tmp_path):
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny.yaml").write_text(TASK.format(data=data))
-    scores = run_lm_eval(model, tokenizer, ["tiny_choice:0"], EvalConfig(model=["m"], task_dir=str(tmp_path / "tasks"), batch_size=2))
+    scores = run_lm_eval(
+        model, tokenizer, ["tiny_choice:0"], EvalConfig(model=["m"], task_dir=str(tmp_path / "tasks"), batch_size=2)
+    )
     correct = 0
     with torch.no_grad():
         for doc in DOCS:
@@ -92,8 +96,25 @@ def test_cli_compares_models_on_answer_data(tiny_models, tmp_path, capsys):
     conversations = make_conversations(5, seed=7)
     rows = tmp_path / "qa.jsonl"
     rows.write_text("".join(json.dumps({"messages": c, "answer": c[-1]["content"]}) + "\n" for c in conversations))
-    code = main(["eval", "--model", f"a={tiny_models['chatml']}", "--model", f"b={tiny_models['chatml']}", "--tasks", "none",
-                 "--data", str(rows), "--max_new_tokens", "4", "--device", "cpu", "--output", str(tmp_path / "ev")])
+    code = main(
+        [
+            "eval",
+            "--model",
+            f"a={tiny_models['chatml']}",
+            "--model",
+            f"b={tiny_models['chatml']}",
+            "--tasks",
+            "none",
+            "--data",
+            str(rows),
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert code == 0
     payload = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
     assert set(payload["results"]) == {"a", "b"}

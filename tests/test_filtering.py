@@ -22,7 +22,14 @@ def test_top_fraction_and_threshold_by_hand():
     data = as_dataset(make_conversations(8), ref_score=scores)
     kept, summary = filter_by_score(data, "ref_score", top_fraction=0.3)
     assert kept["ref_score"] == [2.0, 0.7, 1.1]  # ceil(0.3 * 8) = 3 rows, in their original order
-    assert summary == {"filter": "ref_score top 0.3", "rows_in": 8, "rows_kept": 3, "dropped_missing_score": 2, "dropped_by_rule": 3, "kept_min_score": 0.7}
+    assert summary == {
+        "filter": "ref_score top 0.3",
+        "rows_in": 8,
+        "rows_kept": 3,
+        "dropped_missing_score": 2,
+        "dropped_by_rule": 3,
+        "kept_min_score": 0.7,
+    }
     kept, summary = filter_by_score(data, "ref_score", top_fraction=0.4)
     assert kept["ref_score"] == [0.5, 2.0, 0.7, 1.1]
     kept, _ = filter_by_score(data, "ref_score", threshold=0.0)
@@ -32,7 +39,9 @@ def test_top_fraction_and_threshold_by_hand():
 
 
 def test_filters_compose_and_record_why():
-    data = as_dataset(make_conversations(10), ref_score=[float(i) for i in range(10)], other=[float(-i) for i in range(10)])
+    data = as_dataset(
+        make_conversations(10), ref_score=[float(i) for i in range(10)], other=[float(-i) for i in range(10)]
+    )
     first, _ = filter_by_score(data, "ref_score", top_fraction=0.8)
     second, _ = filter_by_score(first, "other", top_fraction=0.5)
     assert second["ref_score"] == [2.0, 3.0, 4.0, 5.0]
@@ -63,10 +72,12 @@ def slow_mean_cross_entropy(model, tokenizer, messages) -> float:
 
 def test_ifd_equals_slow_ratio_of_cross_entropies(tiny_models, tmp_path):
     conversations = make_conversations(6, seed=9)
-    values = ifd_scores(as_dataset(conversations), tiny_models["chatml"], ScoreConfig(cache_dir=str(tmp_path), device="cpu"))
+    values = ifd_scores(
+        as_dataset(conversations), tiny_models["chatml"], ScoreConfig(cache_dir=str(tmp_path), device="cpu")
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["chatml"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
-    for messages, value in zip(conversations, values):
+    for messages, value in zip(conversations, values, strict=False):
         with_prompt = slow_mean_cross_entropy(model, tokenizer, messages)
         without = slow_mean_cross_entropy(model, tokenizer, response_only(messages))
         assert value == pytest.approx(with_prompt / without, rel=1e-5)
@@ -75,14 +86,77 @@ def test_ifd_equals_slow_ratio_of_cross_entropies(tiny_models, tmp_path):
 def test_cli_ifd_then_score_filter(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_conversations(20, seed=4))
     common = ["--device", "cpu", "--cache_dir", str(tmp_path / "c")]
-    assert main(["filter", "--data", data, "--ifd_model", tiny_models["chatml"], "--top_fraction", "0.8", "--output", str(tmp_path / "ifd"), *common]) == 0
+    assert (
+        main(
+            [
+                "filter",
+                "--data",
+                data,
+                "--ifd_model",
+                tiny_models["chatml"],
+                "--top_fraction",
+                "0.8",
+                "--output",
+                str(tmp_path / "ifd"),
+                *common,
+            ]
+        )
+        == 0
+    )
     ifd = load_from_disk(str(tmp_path / "ifd"))
     assert 0 < len(ifd) <= 16 and all(v < 1 for v in ifd["ifd"])
-    assert main(["score", "--data", str(tmp_path / "ifd"), "--model", tiny_models["zephyr"], "--output", str(tmp_path / "scored"), *common]) == 0
-    assert main(["filter", "--data", str(tmp_path / "scored"), "--by", "ref_score", "--top_fraction", "0.4", "--output", str(tmp_path / "top")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--data",
+                str(tmp_path / "ifd"),
+                "--model",
+                tiny_models["zephyr"],
+                "--output",
+                str(tmp_path / "scored"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "filter",
+                "--data",
+                str(tmp_path / "scored"),
+                "--by",
+                "ref_score",
+                "--top_fraction",
+                "0.4",
+                "--output",
+                str(tmp_path / "top"),
+            ]
+        )
+        == 0
+    )
     top = load_from_disk(str(tmp_path / "top"))
     assert len(top) == math.ceil(0.4 * len(ifd)) and all(len(f) == 2 for f in top["poft_filters"])
-    assert min(top["ref_score"]) >= sorted(load_from_disk(str(tmp_path / "scored"))["ref_score"], reverse=True)[len(top) - 1]
+    assert (
+        min(top["ref_score"])
+        >= sorted(load_from_disk(str(tmp_path / "scored"))["ref_score"], reverse=True)[len(top) - 1]
+    )
     history = json.loads((tmp_path / "top" / "filter_summary.json").read_text())
     assert [h["filter"] for h in history] == ["ifd top 0.8 and < 1", "ref_score top 0.4"]
-    assert main(["filter", "--data", str(tmp_path / "scored"), "--by", "nope", "--top_fraction", "0.4", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "filter",
+                "--data",
+                str(tmp_path / "scored"),
+                "--by",
+                "nope",
+                "--top_fraction",
+                "0.4",
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

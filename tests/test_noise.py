@@ -21,9 +21,11 @@ def test_rate_marking_and_prompts(kind, rate):
     noised = add_noise(dataset, rate, kind=kind, seed=1)
     assert len(noised) == 40 and noised["keep"] == list(range(40))
     assert sum(noised["poft_noise"]) == round(rate * 40)
-    for original, new, marked in zip(conversations, noised["messages"], noised["poft_noise"]):
+    for original, new, marked in zip(conversations, noised["messages"], noised["poft_noise"], strict=False):
         assert [m["role"] for m in new] == [m["role"] for m in original]
-        assert [m["content"] for m in new if m["role"] != "assistant"] == [m["content"] for m in original if m["role"] != "assistant"]
+        assert [m["content"] for m in new if m["role"] != "assistant"] == [
+            m["content"] for m in original if m["role"] != "assistant"
+        ]
         assert (new != original) == marked
     assert noised["poft_id"] == [conversation_id(m) for m in noised["messages"]]
 
@@ -36,7 +38,10 @@ def test_seeded_and_deterministic():
 
 
 def test_paper_noise_uses_another_rows_response():
-    conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer number {i} " * 3}] for i in range(20)]
+    conversations = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer number {i} " * 3}]
+        for i in range(20)
+    ]
     noised = add_noise(as_dataset(conversations), 1.0, seed=0, char_rate=0.0)
     for i, messages in enumerate(noised["messages"]):
         assert messages[1]["content"] != conversations[i][1]["content"]
@@ -53,7 +58,7 @@ def test_character_corruption_rate_and_subtle_edits():
     assert subtle_edit("0", random.Random(1)) == "1"
     assert sorted(subtle_edit("red green", random.Random(0)).split()) == ["green", "red"]
     edited = subtle_edit("HELLO", random.Random(2))
-    assert len(edited) == 5 and edited.isupper() and sum(a != b for a, b in zip(edited, "HELLO")) == 1
+    assert len(edited) == 5 and edited.isupper() and sum(a != b for a, b in zip(edited, "HELLO", strict=False)) == 1
 
 
 def test_bad_rate_is_an_error():

@@ -13,7 +13,10 @@ from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log
 def test_poft_loss_equals_formula_by_hand():
     policy, ref = [-1.2, -0.3, -2.5], [-1.0, -0.9, -0.4]
     for beta, gamma in [(1.0, 0.0), (2.5, 0.3), (0.1, -1.0)]:
-        expected = sum(-math.log(1 / (1 + math.exp(-(beta * (p - r) + gamma)))) for p, r in zip(policy, ref)) / 3
+        expected = (
+            sum(-math.log(1 / (1 + math.exp(-(beta * (p - r) + gamma)))) for p, r in zip(policy, ref, strict=False))
+            / 3
+        )
         got = poft_loss(torch.tensor(policy, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), beta, gamma)
         assert got.item() == pytest.approx(expected, abs=1e-12)
     total = poft_loss(torch.tensor(policy), torch.tensor(ref), reduction="sum")
@@ -56,7 +59,7 @@ def test_packed_sequence_means_equal_padded():
     masks[1][:] = True
     padded = torch.zeros(3, 5)
     padded_mask = torch.zeros(3, 5, dtype=torch.bool)
-    for i, (r, m) in enumerate(zip(rows, masks)):
+    for i, (r, m) in enumerate(zip(rows, masks, strict=False)):
         padded[i, : len(r)], padded_mask[i, : len(r)] = r, m
     means, counts = sequence_mean_log_probs(padded, padded_mask)
     packed = torch.cat(rows)[None]
@@ -65,7 +68,7 @@ def test_packed_sequence_means_equal_padded():
     packed_means, packed_counts = sequence_mean_log_probs(packed, packed_mask, seq_ids, 3)
     torch.testing.assert_close(packed_means, means)
     torch.testing.assert_close(packed_counts, counts)
-    by_hand = torch.stack([r[m].mean() for r, m in zip(rows, masks)])
+    by_hand = torch.stack([r[m].mean() for r, m in zip(rows, masks, strict=False)])
     torch.testing.assert_close(means, by_hand)
 
 

@@ -39,7 +39,9 @@ def test_scores_equal_slow_computation(tiny_models, conversations, tmp_path):
     config = ScoreConfig(cache_dir=str(tmp_path / "cache"), batch_tokens=300, device="cpu")
     scored = score_dataset(dataset, [tiny_models["chatml"], tiny_models["zephyr"]], config)
     for name in ("chatml", "zephyr"):
-        for messages, score, count in zip(conversations, scored[f"score_{name}"], scored[f"n_tokens_{name}"]):
+        for messages, score, count in zip(
+            conversations, scored[f"score_{name}"], scored[f"n_tokens_{name}"], strict=False
+        ):
             expected, expected_count = slow_score(tiny_models[name], messages)
             assert score == pytest.approx(expected, abs=1e-5)
             assert count == expected_count
@@ -53,7 +55,9 @@ def test_fully_truncated_response_is_null_and_reported(tiny_models, conversation
     config = ScoreConfig(cache_dir=str(tmp_path / "c"), max_length=150, device="cpu")
     scored = score_dataset(dataset, [tiny_models["chatml"]], config)
     assert scored["ref_score"][1] is None and scored["n_tokens_chatml"][1] == 0
-    assert scored["ref_score"][0] == pytest.approx(slow_score(tiny_models["chatml"], conversations[0], 150)[0], abs=1e-5)
+    assert scored["ref_score"][0] == pytest.approx(
+        slow_score(tiny_models["chatml"], conversations[0], 150)[0], abs=1e-5
+    )
     assert "no response token left" in caplog.text
 
 
@@ -102,7 +106,9 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(tiny_models, tmp_
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_SCORER, *args, "--output", str(tmp_path / "killed"), "--cache_dir", str(cache)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -145,11 +151,30 @@ def test_torn_last_line_is_rescored(tiny_models, conversations, tmp_path):
 def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(30, seed=8))
     args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "poft.cli",
+    ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    run = subprocess.run([*launcher, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [*launcher, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     shards = sorted((tmp_path / "c2").glob("*.shard*.jsonl"))
     assert [len(s.read_text().splitlines()) for s in shards] == [15, 15]
@@ -164,14 +189,18 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
 def _append_many(directory: str, worker: int) -> None:
     cache = scoring.ScoreCache(Path(directory), "fp", {})
     for batch in range(40):
-        cache.append([{"poft_id": f"{worker}-{batch}-{i}-" + "x" * 200, "score": -1.0, "n_tokens": 3} for i in range(50)])
+        cache.append(
+            [{"poft_id": f"{worker}-{batch}-{i}-" + "x" * 200, "score": -1.0, "n_tokens": 3} for i in range(50)]
+        )
         cache.load()  # readers must never cut a line another process is writing
 
 
 def test_concurrent_runs_can_share_a_cache(tmp_path):
     import multiprocessing
 
-    workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(str(tmp_path), w)) for w in range(2)]
+    workers = [
+        multiprocessing.get_context("spawn").Process(target=_append_many, args=(str(tmp_path), w)) for w in range(2)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -183,8 +212,14 @@ def test_concurrent_runs_can_share_a_cache(tmp_path):
 @pytest.mark.parametrize("name", ["chatml", "zephyr"])
 def test_packed_scores_equal_padded(tiny_models, conversations, tmp_path, name):
     dataset = as_dataset(conversations)
-    padded = score_dataset(dataset, [tiny_models[name]], ScoreConfig(cache_dir=str(tmp_path / "a"), device="cpu", packing=False))
-    packed = score_dataset(dataset, [tiny_models[name]], ScoreConfig(cache_dir=str(tmp_path / "b"), device="cpu", packing=True, batch_tokens=400))
+    padded = score_dataset(
+        dataset, [tiny_models[name]], ScoreConfig(cache_dir=str(tmp_path / "a"), device="cpu", packing=False)
+    )
+    packed = score_dataset(
+        dataset,
+        [tiny_models[name]],
+        ScoreConfig(cache_dir=str(tmp_path / "b"), device="cpu", packing=True, batch_tokens=400),
+    )
     assert packed[f"n_tokens_{name}"] == padded[f"n_tokens_{name}"]
     assert packed[f"score_{name}"] == pytest.approx(padded[f"score_{name}"], abs=1e-5)
 

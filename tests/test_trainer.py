@@ -13,18 +13,18 @@ from tests.conftest import as_dataset
 
 
 def config(tmp_path, **overrides) -> PoFTConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to=[],
-        max_length=256,
-        seed=0,
-    )
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 1,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "report_to": [],
+        "max_length": 256,
+        "seed": 0,
+    }
     return PoFTConfig(**{**defaults, **overrides})
 
 
@@ -33,7 +33,9 @@ def scored(tiny_models, conversations, tmp_path_factory):
     """The conversations scored by each tiny model alone, so ref_score is that model's own score."""
     cache = tmp_path_factory.mktemp("cache")
     return {
-        name: score_dataset(as_dataset(conversations), [path], ScoreConfig(cache_dir=str(cache), max_length=256, device="cpu"))
+        name: score_dataset(
+            as_dataset(conversations), [path], ScoreConfig(cache_dir=str(cache), max_length=256, device="cpu")
+        )
         for name, path in tiny_models.items()
     }
 
@@ -67,7 +69,9 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models,
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
     results = []
     for layout in ({}, {"padding_free": True}, {"packing": True}):
-        trainer = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data)
+        trainer = PoFTTrainer(
+            tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data
+        )
         trainer.model.train()
         results.append(loss_and_grads(trainer))
     (loss, grads), *others = results
@@ -82,8 +86,13 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, los
     weights = []
     for batch, accumulation in ((4, 1), (1, 4)):
         args = config(
-            tmp_path, loss_type=loss_type, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-            optim="sgd", learning_rate=1.0, max_grad_norm=1e9,
+            tmp_path,
+            loss_type=loss_type,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=1e9,
         )
         trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=scored["zephyr"])
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -101,7 +110,15 @@ def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tm
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[-1]["loss"] < logs[0]["loss"]
-    for key in ("poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref", "entropy", "mean_token_accuracy"):
+    for key in (
+        "poft/weight",
+        "poft/win_rate",
+        "poft/margin",
+        "poft/r_theta",
+        "poft/r_ref",
+        "entropy",
+        "mean_token_accuracy",
+    ):
         assert all(math.isfinite(h[key]) for h in logs), key
     assert all(0 <= h["poft/weight"] <= 1 and 0 <= h["poft/win_rate"] <= 1 for h in logs)
     first = logs[0]
@@ -112,7 +129,11 @@ def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tm
 
 
 def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
-    trainer = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, loss_type="sft", max_steps=2), train_dataset=as_dataset(conversations))
+    trainer = PoFTTrainer(
+        tiny_models["chatml"],
+        args=config(tmp_path, loss_type="sft", max_steps=2),
+        train_dataset=as_dataset(conversations),
+    )
     trainer.train()
     assert not any("poft/weight" in h for h in trainer.state.log_history)
 
@@ -122,7 +143,9 @@ def test_bad_reference_score_fails_before_training(tiny_models, conversations, t
     refs = [-1.0] * len(conversations)
     refs[3] = bad
     with pytest.raises(ValueError, match=r"1 rows .* missing, NaN or infinite 'ref_score': row 3 \(poft_id"):
-        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs))
+        PoFTTrainer(
+            tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs)
+        )
 
 
 def test_missing_reference_column_names_the_fix(tiny_models, conversations, tmp_path):
@@ -132,7 +155,11 @@ def test_missing_reference_column_names_the_fix(tiny_models, conversations, tmp_
 
 def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_path):
     with pytest.raises(ValueError, match="bfd"):
-        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, packing=True, packing_strategy="wrapped"), train_dataset=scored["chatml"])
+        PoFTTrainer(
+            tiny_models["chatml"],
+            args=config(tmp_path, packing=True, packing_strategy="wrapped"),
+            train_dataset=scored["chatml"],
+        )
     with pytest.raises(ValueError, match="loss_type"):
         config(tmp_path, loss_type="dpo")
 
@@ -149,16 +176,64 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
 
     data = str(tmp_path / "scored")
     scored["zephyr"].save_to_disk(data)
-    common = ["train", "--model_name_or_path", tiny_models["chatml"], "--dataset_name", data, "--loss_type", "poft",
-              "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "1e9", "--max_length", "256",
-              "--gradient_checkpointing", "false", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--seed", "0"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"]
-    run = subprocess.run([*launcher, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+    common = [
+        "train",
+        "--model_name_or_path",
+        tiny_models["chatml"],
+        "--dataset_name",
+        data,
+        "--loss_type",
+        "poft",
+        "--max_steps",
+        "1",
+        "--optim",
+        "sgd",
+        "--learning_rate",
+        "1.0",
+        "--max_grad_norm",
+        "1e9",
+        "--max_length",
+        "256",
+        "--gradient_checkpointing",
+        "false",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--seed",
+        "0",
+    ]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "poft.cli",
+    ]
+    run = subprocess.run(
+        [*launcher, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
-    two, one = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    two, one = (
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+    )
     before = load_file(os.path.join(tiny_models["chatml"], "model.safetensors"))
     for name, weight in one.items():
         assert not torch.equal(weight, before[name]), name

@@ -23,8 +23,7 @@ Message = dict[str, str]
 TruncationMode = Literal["keep_start", "keep_end"]
 
 CHAT_TEMPLATE_FIX = (
-    "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer "
-    "that ships one."
+    "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
 )
 
 
@@ -124,7 +123,9 @@ class ConversationEncoder:
             input_ids, mask = self._encode_by_prefixes(messages)
         truncated = self.max_length is not None and len(input_ids) > self.max_length
         if truncated:
-            window = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            window = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             input_ids, mask = input_ids[window], mask[window]
         return EncodedConversation(input_ids=input_ids, response_mask=mask, truncated=truncated)
 
@@ -159,4 +160,3 @@ class ConversationEncoder:
             for start, end in enc["offset_mapping"]
         ]
         return list(enc["input_ids"]), mask
-

@@ -27,7 +27,10 @@ USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFo
 class TrainDataArguments(ScriptArguments):
     """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
 
-    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
+    )
 
 
 def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
@@ -193,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"poft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         COMMANDS[command][0](rest)
     except USER_ERRORS as error:

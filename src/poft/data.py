@@ -349,7 +349,9 @@ def _read_parquet(path: Path, source: str) -> list[Row]:
     try:
         records = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{source}: could not read the Parquet file ({exc}). Check that it is valid Parquet.") from None
+        raise DataError(
+            f"{source}: could not read the Parquet file ({exc}). Check that it is valid Parquet."
+        ) from None
     return [Row("row", n, record) for n, record in enumerate(records, start=1)]
 
 
@@ -386,7 +388,9 @@ def load_saved(path: Path, source: str, split: str) -> datasets.Dataset:
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise DataError(f"{source}: no split '{split}' (available: {', '.join(loaded)}). Pick one of those splits.")
+            raise DataError(
+                f"{source}: no split '{split}' (available: {', '.join(loaded)}). Pick one of those splits."
+            )
         return loaded[split]
     return loaded
 

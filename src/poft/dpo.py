@@ -25,9 +25,9 @@ from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
 from poft.data import (
     MESSAGES_FEATURE,
     DataError,
+    Row,
     clean_turn,
     column_union,
-    Row,
     open_source,
     type_name,
 )
@@ -36,10 +36,12 @@ from poft.trainer import model_init_kwargs, train_and_save
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-PAIR_HINT = "A DPO set needs prompt/chosen/rejected columns, e.g. HuggingFaceH4/ultrafeedback_binarized split train_prefs."
+PAIR_HINT = (
+    "A DPO set needs prompt/chosen/rejected columns, e.g. HuggingFaceH4/ultrafeedback_binarized split train_prefs."
+)
 ROW_HINT = "Fix or remove the row."
 PAIR_FEATURES = {
-    "chat": datasets.Features({column: MESSAGES_FEATURE for column in PAIR_COLUMNS}),
+    "chat": datasets.Features(dict.fromkeys(PAIR_COLUMNS, MESSAGES_FEATURE)),
     "text": datasets.Features({column: datasets.Value("string") for column in PAIR_COLUMNS}),
 }
 
@@ -55,9 +57,12 @@ class DPODataArguments:
             "with prompt/chosen/rejected columns (text or message lists)."
         },
     )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub and save_to_disk data)."})
+    dataset_train_split: str = field(
+        default="train", metadata={"help": "Split to train on (Hub and save_to_disk data)."}
+    )
     dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on when eval_strategy is not 'no' (Hub and save_to_disk data)."}
+        default="test",
+        metadata={"help": "Split to evaluate on when eval_strategy is not 'no' (Hub and save_to_disk data)."},
     )
 
 
@@ -143,7 +148,7 @@ def _chat_pair(prompt: str | list | None, chosen: list[dict], rejected: list[dic
 
 def _drop_prefix(turns: list[dict], prefix: list[dict]) -> list[dict]:
     """Completions that repeat an explicit prompt would otherwise see it twice."""
-    return turns[len(prefix):] if turns[: len(prefix)] == prefix else turns
+    return turns[len(prefix) :] if turns[: len(prefix)] == prefix else turns
 
 
 def _shared_turns(chosen: list[dict], rejected: list[dict]) -> int:
@@ -190,7 +195,9 @@ def _pairs_from_rows(rows: list[Row], source: str) -> datasets.Dataset:
 def _pairs_from_dataset(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
     """Normalise with ``map``, so large saved or Hub data need not pass through Python lists."""
     if len(dataset) == 0:
-        raise DataError(f"{source}: the dataset is empty, so there is nothing to train on. Add preference pairs to it.")
+        raise DataError(
+            f"{source}: the dataset is empty, so there is nothing to train on. Add preference pairs to it."
+        )
     _require_columns(source, dataset.column_names)
     form = _form(_checked_pair(source, Row("row", 1, dataset[0])))
     return dataset.map(
@@ -224,7 +231,10 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
     )
     logger.info(
         "DPO of %s on %d preference pairs (beta=%g, loss_type=%s)",
-        model_args.model_name_or_path, len(train_dataset), training_args.beta, ",".join(training_args.loss_type),
+        model_args.model_name_or_path,
+        len(train_dataset),
+        training_args.beta,
+        ",".join(training_args.loss_type),
     )
     return train_and_save(trainer, training_args.resume_from_checkpoint)
 

@@ -48,7 +48,11 @@ def generate_responses(
     outputs: list[str] = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[start : start + batch_size], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+            texts[start : start + batch_size],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         ).to(device)
         generated = model.generate(
             **batch,
@@ -64,7 +68,13 @@ def generate_responses(
 
 
 def exact_match_accuracy(
-    model, tokenizer, dataset: Dataset, *, answer_column: str = "answer", max_new_tokens: int = 32, batch_size: int = 64
+    model,
+    tokenizer,
+    dataset: Dataset,
+    *,
+    answer_column: str = "answer",
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
 ) -> tuple[float, list[str]]:
     """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
     if answer_column not in dataset.column_names:
@@ -90,16 +100,39 @@ LEADERBOARD_TASKS = ("arc_challenge:25", "hellaswag:10", "truthfulqa_mc2:0", "mm
 class EvalConfig:
     """Options of `poft eval`."""
 
-    model: list[str] = field(default_factory=list, metadata={"help": "Model(s) to evaluate (path or hub id, or NAME=PATH); repeat to compare several side by side."})
-    tasks: list[str] = field(default_factory=lambda: list(LEADERBOARD_TASKS), metadata={"help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot counts), or 'none'."})
-    task_dir: str | None = field(default=None, metadata={"help": "A directory of lm-eval task YAML files (local tasks), added to lm-eval's task index."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many examples per task (a quick look, not a score to report)."})
-    data: str | None = field(default=None, metadata={"help": "Data with a checkable answer column: greedy exact match and held-out response log-likelihood."})
+    model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Model(s) to evaluate (path or hub id, or NAME=PATH); repeat to compare several side by side."
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(LEADERBOARD_TASKS),
+        metadata={
+            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot counts), or 'none'."
+        },
+    )
+    task_dir: str | None = field(
+        default=None,
+        metadata={"help": "A directory of lm-eval task YAML files (local tasks), added to lm-eval's task index."},
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate at most this many examples per task (a quick look, not a score to report)."},
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data with a checkable answer column: greedy exact match and held-out response log-likelihood."
+        },
+    )
     answer_column: str = field(default="answer", metadata={"help": "Column of --data holding the expected answer."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for the exact-match evaluation."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."}
+    )
     output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
 
     def __post_init__(self):
@@ -130,10 +163,17 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
             f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task YAML in a "
             "directory and pass it with --task_dir."
         )
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(next(model.parameters()).device))
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=config.batch_size,
+        device=str(next(model.parameters()).device),
+    )
     scores: dict[str, dict[str, float]] = {}
     for name, shots in map(parse_task, tasks):
-        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False)
+        out = simple_evaluate(
+            model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False
+        )
         for task_name, metrics in out["results"].items():
             scores[task_name] = {
                 key.replace(",none", ""): float(value)
@@ -162,11 +202,20 @@ def run_eval(config: EvalConfig) -> dict:
     for reference in references:
         logger.info("Evaluating %s", reference.path)
         tokenizer = AutoTokenizer.from_pretrained(reference.path)
-        model = AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device)).to(device).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device))
+            .to(device)
+            .eval()
+        )
         scores = run_lm_eval(model, tokenizer, config.tasks, config) if config.tasks else {}
         if data is not None:
             accuracy, _ = exact_match_accuracy(
-                model, tokenizer, data, answer_column=config.answer_column, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size
+                model,
+                tokenizer,
+                data,
+                answer_column=config.answer_column,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
             )
             scores[f"data:{Path(config.data).name}"] = {
                 "exact_match": accuracy,

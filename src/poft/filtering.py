@@ -33,12 +33,27 @@ IFD_COLUMN = "ifd"
 class FilterConfig:
     """Options of `poft filter`."""
 
-    data: str | None = field(default=None, metadata={"help": "Data to filter: a scored dataset directory from `poft score` or any SFT data."})
-    output: str | None = field(default=None, metadata={"help": "Directory for the kept rows (datasets.load_from_disk)."})
-    by: str = field(default="ref_score", metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."})
-    top_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction of the rows, in (0, 1], highest scores first."})
-    threshold: float | None = field(default=None, metadata={"help": "Keep rows whose score is at least this (instead of, or besides, --top_fraction)."})
-    ifd_model: str | None = field(default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Data to filter: a scored dataset directory from `poft score` or any SFT data."},
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Directory for the kept rows (datasets.load_from_disk)."}
+    )
+    by: str = field(
+        default="ref_score",
+        metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."},
+    )
+    top_fraction: float | None = field(
+        default=None, metadata={"help": "Keep this fraction of the rows, in (0, 1], highest scores first."}
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Keep rows whose score is at least this (instead of, or besides, --top_fraction)."},
+    )
+    ifd_model: str | None = field(
+        default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
+    )
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
     max_length: int | None = field(default=1024, metadata={"help": "IFD: truncation, as in `poft score`."})
     batch_tokens: int = field(default=16384, metadata={"help": "IFD: token budget of a scoring batch."})
@@ -56,11 +71,18 @@ def check_selection(top_fraction: float | None, threshold: float | None) -> None
     if top_fraction is None and threshold is None:
         raise ValueError("Say what to keep: --top_fraction F (in (0, 1]) and/or --threshold T.")
     if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
-        raise ValueError(f"--top_fraction must be in (0, 1], got {top_fraction}; e.g. --top_fraction 0.4 keeps the top 40%.")
+        raise ValueError(
+            f"--top_fraction must be in (0, 1], got {top_fraction}; e.g. --top_fraction 0.4 keeps the top 40%."
+        )
 
 
 def filter_by_score(
-    dataset: Dataset, column: str, *, top_fraction: float | None = None, threshold: float | None = None, drop_at_or_above: float | None = None
+    dataset: Dataset,
+    column: str,
+    *,
+    top_fraction: float | None = None,
+    threshold: float | None = None,
+    drop_at_or_above: float | None = None,
 ) -> tuple[Dataset, dict]:
     """Keep the rows with the highest `column` (a fraction of all rows, and/or at least `threshold`).
 
@@ -125,8 +147,7 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoreConfig) -> list[float 
     scores = score_dataset(both, reference, config)[f"score_{reference[0].name}"]
     conditional, unconditional = scores[:n], scores[n:]
     return [
-        None if c is None or u is None or u == 0 else c / u
-        for c, u in zip(conditional, unconditional, strict=True)
+        None if c is None or u is None or u == 0 else c / u for c, u in zip(conditional, unconditional, strict=True)
     ]
 
 
@@ -143,12 +164,20 @@ def run_filter(config: FilterConfig) -> Dataset:
             raise ValueError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
         if config.ifd_model is not None:
             score_config = ScoreConfig(
-                max_length=config.max_length, batch_tokens=config.batch_tokens, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir
+                max_length=config.max_length,
+                batch_tokens=config.batch_tokens,
+                device=config.device,
+                dtype=config.dtype,
+                cache_dir=config.cache_dir,
             )
             values = ifd_scores(dataset, config.ifd_model, score_config)
-            dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(IFD_COLUMN, values)
+            dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(
+                IFD_COLUMN, values
+            )
         drop = 1.0
-    kept, summary = filter_by_score(dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop)
+    kept, summary = filter_by_score(
+        dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
+    )
     output = Path(config.output)
     kept.save_to_disk(str(output))
     history = []

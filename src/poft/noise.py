@@ -35,10 +35,20 @@ class NoiseConfig:
     """Options of `poft noise`."""
 
     data: str | None = field(default=None, metadata={"help": "SFT data to corrupt (any format `poft score` reads)."})
-    output: str | None = field(default=None, metadata={"help": "Directory for the noised dataset (datasets.load_from_disk)."})
+    output: str | None = field(
+        default=None, metadata={"help": "Directory for the noised dataset (datasets.load_from_disk)."}
+    )
     rate: float = field(default=0.3, metadata={"help": "Fraction of rows to corrupt, in [0, 1]."})
-    kind: str = field(default="paper", metadata={"help": "paper: swapped responses plus character edits; subtle: one plausible small edit.", "choices": list(NOISE_KINDS)})
-    char_rate: float = field(default=0.1, metadata={"help": "paper noise: share of characters inserted, deleted or substituted."})
+    kind: str = field(
+        default="paper",
+        metadata={
+            "help": "paper: swapped responses plus character edits; subtle: one plausible small edit.",
+            "choices": list(NOISE_KINDS),
+        },
+    )
+    char_rate: float = field(
+        default=0.1, metadata={"help": "paper noise: share of characters inserted, deleted or substituted."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
 

@@ -79,7 +79,9 @@ def poft_weights(
     return torch.sigmoid(-poft_margins(policy_scores.detach(), ref_scores, beta, gamma))
 
 
-def nll_loss(token_log_probs: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+def nll_loss(
+    token_log_probs: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """SFT's token-level cross-entropy: the summed negative log-probs over `num_items` (default: masked tokens)."""
     total = -(token_log_probs * mask.to(token_log_probs.dtype)).sum()
     denominator = mask.sum() if num_items is None else num_items

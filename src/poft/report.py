@@ -65,13 +65,17 @@ def accuracy_table(runs: Sequence[dict]) -> str:
                 clean = [f["weight_clean"] for f in finals if f.get("weight_clean") is not None]
                 noisy = [f["weight_noisy"] for f in finals if f.get("weight_noisy") is not None]
                 weights = f"{statistics.mean(clean):.2f} / " + (f"{statistics.mean(noisy):.2f}" if noisy else "-")
-            lines.append(f"| {kind} | {rate:g} | {method} | {len(seeds)} | {mean_std(last)} | {mean_std(best)} | {weights} |")
+            lines.append(
+                f"| {kind} | {rate:g} | {method} | {len(seeds)} | {mean_std(last)} | {mean_std(best)} | {weights} |"
+            )
     return "\n".join(lines)
 
 
 def plot_score_distributions(distributions: dict[str, dict[str, list[float]]], path: Path) -> None:
-    fig, axes = plt.subplots(1, max(len(distributions), 1), figsize=(4.5 * max(len(distributions), 1), 3.4), squeeze=False)
-    for ax, (name, groups) in zip(axes[0], distributions.items()):
+    fig, axes = plt.subplots(
+        1, max(len(distributions), 1), figsize=(4.5 * max(len(distributions), 1), 3.4), squeeze=False
+    )
+    for ax, (name, groups) in zip(axes[0], distributions.items(), strict=False):
         low = min(min(groups["clean"]), min(groups["noisy"]))
         high = max(max(groups["clean"]), max(groups["noisy"]))
         bins = [low + (high - low) * i / 40 for i in range(41)]
@@ -88,7 +92,7 @@ def plot_score_distributions(distributions: dict[str, dict[str, list[float]]], p
 def _per_setting_plot(runs: Sequence[dict], path: Path, draw) -> None:
     grouped = sorted(_group(runs).items())
     fig, axes = plt.subplots(1, max(len(grouped), 1), figsize=(4.5 * max(len(grouped), 1), 3.4), squeeze=False)
-    for ax, ((kind, rate), methods) in zip(axes[0], grouped):
+    for ax, ((kind, rate), methods) in zip(axes[0], grouped, strict=False):
         draw(ax, methods)
         ax.set_title(f"{kind} noise, rate {rate:g}")
         ax.set_xlabel("epoch")
@@ -181,7 +185,9 @@ def eval_table(payloads: Sequence[dict]) -> str:
     for payload in payloads:
         results.update(payload["results"])
     models = list(results)
-    rows = sorted({(task, metric) for scores in results.values() for task, metrics in scores.items() for metric in metrics})
+    rows = sorted(
+        {(task, metric) for scores in results.values() for task, metrics in scores.items() for metric in metrics}
+    )
     lines = ["| task | metric | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
     for task, metric in rows:
         cells = [results[m].get(task, {}).get(metric) for m in models]
@@ -191,7 +197,7 @@ def eval_table(payloads: Sequence[dict]) -> str:
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
     mx, my = statistics.mean(x), statistics.mean(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
     return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
 
@@ -227,26 +233,47 @@ def agreement_table(columns: dict[str, list[float]]) -> str:
 
 def scored_data_section(dataset, output: Path) -> list[str]:
     """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy."""
-    names = [c for c in dataset.column_names if c.startswith("score_")] + (["ref_score"] if "ref_score" in dataset.column_names else [])
+    names = [c for c in dataset.column_names if c.startswith("score_")] + (
+        ["ref_score"] if "ref_score" in dataset.column_names else []
+    )
     if not names:
         raise ValueError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
     columns = {n: dataset[n] for n in names}
     noisy = dataset["poft_noise"] if "poft_noise" in dataset.column_names else None
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=False):
         values = [v for v in columns[name] if v is not None]
         if noisy is None:
             ax.hist(values, bins=40, color="tab:blue")
         else:
-            ax.hist([v for v, n in zip(columns[name], noisy) if v is not None and not n], bins=40, alpha=0.6, label="clean", color="tab:blue")
-            ax.hist([v for v, n in zip(columns[name], noisy) if v is not None and n], bins=40, alpha=0.6, label="noisy", color="tab:red")
+            ax.hist(
+                [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and not n],
+                bins=40,
+                alpha=0.6,
+                label="clean",
+                color="tab:blue",
+            )
+            ax.hist(
+                [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and n],
+                bins=40,
+                alpha=0.6,
+                label="noisy",
+                color="tab:red",
+            )
             ax.legend()
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
     fig.tight_layout()
     fig.savefig(output / "score_distributions.png", dpi=110)
     plt.close(fig)
-    lines = ["## Reference scores", "", f"{len(dataset)} rows.", "", "| column | mean | std | min | max | missing |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Reference scores",
+        "",
+        f"{len(dataset)} rows.",
+        "",
+        "| column | mean | std | min | max | missing |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name in names:
         values = [v for v in columns[name] if v is not None]
         lines.append(
@@ -254,12 +281,17 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
     if len(names) > 2:
-        lines += ["Agreement between references (Pearson / Spearman):", "", agreement_table({n: columns[n] for n in names if n != "ref_score"}), ""]
+        lines += [
+            "Agreement between references (Pearson / Spearman):",
+            "",
+            agreement_table({n: columns[n] for n in names if n != "ref_score"}),
+            "",
+        ]
     if noisy is not None and any(noisy) and not all(noisy):
         lines += ["| column | AUC clean > noisy |", "| --- | --- |"]
         for name in names:
-            clean = [v for v, n in zip(columns[name], noisy) if v is not None and not n]
-            bad = [v for v, n in zip(columns[name], noisy) if v is not None and n]
+            clean = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and not n]
+            bad = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and n]
             lines.append(f"| {name} | {auc(clean, bad):.3f} |")
         lines.append("")
     return lines
@@ -274,21 +306,28 @@ def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
     for run in run_dirs:
         path = Path(run) / "trainer_state.json" if Path(run).is_dir() else Path(run)
         if not path.is_file():
-            raise ValueError(f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory.")
+            raise ValueError(
+                f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory."
+            )
         histories[Path(run).name] = [h for h in json.loads(path.read_text())["log_history"] if "loss" in h]
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4.2 * len(TRAINING_CURVES), 3.3), squeeze=False)
-    for ax, key in zip(axes[0], TRAINING_CURVES):
+    for ax, key in zip(axes[0], TRAINING_CURVES, strict=False):
         for name, history in histories.items():
             points = [(h["step"], h[key]) for h in history if key in h]
             if points:
-                ax.plot(*zip(*points), label=name)
+                ax.plot(*zip(*points, strict=False), label=name)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(output / "training_curves.png", dpi=110)
     plt.close(fig)
-    lines = ["## Training", "", "| run | steps | last loss | last PoFT weight | last win rate | last margin |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Training",
+        "",
+        "| run | steps | last loss | last PoFT weight | last win rate | last margin |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, history in histories.items():
         last = history[-1] if history else {}
         cells = " | ".join(f"{last[k]:.4f}" if k in last else "-" for k in TRAINING_CURVES)
@@ -301,7 +340,9 @@ class ReportConfig:
     """Options of `poft report`."""
 
     scored: str | None = field(default=None, metadata={"help": "A scored dataset directory (`poft score` output)."})
-    runs: list[str] = field(default_factory=list, metadata={"help": "Training output directories (or trainer_state.json files) to plot."})
+    runs: list[str] = field(
+        default_factory=list, metadata={"help": "Training output directories (or trainer_state.json files) to plot."}
+    )
     eval: list[str] = field(default_factory=list, metadata={"help": "`poft eval` eval_results.json files to compare."})
     output: str = field(default="poft-report", metadata={"help": "Directory for report.md and its plots."})
 

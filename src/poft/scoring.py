@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
-from poft.chat import ConversationEncoder, EncodedConversation, TruncationMode
+from poft.chat import ConversationEncoder, EncodedConversation
 from poft.objectives import sequence_mean_log_probs
 
 logger = logging.getLogger(__name__)
@@ -64,21 +64,63 @@ class ScoringError(RuntimeError):
 class ScoreConfig:
     """Options of `poft score` (and of `score_dataset`)."""
 
-    data: str | None = field(default=None, metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."})
-    model: list[str] = field(default_factory=list, metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."})
-    output: str | None = field(default=None, metadata={"help": "Directory for the scored dataset (loadable with datasets.load_from_disk)."})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
+    )
+    model: list[str] = field(
+        default_factory=list,
+        metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."},
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Directory for the scored dataset (loadable with datasets.load_from_disk)."}
+    )
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    max_length: int | None = field(default=1024, metadata={"help": "Truncate conversations to this many tokens; use the same value for training (TRL's default is 1024)."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."})
-    batch_tokens: int = field(default=16384, metadata={"help": "Token budget of one batch, padding included; batches are length-sorted."})
-    packing: bool | None = field(default=None, metadata={"help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation to load references with, e.g. sdpa or flash_attention_2 (default: transformers' choice)."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Per-reference score cache (default: $POFT_CACHE/scores or ~/.cache/poft/scores)."})
-    chat_template: str | None = field(default=None, metadata={"help": "Chat template (.jinja file or text) for references whose tokenizer has none."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories to run their own code."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Truncate conversations to this many tokens; use the same value for training (TRL's default is 1024)."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."},
+    )
+    batch_tokens: int = field(
+        default=16384, metadata={"help": "Token budget of one batch, padding included; batches are length-sorted."}
+    )
+    packing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention implementation to load references with, e.g. sdpa or flash_attention_2 (default: transformers' choice)."
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Per-reference score cache (default: $POFT_CACHE/scores or ~/.cache/poft/scores)."},
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Chat template (.jinja file or text) for references whose tokenizer has none."}
+    )
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model repositories to run their own code."}
+    )
 
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
@@ -233,7 +275,9 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[
         yield batch
 
 
-def collate(encoded: Sequence[EncodedConversation], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(
+    encoded: Sequence[EncodedConversation], pad_token_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and response-only labels."""
     width = max(len(e.input_ids) for e in encoded)
     input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
@@ -244,7 +288,11 @@ def collate(encoded: Sequence[EncodedConversation], pad_token_id: int, device: t
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels())
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": labels.to(device),
+    }
 
 
 @torch.no_grad()
@@ -255,10 +303,18 @@ def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 
 def load_reference_model(
-    path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None = None
+    path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None = None,
 ):
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation
+        path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=attn_implementation,
     ).to(device)
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
@@ -294,9 +350,7 @@ def score_reference(
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
     }
-    fingerprint = hashlib.sha256(
-        (model_id + json.dumps(meta, sort_keys=True)).encode()
-    ).hexdigest()[:32]
+    fingerprint = hashlib.sha256((model_id + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
     state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
     shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
@@ -312,7 +366,13 @@ def score_reference(
     unique = len(set(ids))
     logger.info(
         "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
-        reference.name, len(ids), unique, unique - len(pending), cache.directory, len(pending), encoder.method,
+        reference.name,
+        len(ids),
+        unique,
+        unique - len(pending),
+        cache.directory,
+        len(pending),
+        encoder.method,
         f"; this process scores {len(todo)}" if shard is not None else "",
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
@@ -465,7 +525,9 @@ def score_dataset(dataset: Dataset, models: Sequence[str | Reference], config: S
         logger.warning(
             "%d of %d conversations have no response token left after truncation to %s tokens; their scores "
             "are null and training skips them. Raise --max_length to keep them.",
-            unscorable, len(dataset), config.max_length,
+            unscorable,
+            len(dataset),
+            config.max_length,
         )
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():

@@ -41,11 +41,18 @@ class PoFTConfig(SFTConfig):
 
     loss_type: str = field(
         default="poft",
-        metadata={"help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline.", "choices": list(LOSS_TYPES)},
+        metadata={
+            "help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline.",
+            "choices": list(LOSS_TYPES),
+        },
     )
-    beta: float = field(default=1.0, metadata={"help": "Scale of the score margin in the Bradley-Terry loss (the paper uses 1)."})
+    beta: float = field(
+        default=1.0, metadata={"help": "Scale of the score margin in the Bradley-Terry loss (the paper uses 1)."}
+    )
     gamma: float = field(default=0.0, metadata={"help": "Offset of the Bradley-Terry logit (the paper uses 0)."})
-    ref_score_column: str = field(default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."})
+    ref_score_column: str = field(
+        default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
+    )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -76,7 +83,8 @@ class PoFTDataCollator:
         if refs[0] is not None:
             starts = [[sum(per_example[:k]) for k in range(len(per_example))] for per_example in lengths]
             batch[REF_TOKENS] = torch.tensor(
-                [ref[s] for ref, per_example in zip(refs, starts, strict=True) for s in per_example], dtype=torch.float32
+                [ref[s] for ref, per_example in zip(refs, starts, strict=True) for s in per_example],
+                dtype=torch.float32,
             )
         return batch
 
@@ -155,7 +163,10 @@ class PoFTTrainer(SFTTrainer):
         if empty:
             logger.warning(
                 "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
-                "and are skipped. Raise max_length to keep them.", empty, dataset_name, self._truncate_to,
+                "and are skipped. Raise max_length to keep them.",
+                empty,
+                dataset_name,
+                self._truncate_to,
             )
             dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
         if self.loss_type == "poft":
@@ -251,7 +262,9 @@ class PoFTTrainer(SFTTrainer):
         if ref is not None:
             weight, wins, margin, r_theta_sum, ref_sum, n = totals[3:9]
             for key, value in zip(
-                ("weight", "win_rate", "margin", "r_theta", "r_ref"), (weight, wins, margin, r_theta_sum, ref_sum)
+                ("weight", "win_rate", "margin", "r_theta", "r_ref"),
+                (weight, wins, margin, r_theta_sum, ref_sum),
+                strict=False,
             ):
                 metrics[f"poft/{key}"].append(value / n)
         if mode == "train":
@@ -315,7 +328,10 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
         raise ValueError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
     report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
     train_dataset = load_sft_dataset(
-        data_args.dataset_name, split=data_args.dataset_train_split, skip_invalid=data_args.skip_invalid, invalid_report=report
+        data_args.dataset_name,
+        split=data_args.dataset_train_split,
+        skip_invalid=data_args.skip_invalid,
+        invalid_report=report,
     )
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -329,7 +345,12 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
-    logger.info("Training %s with loss_type=%s on %d conversations", model_args.model_name_or_path, training_args.loss_type, len(train_dataset))
+    logger.info(
+        "Training %s with loss_type=%s on %d conversations",
+        model_args.model_name_or_path,
+        training_args.loss_type,
+        len(train_dataset),
+    )
     return train_and_save(trainer, training_args.resume_from_checkpoint)
 
 
@@ -345,5 +366,8 @@ def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -
             logger.warning(
                 "The reference scores were computed with %s=%s but training uses %s=%s: long conversations are "
                 "then scored on different tokens. Use the same value in `poft score` and `poft train`.",
-                option, scored[option], option, getattr(training_args, option),
+                option,
+                scored[option],
+                option,
+                getattr(training_args, option),
             )

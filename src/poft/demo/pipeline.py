@@ -48,23 +48,49 @@ class DemoConfig:
     """Options of `poft demo`."""
 
     output: str = field(default="poft-demo", metadata={"help": "Directory for report.md, the plots and results.json."})
-    noise_rate: list[float] = field(default_factory=lambda: [0.5], metadata={"help": "Share of target rows to corrupt; several values run a grid."})
-    noise_kind: list[str] = field(default_factory=lambda: ["paper"], metadata={"help": "paper (swapped, corrupted responses) and/or subtle (one plausible edit)."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the noise and of training; results are reported per seed."})
+    noise_rate: list[float] = field(
+        default_factory=lambda: [0.5], metadata={"help": "Share of target rows to corrupt; several values run a grid."}
+    )
+    noise_kind: list[str] = field(
+        default_factory=lambda: ["paper"],
+        metadata={"help": "paper (swapped, corrupted responses) and/or subtle (one plausible edit)."},
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Seeds of the noise and of training; results are reported per seed."},
+    )
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target (evaluated after each)."})
-    full: bool = field(default=False, metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, with --baselines."})
-    baselines: bool = field(default=False, metadata={"help": "Also train SFT on the clean rows only (the oracle filter) and on the top --filter_fractions by ref_score, where there is noise."})
+    full: bool = field(
+        default=False,
+        metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, with --baselines."},
+    )
+    baselines: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train SFT on the clean rows only (the oracle filter) and on the top --filter_fractions by ref_score, where there is noise."
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where the world (references, base) is cached (default: $POFT_CACHE/demo or ~/.cache/poft/demo)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the world (references, base) is cached (default: $POFT_CACHE/demo or ~/.cache/poft/demo)."
+        },
+    )
     target_rows: int = field(default=1800, metadata={"help": "Rows of the target's training split."})
     reference_rows: int = field(default=4000, metadata={"help": "Rows of the references' clean training split."})
     test_rows: int = field(default=210, metadata={"help": "Held-out prompts (30 per task family)."})
     hidden_size: int = field(default=128, metadata={"help": "Width of every model."})
     num_layers: int = field(default=2, metadata={"help": "Layers of every model."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the target runs (SFT and PoFT alike)."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the target runs (SFT and PoFT alike)."}
+    )
     batch_size: int = field(default=32, metadata={"help": "Batch size of the target runs."})
     reference_epochs: int = field(default=6, metadata={"help": "SFT epochs of each reference on its clean split."})
-    filter_fractions: list[float] = field(default_factory=lambda: [0.4, 0.7], metadata={"help": "--full: fractions kept by the ref_score filter baseline (best reported)."})
+    filter_fractions: list[float] = field(
+        default_factory=lambda: [0.4, 0.7],
+        metadata={"help": "--full: fractions kept by the ref_score filter baseline (best reported)."},
+    )
 
     def __post_init__(self):
         if self.full:
@@ -77,7 +103,15 @@ class DemoConfig:
             raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
 
     def world_key(self) -> str:
-        settings = [WORLD_VERSION, self.target_rows, self.reference_rows, self.test_rows, self.hidden_size, self.num_layers, self.reference_epochs]
+        settings = [
+            WORLD_VERSION,
+            self.target_rows,
+            self.reference_rows,
+            self.test_rows,
+            self.hidden_size,
+            self.num_layers,
+            self.reference_epochs,
+        ]
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
 
@@ -97,7 +131,9 @@ def _rows(examples) -> Dataset:
     return Dataset.from_list(records)
 
 
-def _trainer_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int, loss_type: str = "sft") -> PoFTConfig:
+def _trainer_args(
+    output_dir: Path, config: DemoConfig, *, epochs: int, seed: int, loss_type: str = "sft"
+) -> PoFTConfig:
     return PoFTConfig(
         output_dir=str(output_dir),
         loss_type=loss_type,
@@ -139,7 +175,9 @@ def build_world(config: DemoConfig) -> World:
     tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
     reference_data = _rows(reference_examples)
     for index, (name, tokenizer) in enumerate(tokenizers.items()):
-        logger.info("Training reference %s (%s tokenizer) on %d clean rows", name, name.split("-")[1], len(reference_data))
+        logger.info(
+            "Training reference %s (%s tokenizer) on %d clean rows", name, name.split("-")[1], len(reference_data)
+        )
         model = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=10 + index)
         trainer = PoFTTrainer(
             model,
@@ -149,8 +187,12 @@ def build_world(config: DemoConfig) -> World:
         )
         trainer.train()
         save_model(trainer.model, tokenizer, paths[name])
-        world.reference_accuracy[name], _ = exact_match_accuracy(trainer.model, tokenizer, world.test, max_new_tokens=24)
-        logger.info("Reference %s: %.1f%% exact match on the held-out prompts", name, 100 * world.reference_accuracy[name])
+        world.reference_accuracy[name], _ = exact_match_accuracy(
+            trainer.model, tokenizer, world.test, max_new_tokens=24
+        )
+        logger.info(
+            "Reference %s: %.1f%% exact match on the held-out prompts", name, 100 * world.reference_accuracy[name]
+        )
 
     logger.info("Pretraining the target base on plain text (no chat format)")
     tokenizer = tokenizers["ref-char"]
@@ -172,7 +214,9 @@ def build_world(config: DemoConfig) -> World:
     SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=tokenizer).train()
     save_model(base, tokenizer, paths["base"])
     shutil.rmtree(root / "tmp", ignore_errors=True)
-    (root / "done").write_text(json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy}, indent=2))
+    (root / "done").write_text(
+        json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy}, indent=2)
+    )
     return world
 
 
@@ -193,7 +237,9 @@ class EpochEvaluator(TrainerCallback):
             self.runs.append(entry)
             logger.info("%s", json.dumps(entry))
             return
-        r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), self.train["messages"]))
+        r_theta = torch.tensor(
+            model_scores(model, ConversationEncoder(tokenizer, max_length=128), self.train["messages"])
+        )
         weights = poft_weights(r_theta, torch.tensor(self.train["ref_score"]))
         noisy = torch.tensor(self.train[NOISE_COLUMN])
         entry["weight_clean"] = weights[~noisy].mean().item() if (~noisy).any() else None
@@ -208,7 +254,9 @@ class EpochEvaluator(TrainerCallback):
         self._evaluate(model, processing_class, round(state.epoch))
 
 
-def train_target(world: World, data: Dataset, scored: Dataset, record: dict, config: DemoConfig, runs: list[dict]) -> None:
+def train_target(
+    world: World, data: Dataset, scored: Dataset, record: dict, config: DemoConfig, runs: list[dict]
+) -> None:
     """One target run from the shared base; `data` is what it trains on, `scored` what weights are measured on."""
     loss_type = "poft" if record["method"] == "poft" else "sft"
     model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
@@ -228,16 +276,23 @@ def run_demo(config: DemoConfig) -> dict:
     separation: list[dict] = []
     distributions: dict[str, dict] = {}
     score_config = ScoreConfig(device=config.device, max_length=128, cache_dir=str(Path(world.base).parent / "scores"))
-    settings = [(kind, rate) for kind in config.noise_kind for rate in config.noise_rate if rate > 0 or kind == config.noise_kind[0]]
+    settings = [
+        (kind, rate)
+        for kind in config.noise_kind
+        for rate in config.noise_rate
+        if rate > 0 or kind == config.noise_kind[0]
+    ]
     for kind, rate in settings:
         for seed in config.seeds:
             noised = add_noise(world.train, rate, kind=kind, seed=seed)
             scored = score_dataset(noised, world.references, score_config)
             noisy = scored[NOISE_COLUMN]
-            clean_scores = [s for s, n in zip(scored["ref_score"], noisy) if not n]
-            noisy_scores = [s for s, n in zip(scored["ref_score"], noisy) if n]
+            clean_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=False) if not n]
+            noisy_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=False) if n]
             if noisy_scores:
-                separation.append({"noise_kind": kind, "noise_rate": rate, "seed": seed, "auc": auc(clean_scores, noisy_scores)})
+                separation.append(
+                    {"noise_kind": kind, "noise_rate": rate, "seed": seed, "auc": auc(clean_scores, noisy_scores)}
+                )
                 distributions.setdefault(f"{kind} {rate}", {"clean": clean_scores, "noisy": noisy_scores})
             record = {"noise_kind": kind if rate > 0 else "none", "noise_rate": rate, "seed": seed}
             methods = {"sft": scored, "poft": scored}
@@ -247,9 +302,16 @@ def run_demo(config: DemoConfig) -> dict:
                     keep = max(1, math.ceil(fraction * len(scored)))
                     methods[f"filter{fraction:g}"] = scored.sort("ref_score", reverse=True).select(range(keep))
             for method, data in methods.items():
-                logger.info("Training the target with %s (%s noise %.2f, seed %d)", method, record["noise_kind"], rate, seed)
+                logger.info(
+                    "Training the target with %s (%s noise %.2f, seed %d)", method, record["noise_kind"], rate, seed
+                )
                 train_target(world, data, scored, {**record, "method": method}, config, runs)
-    results = {"config": asdict(config), "reference_accuracy": world.reference_accuracy, "runs": runs, "separation": separation}
+    results = {
+        "config": asdict(config),
+        "reference_accuracy": world.reference_accuracy,
+        "runs": runs,
+        "separation": separation,
+    }
     (output / "results.json").write_text(json.dumps(results, indent=2))
     table = write_demo_report(results, distributions, output)
     print(table)

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuickstartConfig:
-    output: str = field(default="poft-quickstart", metadata={"help": "Directory for the models, scores and the trained target."})
+    output: str = field(
+        default="poft-quickstart", metadata={"help": "Directory for the models, scores and the trained target."}
+    )
     max_steps: int = field(default=20, metadata={"help": "PoFT training steps."})
     device: str = field(default="auto", metadata={"help": "Device for scoring: auto, cpu or cuda."})
 
@@ -65,6 +67,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     trainer.train()
     trainer.save_model()
     last = [h for h in trainer.state.log_history if "poft/weight" in h][-1]
-    summary = {k: last[k] for k in ("loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref")}
+    summary = {
+        k: last[k] for k in ("loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref")
+    }
     print(json.dumps({"scored": str(output / "scored"), "model": args.output_dir, "last_step": summary}, indent=2))
     return summary

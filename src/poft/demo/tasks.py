@@ -44,7 +44,9 @@ def _subtract(rng: random.Random, words: list[str]) -> tuple[str, str]:
 
 def _reverse(rng: random.Random, words: list[str]) -> tuple[str, str]:
     word = rng.choice(words)
-    return rng.choice(["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} in reverse."]).format(w=word), word[::-1]
+    return rng.choice(["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} in reverse."]).format(w=word), word[
+        ::-1
+    ]
 
 
 def _sort(rng: random.Random, words: list[str]) -> tuple[str, str]:
