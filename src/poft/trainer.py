@@ -26,7 +26,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
-from poft.objectives import nll_loss, poft_margins, sequence_mean_log_probs
+from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ class PoFTTrainer(SFTTrainer):
         if ref is not None:
             r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, ref.numel())
         if self.loss_type == "poft":
-            losses = -F.logsigmoid(poft_margins(r_theta, ref, self.args.beta, self.args.gamma))
-            loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
+            total = poft_loss(r_theta, ref, self.args.beta, self.args.gamma, reduction="sum")
+            loss = total / (num_items_in_batch if num_items_in_batch is not None else r_theta.numel())
         else:
             loss = nll_loss(log_probs, mask, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -241,9 +241,8 @@ class PoFTTrainer(SFTTrainer):
         stats = [mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
         if ref is not None:
             r_theta = r_theta.detach()
-            margin = poft_margins(r_theta, ref, self.args.beta, self.args.gamma)
             stats += [
-                torch.sigmoid(-margin).sum(),
+                poft_weights(r_theta, ref, self.args.beta, self.args.gamma).sum(),
                 (r_theta > ref).sum(),
                 (r_theta - ref).sum(),
                 r_theta.sum(),
