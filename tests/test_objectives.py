@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 
 
 def test_poft_loss_equals_formula_by_hand():
@@ -77,3 +77,12 @@ def test_nll_is_token_mean_or_sum_over_given_count():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     assert nll_loss(log_probs, mask).item() == pytest.approx(7.0 / 3)
     assert nll_loss(log_probs, mask, num_items=7).item() == pytest.approx(1.0)
+
+
+def test_normalised_nll_is_the_mean_of_per_sequence_means():
+    log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    r_theta, _ = sequence_mean_log_probs(log_probs, mask)
+    # by hand: sequence NLLs (1 + 2) / 2 = 1.5 and 4 / 1 = 4, mean 2.75; token-level SFT gives 7 / 3
+    assert normalised_nll_loss(r_theta).item() == pytest.approx(2.75)
+    assert normalised_nll_loss(r_theta, num_items=11).item() == pytest.approx(5.5 / 11)

@@ -64,7 +64,7 @@ def loss_and_grads(trainer: PoFTTrainer):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
 def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, loss_type):
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
     results = []
@@ -81,7 +81,7 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models,
             torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
 def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, loss_type):
     weights = []
     for batch, accumulation in ((4, 1), (1, 4)):
@@ -126,6 +126,17 @@ def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tm
     if loss_type == "poft":
         # with beta=1, gamma=0 the loss is -log sigmoid(margin); weights fall as the target overtakes the references
         assert logs[-1]["poft/weight"] < logs[0]["poft/weight"]
+
+
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}])
+def test_sft_norm_loss_is_the_mean_sequence_nll(tiny_models, conversations, scored, tmp_path, layout):
+    args = config(tmp_path, loss_type="sft_norm", **layout)
+    without_ref = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=as_dataset(conversations))
+    with_ref = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, **layout), train_dataset=scored["chatml"])
+    with torch.no_grad():
+        loss = without_ref.compute_loss(without_ref.model, whole_batch(without_ref))
+        r_theta, _ = with_ref.policy_scores(with_ref.model, whole_batch(with_ref))
+    torch.testing.assert_close(loss, -r_theta.mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):

@@ -86,3 +86,13 @@ def nll_loss(
     total = -(token_log_probs * mask.to(token_log_probs.dtype)).sum()
     denominator = mask.sum() if num_items is None else num_items
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+
+
+def normalised_nll_loss(policy_scores: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Length-normalised SFT: the summed per-sequence NLL -r_theta over `num_items` sequences (default: all given).
+
+    Every sequence counts once whatever its length, as in PoFT; token-level SFT (`nll_loss`) weighs sequences by
+    their response length instead.
+    """
+    denominator = policy_scores.numel() if num_items is None else num_items
+    return -policy_scores.sum() / torch.as_tensor(denominator, device=policy_scores.device).clamp(min=1)

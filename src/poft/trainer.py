@@ -26,23 +26,25 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
-from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 
 logger = logging.getLogger(__name__)
 
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
 SEQ_IDS = "poft_seq_ids"
-LOSS_TYPES = ("poft", "sft")
+LOSS_TYPES = ("poft", "sft", "sft_norm")
 
 
 @dataclass
 class PoFTConfig(SFTConfig):
-    """SFTConfig plus PoFT's options. `loss_type` is "poft" (default) or "sft", the cross-entropy baseline."""
+    """SFTConfig plus PoFT's options. `loss_type` is "poft" (default), "sft" (the token-level cross-entropy
+    baseline) or "sft_norm" (cross-entropy averaged per sequence first, PoFT's length normalisation without weights)."""
 
     loss_type: str = field(
         default="poft",
         metadata={
-            "help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline.",
+            "help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline; "
+            "sft_norm: mean over sequences of -r_theta (length-normalised cross-entropy).",
             "choices": list(LOSS_TYPES),
         },
     )
@@ -185,11 +187,11 @@ class PoFTTrainer(SFTTrainer):
         return dataset
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Sequences (PoFT) or response tokens (SFT) in the whole optimizer step, across processes."""
+        """Sequences (PoFT, sft_norm) or response tokens (SFT) in the whole optimizer step, across processes."""
         if not batch_samples:
             return None
-        if self.loss_type == "poft":
-            count = sum(batch[REF_TOKENS].numel() for batch in batch_samples)
+        if self.loss_type in ("poft", "sft_norm"):
+            count = sum(_num_sequences(batch) for batch in batch_samples)
         else:
             count = sum(int(batch["labels"][..., 1:].ne(-100).sum()) for batch in batch_samples)
         count = torch.tensor(count, device=device)
@@ -220,11 +222,13 @@ class PoFTTrainer(SFTTrainer):
         outputs, ref, seq_ids = self._forward(model, inputs)
         log_probs, mask = outputs.log_probs, outputs.label_mask
         r_theta = None
-        if ref is not None:
-            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, ref.numel())
+        if ref is not None or self.loss_type == "sft_norm":
+            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, _num_sequences(inputs))
         if self.loss_type == "poft":
             total = poft_loss(r_theta, ref, self.args.beta, self.args.gamma, reduction="sum")
             loss = total / (num_items_in_batch if num_items_in_batch is not None else r_theta.numel())
+        elif self.loss_type == "sft_norm":
+            loss = normalised_nll_loss(r_theta, num_items_in_batch)
         else:
             loss = nll_loss(log_probs, mask, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -269,6 +273,15 @@ class PoFTTrainer(SFTTrainer):
         if mode == "train":
             self._total_train_tokens += int(totals[-1])
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _num_sequences(batch: dict[str, Any]) -> int:
+    """Sequences in a collated batch: one per row, or per packed / padding-free segment."""
+    if REF_TOKENS in batch:
+        return batch[REF_TOKENS].numel()
+    if SEQ_IDS in batch:
+        return int(batch[SEQ_IDS].max()) + 1
+    return batch["input_ids"].size(0)
 
 
 def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
