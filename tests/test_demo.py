@@ -54,30 +54,76 @@ def test_auc_against_pairwise_counting():
     assert auc([1, 2], [0]) == 1.0 and auc([0], [1, 2]) == 0.0
 
 
-def test_toy_demo_writes_a_well_formed_report(tmp_path):
-    config = DemoConfig(
-        output=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        epochs=1,
-        target_rows=70,
-        reference_rows=140,
-        test_rows=14,
-        hidden_size=32,
-        num_layers=1,
-        reference_epochs=1,
-        device="cpu",
-    )
-    results = run_demo(config)
+def toy_config(tmp_path, **overrides) -> DemoConfig:
+    settings = {
+        "output": str(tmp_path / "demo"),
+        "cache_dir": str(tmp_path / "cache"),
+        "epochs": 1,
+        "target_rows": 70,
+        "reference_rows": 140,
+        "validation_rows": 14,
+        "test_rows": 14,
+        "hidden_size": 32,
+        "num_layers": 1,
+        "reference_epochs": 1,
+        "device": "cpu",
+    }
+    return DemoConfig(**{**settings, **overrides})
+
+
+def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
+    results = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "sft_norm"]))
     out = tmp_path / "demo"
-    for name in ("report.md", "accuracy.png", "score_distribution.png", "weights.png", "results.json"):
+    for name in ("report.md", "accuracy.png", "score_distribution.png", "weights.png", "differences.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"] == results["runs"]
-    assert {(r["method"], r["epoch"]) for r in saved["runs"]} == {(m, e) for m in ("sft", "poft") for e in (0, 1)}
+    assert {(r["method"], r["seed"]) for r in saved["runs"]} == {
+        (m, s) for m in ("sft", "poft", "sft_norm") for s in (0, 1)
+    }
     for run in saved["runs"]:
-        assert {"method", "noise_rate", "seed", "epoch", "accuracy"} <= set(run) and 0 <= run["accuracy"] <= 1
-        assert run["noise_rate"] == 0.5 and run["seed"] == 0
-    assert 0 <= saved["separation"][0]["auc"] <= 1
+        assert run["noise_rate"] == 0.6 and len(run["test_correct"]) == 14
+        assert run["test_accuracy"] == sum(run["test_correct"]) / 14
+        assert [p["epoch"] for p in run["curve"]] == [0, 1]
+        assert 0 <= run["clipped_share"] <= 1
+        assert 0 <= run["curve"][-1]["weight_clean"] <= 1 and 0 <= run["curve"][-1]["weight_noisy"] <= 1
+    (entry,) = saved["summary"]
+    sft = entry["poft_minus"]["sft"]
+    by_seed = {(r["method"], r["seed"]): r["test_accuracy"] for r in saved["runs"]}
+    assert sft["difference"] == pytest.approx(sum(by_seed[("poft", s)] - by_seed[("sft", s)] for s in (0, 1)) / 2)
+    assert sft["interval_seeds"] is not None and sft["verdict"] in (
+        "PoFT better",
+        "PoFT worse",
+        "no measurable difference",
+    )
     report = (out / "report.md").read_text()
-    assert "| paper | 0.5 | poft |" in report and "![accuracy per epoch](accuracy.png)" in report
-    assert (tmp_path / "cache").exists()
+    assert "| standard | paper | 0.6 | same lr | sft_norm |" in report
+
+    capsys.readouterr()
+    again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "sft_norm"]))
+    assert "[1/" not in capsys.readouterr().out  # nothing retrained
+    assert again["runs"] == results["runs"]
+
+
+def test_runs_are_deterministic_and_sweep_picks_on_validation(tmp_path):
+    config = toy_config(tmp_path, noise_rate=[0.0], lr_sweep=[1e-3, 3e-3], sweep_seeds=[0])
+    results = run_demo(config)
+    assert set(results["best_learning_rates"]) == {"sft", "poft"}
+    for method, lr in results["best_learning_rates"].items():
+        sweep = {
+            r["learning_rate"]: r["curve"][-1]["validation_accuracy"]
+            for r in results["sweep"]
+            if r["method"] == method
+        }
+        assert sweep[lr] == max(sweep.values())
+    again = run_demo(toy_config(tmp_path, output=str(tmp_path / "again"), noise_rate=[0.0], seeds=[0]))
+    first = {(r["method"], r["learning_rate"]): r["test_correct"] for r in results["runs"]}
+    for run in again["runs"]:
+        assert run["test_correct"] == first[(run["method"], run["learning_rate"])]
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(ValueError, match="--methods dpo: choose from"):
+        DemoConfig(methods=["dpo"])
+    with pytest.raises(ValueError, match="--noise_rate"):
+        DemoConfig(noise_rate=[1.0])

@@ -3,12 +3,15 @@
 The world: a task suite with checkable answers (`poft.demo.tasks`), two references with different
 tokenizers and chat templates (character-level ChatML with generation markers, byte-level BPE Zephyr
 without) trained with SFT on a clean split, and a target base briefly pretrained on plain text. The run
-noises the target split (`poft.noise`), scores it with `score_dataset`, trains SFT and PoFT from the
-same base with identical settings through `PoFTTrainer`, and evaluates greedy exact match on held-out
-prompts after every epoch. It reports what it measured, whichever way it comes out.
+noises the target split (`poft.noise`), scores it with `score_dataset`, trains SFT and PoFT (and the
+baselines asked for) from the same base with identical settings through `PoFTTrainer`, and evaluates
+greedy exact match on held-out prompts. Every PoFT - other difference is paired (same seed, same data,
+same prompts) and reported with a 95% interval over seeds and a bootstrap interval over prompts
+(`poft.intervals`); a difference whose interval contains zero is reported as no measurable difference.
 
-The world (references, base) is cached under the cache directory keyed by its settings, so a second
-run reuses it.
+The world (references, base) is cached under the cache directory keyed by its settings, and every
+finished run is saved under the output directory, so a second run reuses both and an interrupted grid
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,30 +20,34 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import shutil
-import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from poft.chat import ConversationEncoder
 from poft.data import conversation_id
+from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run, write_json_atomic
 from poft.demo.tasks import alphabet, make_words, sample_examples
-from poft.evaluation import exact_match_accuracy
 from poft.noise import NOISE_COLUMN, add_noise
-from poft.objectives import poft_weights
 from poft.report import auc, write_demo_report
-from poft.scoring import ScoreConfig, cache_root, model_scores, resolve_device, score_dataset
+from poft.scoring import ScoreConfig, cache_root, resolve_device, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 2  # bump when the world's construction changes, to invalidate cached models
+WORLD_VERSION = 3  # bump when the world's construction changes, to invalidate cached models
+WORLD_LEARNING_RATE = 1e-3  # references and base; the target's learning rate is --learning_rate
+METHODS = ("sft", "poft", "sft_norm", "oracle", "filter")
+SWEPT = ("sft", "poft", "sft_norm")  # the baselines that filter rows train like sft, at its learning rate
+WORLDS = ("standard", "strong")
+FULL_SEEDS = 10
 
 
 @dataclass
@@ -49,7 +56,7 @@ class DemoConfig:
 
     output: str = field(default="poft-demo", metadata={"help": "Directory for report.md, the plots and results.json."})
     noise_rate: list[float] = field(
-        default_factory=lambda: [0.5], metadata={"help": "Share of target rows to corrupt; several values run a grid."}
+        default_factory=lambda: [0.6], metadata={"help": "Share of target rows to corrupt; several values run a grid."}
     )
     noise_kind: list[str] = field(
         default_factory=lambda: ["paper"],
@@ -57,19 +64,45 @@ class DemoConfig:
     )
     seeds: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"help": "Seeds of the noise and of training; results are reported per seed."},
+        metadata={"help": "Seeds of the noise and of training; differences are paired by seed."},
     )
-    epochs: int = field(default=10, metadata={"help": "Training epochs of the target (evaluated after each)."})
-    full: bool = field(
-        default=False,
-        metadata={"help": "The paper's grid: noise {0, 0.3, 0.6} x 3 seeds x {paper, subtle}, with --baselines."},
-    )
-    baselines: bool = field(
-        default=False,
+    methods: list[str] = field(
+        default_factory=lambda: ["sft", "poft"],
         metadata={
-            "help": "Also train SFT on the clean rows only (the oracle filter) and on the top --filter_fractions by ref_score, where there is noise."
+            "help": "sft (token-level), poft, sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), "
+            "filter (SFT on the top --filter_fractions by ref_score)."
         },
     )
+    baselines: bool = field(
+        default=False, metadata={"help": "Add sft_norm, oracle and filter to --methods (where there is noise)."}
+    )
+    worlds: list[str] = field(
+        default_factory=lambda: ["standard"],
+        metadata={
+            "help": "standard (references trained like the base world) and/or strong (references trained longer on "
+            "more clean rows, so they stay ahead of the target)."
+        },
+    )
+    epochs: int = field(default=10, metadata={"help": "Training epochs of the target."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the target runs (all methods)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule of the target runs."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the target's steps spent warming up."})
+    lr_sweep: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Learning rates to sweep on clean data first (sft, poft, sft_norm, --sweep_seeds); each method "
+            "then also runs at its best, chosen on the validation split."
+        },
+    )
+    sweep_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of the sweep."})
+    full: bool = field(
+        default=False,
+        metadata={
+            "help": f"The complete grid: noise {{0, 0.3, 0.6}} x {{paper, subtle}} x {FULL_SEEDS} seeds, every "
+            "method, an lr sweep, both worlds. Resumable; split it over processes with --workers."
+        },
+    )
+    workers: int = field(default=1, metadata={"help": "Processes training runs in parallel (1: in this process)."})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda."})
     cache_dir: str | None = field(
         default=None,
@@ -79,45 +112,79 @@ class DemoConfig:
     )
     target_rows: int = field(default=1800, metadata={"help": "Rows of the target's training split."})
     reference_rows: int = field(default=4000, metadata={"help": "Rows of the references' clean training split."})
-    test_rows: int = field(default=210, metadata={"help": "Held-out prompts (30 per task family)."})
+    validation_rows: int = field(
+        default=210, metadata={"help": "Validation prompts (learning-rate choice, curves), never in the test set."}
+    )
+    test_rows: int = field(default=700, metadata={"help": "Held-out test prompts (100 per task family)."})
     hidden_size: int = field(default=128, metadata={"help": "Width of every model."})
     num_layers: int = field(default=2, metadata={"help": "Layers of every model."})
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the target runs (SFT and PoFT alike)."}
-    )
     batch_size: int = field(default=32, metadata={"help": "Batch size of the target runs."})
-    reference_epochs: int = field(default=6, metadata={"help": "SFT epochs of each reference on its clean split."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the target runs."})
+    reference_epochs: int = field(default=6, metadata={"help": "SFT epochs of each standard reference."})
+    strong_reference_rows: int = field(default=8000, metadata={"help": "Clean rows of each strong reference."})
+    strong_reference_epochs: int = field(default=12, metadata={"help": "SFT epochs of each strong reference."})
     filter_fractions: list[float] = field(
         default_factory=lambda: [0.4, 0.7],
-        metadata={"help": "--full: fractions kept by the ref_score filter baseline (best reported)."},
+        metadata={"help": "Fractions kept by the ref_score filter baseline (the best is compared)."},
     )
 
     def __post_init__(self):
         if self.full:
-            self.noise_rate, self.noise_kind, self.baselines = [0.0, 0.3, 0.6], ["paper", "subtle"], True
+            self.noise_rate, self.noise_kind = [0.0, 0.3, 0.6], ["subtle", "paper"]
+            self.methods, self.worlds = list(METHODS), list(WORLDS)
+            self.lr_sweep = self.lr_sweep or [5e-4, 1e-3, 2e-3]
             if self.seeds == [0]:
-                self.seeds = [0, 1, 2]
+                self.seeds = list(range(FULL_SEEDS))
+        if self.baselines:
+            self.methods += [m for m in ("sft_norm", "oracle", "filter") if m not in self.methods]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
             raise ValueError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
+        for name, values, allowed in (
+            ("methods", self.methods, METHODS),
+            ("worlds", self.worlds, WORLDS),
+            ("noise_kind", self.noise_kind, ("paper", "subtle")),
+        ):
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"--{name} {' '.join(unknown)}: choose from {', '.join(allowed)}")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
 
-    def world_key(self) -> str:
+    def world_key(self, world: str = "standard") -> str:
+        rows, epochs = self.reference_rows, self.reference_epochs
+        if world == "strong":
+            rows, epochs = self.strong_reference_rows, self.strong_reference_epochs
         settings = [
             WORLD_VERSION,
             self.target_rows,
-            self.reference_rows,
+            rows,
+            self.validation_rows,
             self.test_rows,
             self.hidden_size,
             self.num_layers,
-            self.reference_epochs,
+            epochs,
         ]
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_ratio=self.warmup_ratio,
+            max_grad_norm=self.max_grad_norm,
+            use_cpu=resolve_device(self.device).type == "cpu",
+        )
 
 
 @dataclass
 class World:
+    name: str
+    key: str
     train: Dataset
+    validation: Dataset
     test: Dataset
     references: list[str]
     base: str
@@ -131,15 +198,13 @@ def _rows(examples) -> Dataset:
     return Dataset.from_list(records)
 
 
-def _trainer_args(
-    output_dir: Path, config: DemoConfig, *, epochs: int, seed: int, loss_type: str = "sft"
-) -> PoFTConfig:
+def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int) -> PoFTConfig:
     return PoFTConfig(
         output_dir=str(output_dir),
-        loss_type=loss_type,
+        loss_type="sft",
         num_train_epochs=epochs,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=WORLD_LEARNING_RATE,
         lr_scheduler_type="constant",
         max_length=128,
         gradient_checkpointing=False,
@@ -148,50 +213,62 @@ def _trainer_args(
         report_to=[],
         seed=seed,
         use_cpu=resolve_device(config.device).type == "cpu",
-        disable_tqdm=False,
+        disable_tqdm=True,
     )
 
 
-def build_world(config: DemoConfig) -> World:
-    """Data splits, two references trained on clean data, and a pretrained target base (cached)."""
-    words = make_words(80, seed=0)
+def build_world(config: DemoConfig, name: str = "standard") -> World:
+    """Data splits, two references trained on clean data, and a pretrained target base (cached).
+
+    Both worlds share the splits and the target base; the strong one trains its references on more clean
+    rows for more epochs.
+    """
+    words = make_words(200, seed=0)
     test_examples = sample_examples(config.test_rows, seed=1, words=words, unique=True)
-    held_out = frozenset(e.prompt for e in test_examples)
-    reference_examples = sample_examples(config.reference_rows, seed=2, words=words, exclude=held_out)
+    validation_examples = sample_examples(
+        config.validation_rows, seed=5, words=words, unique=True, exclude=frozenset(e.prompt for e in test_examples)
+    )
+    held_out = frozenset(e.prompt for e in test_examples + validation_examples)
+    strong = name == "strong"
+    reference_rows = config.strong_reference_rows if strong else config.reference_rows
+    reference_examples = sample_examples(reference_rows, seed=2, words=words, exclude=held_out)
     train_examples = sample_examples(config.target_rows, seed=3, words=words, exclude=held_out)
     pretrain_examples = sample_examples(config.reference_rows, seed=4, words=words, exclude=held_out)
-    world = World(train=_rows(train_examples), test=_rows(test_examples), references=[], base="")
 
-    root = Path(config.cache_dir) if config.cache_dir else cache_root() / "demo"
-    root = root / f"world-{config.world_key()}"
-    paths = {"ref-char": root / "ref-char", "ref-bpe": root / "ref-bpe", "base": root / "base"}
-    world.references, world.base = [str(paths["ref-char"]), str(paths["ref-bpe"])], str(paths["base"])
+    root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
+    world = World(
+        name=name,
+        key=config.world_key(name),
+        train=_rows(train_examples),
+        validation=_rows(validation_examples),
+        test=_rows(test_examples),
+        references=[str(root / "ref-char"), str(root / "ref-bpe")],
+        base=str(root / "base"),
+    )
     if (root / "done").exists():
-        logger.info("Reusing the cached references and base model in %s", root)
+        logger.info("Reusing the cached %s world in %s", name, root)
         world.reference_accuracy = json.loads((root / "done").read_text())["reference_accuracy"]
         return world
 
     texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
     tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
     reference_data = _rows(reference_examples)
-    for index, (name, tokenizer) in enumerate(tokenizers.items()):
-        logger.info(
-            "Training reference %s (%s tokenizer) on %d clean rows", name, name.split("-")[1], len(reference_data)
-        )
+    epochs = config.strong_reference_epochs if strong else config.reference_epochs
+    for index, (reference, tokenizer) in enumerate(tokenizers.items()):
+        logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
         model = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=10 + index)
         trainer = PoFTTrainer(
             model,
-            args=_trainer_args(root / "tmp", config, epochs=config.reference_epochs, seed=index),
+            args=_world_args(root / "tmp", config, epochs=epochs, seed=index),
             train_dataset=reference_data,
             processing_class=tokenizer,
         )
         trainer.train()
-        save_model(trainer.model, tokenizer, paths[name])
-        world.reference_accuracy[name], _ = exact_match_accuracy(
-            trainer.model, tokenizer, world.test, max_new_tokens=24
-        )
+        save_model(trainer.model, tokenizer, root / reference)
+        correct = answers_correct(trainer.model, tokenizer, world.test)
+        world.reference_accuracy[reference] = sum(correct) / len(correct)
         logger.info(
-            "Reference %s: %.1f%% exact match on the held-out prompts", name, 100 * world.reference_accuracy[name]
+            "Reference %s: %.1f%% exact match on the test prompts", reference, 100 * sum(correct) / len(correct)
         )
 
     logger.info("Pretraining the target base on plain text (no chat format)")
@@ -202,117 +279,194 @@ def build_world(config: DemoConfig) -> World:
         output_dir=str(root / "tmp"),
         num_train_epochs=1,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=WORLD_LEARNING_RATE,
         max_length=128,
         bf16=False,
         gradient_checkpointing=False,
         save_strategy="no",
         logging_steps=50,
         report_to=[],
+        seed=0,
         use_cpu=resolve_device(config.device).type == "cpu",
+        disable_tqdm=True,
     )
     SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=tokenizer).train()
-    save_model(base, tokenizer, paths["base"])
+    save_model(base, tokenizer, root / "base")
     shutil.rmtree(root / "tmp", ignore_errors=True)
-    (root / "done").write_text(
-        json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy}, indent=2)
-    )
+    write_json_atomic(root / "done", {"config": asdict(config), "reference_accuracy": world.reference_accuracy})
     return world
 
 
-class EpochEvaluator(TrainerCallback):
-    """Exact match on the held-out prompts before training and after each epoch, and for PoFT the mean
-    weight of clean and noisy rows."""
+class Grid:
+    """Runs specs through the run store: finished ones are loaded, the rest trained (in parallel when asked)."""
 
-    def __init__(self, test: Dataset, train: Dataset, record: dict, runs: list[dict], weight_rows: int = 400):
-        self.test, self.record, self.runs = test, record, runs
-        # the mean weights of clean and noisy rows are estimated on a fixed sample: scoring every row each epoch
-        # would cost as much as the training itself
-        self.train = train.shuffle(seed=0).select(range(min(weight_rows, len(train))))
+    def __init__(self, config: DemoConfig, worlds: dict[str, World], output: Path):
+        self.config, self.worlds = config, worlds
+        self.settings = config.train_settings()
+        self.stores = {name: RunStore(output, self.settings.fingerprint(w.key)) for name, w in worlds.items()}
+        self.score_config = ScoreConfig(device=config.device, max_length=128)
+        self.scored: dict[tuple, Dataset] = {}
+        self.separation: list[dict] = []
+        self.distributions: dict[str, dict] = {}
 
-    def _evaluate(self, model, tokenizer, epoch: int) -> None:
-        accuracy, _ = exact_match_accuracy(model, tokenizer, self.test, max_new_tokens=24)
-        entry = {**self.record, "epoch": epoch, "accuracy": accuracy}
-        if self.record["method"] != "poft":
-            self.runs.append(entry)
-            logger.info("%s", json.dumps(entry))
-            return
-        r_theta = torch.tensor(
-            model_scores(model, ConversationEncoder(tokenizer, max_length=128), self.train["messages"])
-        )
-        weights = poft_weights(r_theta, torch.tensor(self.train["ref_score"]))
-        noisy = torch.tensor(self.train[NOISE_COLUMN])
-        entry["weight_clean"] = weights[~noisy].mean().item() if (~noisy).any() else None
-        entry["weight_noisy"] = weights[noisy].mean().item() if noisy.any() else None
-        self.runs.append(entry)
-        logger.info("%s", json.dumps(entry))
+    def scored_data(self, world: str, kind: str, rate: float, seed: int) -> Dataset:
+        """The target split with noise of `kind` at `rate`, scored by the world's references (cached)."""
+        key = (world, kind, rate, seed)
+        if key not in self.scored:
+            w = self.worlds[world]
+            noised = add_noise(w.train, rate, kind=kind if rate > 0 else "paper", seed=seed)
+            cache = str(Path(w.base).parent / "scores")
+            scored = score_dataset(
+                noised, w.references, ScoreConfig(**{**asdict(self.score_config), "cache_dir": cache})
+            )
+            noisy = scored[NOISE_COLUMN]
+            if any(noisy):
+                clean_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if not n]
+                noisy_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if n]
+                self.separation.append(
+                    {
+                        "world": world,
+                        "noise_kind": kind,
+                        "noise_rate": rate,
+                        "seed": seed,
+                        "auc": auc(clean_scores, noisy_scores),
+                    }
+                )
+                self.distributions.setdefault(
+                    f"{world} {kind} {rate:g}", {"clean": clean_scores, "noisy": noisy_scores}
+                )
+            self.scored[key] = scored
+        return self.scored[key]
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self._evaluate(model, processing_class, 0)
+    def training_data(self, spec: RunSpec) -> tuple[Dataset, Dataset]:
+        """What the run trains on, and the fixed 400-row sample its weights are measured on."""
+        scored = self.scored_data(spec.world, spec.noise_kind, spec.noise_rate, spec.seed)
+        sample = scored.shuffle(seed=0).select(range(min(400, len(scored))))
+        if spec.method == "oracle":
+            return scored.filter(lambda n: not n, input_columns=NOISE_COLUMN), sample
+        if spec.method.startswith("filter"):
+            keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
+            return scored.sort("ref_score", reverse=True).select(range(keep)), sample
+        return scored, sample
 
-    def on_epoch_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self._evaluate(model, processing_class, round(state.epoch))
+    def run(self, specs: list[RunSpec]) -> list[dict]:
+        """Records of every spec, in order; prints progress and the estimated time left."""
+        records: dict[RunSpec, dict] = {}
+        pending = []
+        for spec in dict.fromkeys(specs):
+            record = self.stores[spec.world].load(spec)
+            if record is None:
+                pending.append(spec)
+            else:
+                records[spec] = record
+        if records:
+            logger.info(
+                "%d of %d runs already finished (in %s)", len(records), len(records) + len(pending), self.stores
+            )
+        jobs = []
+        for spec in pending:
+            data, sample = self.training_data(spec)
+            w = self.worlds[spec.world]
+            jobs.append((spec, (spec, self.settings, w.base, data, sample, w.validation, w.test)))
+        started, done = time.perf_counter(), 0
+
+        def finished(spec: RunSpec, record: dict) -> None:
+            nonlocal done
+            done += 1
+            self.stores[spec.world].save(spec, record)
+            records[spec] = record
+            elapsed = time.perf_counter() - started
+            left = elapsed / done * (len(jobs) - done)
+            print(
+                f"[{done}/{len(jobs)}] {spec.name}: test {100 * record['test_accuracy']:.1f}% "
+                f"({record['seconds']:.0f} s); about {left / 60:.0f} min left",
+                flush=True,
+            )
+
+        if self.config.workers == 1 or len(jobs) <= 1:
+            for spec, arguments in jobs:
+                finished(spec, train_run(*arguments))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(self.config.workers, mp_context=context) as pool:
+                futures = {pool.submit(train_run, *arguments): spec for spec, arguments in jobs}
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+        return [records[spec] for spec in dict.fromkeys(specs)]
 
 
-def train_target(
-    world: World, data: Dataset, scored: Dataset, record: dict, config: DemoConfig, runs: list[dict]
-) -> None:
-    """One target run from the shared base; `data` is what it trains on, `scored` what weights are measured on."""
-    loss_type = "poft" if record["method"] == "poft" else "sft"
-    model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(world.base)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = _trainer_args(Path(scratch), config, epochs=config.epochs, seed=record["seed"], loss_type=loss_type)
-        callback = EpochEvaluator(world.test, scored, record, runs)
-        PoFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback]).train()
+def _methods(config: DemoConfig, rate: float) -> list[str]:
+    """Method names of one setting: the filter baseline expands to its fractions; filters need noise."""
+    names = []
+    for method in config.methods:
+        if method in ("oracle", "filter") and rate == 0:
+            continue
+        names += [f"filter{f:g}" for f in config.filter_fractions] if method == "filter" else [method]
+    return names
+
+
+def _settings(config: DemoConfig) -> list[tuple[str, float]]:
+    """(kind, rate) pairs: clean data once, then every kind at every positive rate."""
+    settings = [("none", 0.0)] if 0.0 in config.noise_rate else []
+    return settings + [(k, r) for k in config.noise_kind for r in config.noise_rate if r > 0]
+
+
+def plan_grid(config: DemoConfig, best_lr: dict[str, float]) -> list[RunSpec]:
+    """Every run of the grid at the shared learning rate and, after a sweep, at each method's best."""
+    specs = []
+    for world in config.worlds:
+        for kind, rate in _settings(config):
+            for seed in config.seeds:
+                for method in _methods(config, rate):
+                    lrs = {
+                        config.learning_rate,
+                        best_lr.get(method if method in SWEPT else "sft", config.learning_rate),
+                    }
+                    specs += [RunSpec(world, kind, rate, seed, method, lr) for lr in sorted(lrs)]
+    return specs
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Build (or reuse) the world, run every (noise kind, rate, seed, method), write the report."""
+    """Build (or reuse) the worlds, run the sweep and the grid (resuming), write results.json and the report."""
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    world = build_world(config)
-    runs: list[dict] = []
-    separation: list[dict] = []
-    distributions: dict[str, dict] = {}
-    score_config = ScoreConfig(device=config.device, max_length=128, cache_dir=str(Path(world.base).parent / "scores"))
-    settings = [
-        (kind, rate)
-        for kind in config.noise_kind
-        for rate in config.noise_rate
-        if rate > 0 or kind == config.noise_kind[0]
-    ]
-    for kind, rate in settings:
-        for seed in config.seeds:
-            noised = add_noise(world.train, rate, kind=kind, seed=seed)
-            scored = score_dataset(noised, world.references, score_config)
-            noisy = scored[NOISE_COLUMN]
-            clean_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=False) if not n]
-            noisy_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=False) if n]
-            if noisy_scores:
-                separation.append(
-                    {"noise_kind": kind, "noise_rate": rate, "seed": seed, "auc": auc(clean_scores, noisy_scores)}
-                )
-                distributions.setdefault(f"{kind} {rate}", {"clean": clean_scores, "noisy": noisy_scores})
-            record = {"noise_kind": kind if rate > 0 else "none", "noise_rate": rate, "seed": seed}
-            methods = {"sft": scored, "poft": scored}
-            if config.baselines and rate > 0:
-                methods["oracle"] = scored.filter(lambda n: not n, input_columns=NOISE_COLUMN)
-                for fraction in config.filter_fractions:
-                    keep = max(1, math.ceil(fraction * len(scored)))
-                    methods[f"filter{fraction:g}"] = scored.sort("ref_score", reverse=True).select(range(keep))
-            for method, data in methods.items():
-                logger.info(
-                    "Training the target with %s (%s noise %.2f, seed %d)", method, record["noise_kind"], rate, seed
-                )
-                train_target(world, data, scored, {**record, "method": method}, config, runs)
+    worlds = {name: build_world(config, name) for name in config.worlds}
+    grid = Grid(config, worlds, output)
+    sweep: list[dict] = []
+    best_lr: dict[str, float] = {}
+    if config.lr_sweep:
+        world = config.worlds[0]
+        swept = [m for m in config.methods if m in SWEPT]
+        if any(m not in SWEPT for m in config.methods) and "sft" not in swept:
+            swept.append("sft")
+        specs = [
+            RunSpec(world, "none", 0.0, seed, method, lr)
+            for seed in config.sweep_seeds
+            for method in swept
+            for lr in config.lr_sweep
+        ]
+        logger.info("Learning-rate sweep on clean data: %d runs", len(specs))
+        sweep = grid.run(specs)
+        best_lr = best_learning_rates(sweep)
+        logger.info("Best learning rates on the validation split: %s", best_lr)
+    specs = plan_grid(config, best_lr)
+    logger.info("The grid: %d runs", len(specs))
+    records = grid.run(specs)
     results = {
         "config": asdict(config),
-        "reference_accuracy": world.reference_accuracy,
-        "runs": runs,
-        "separation": separation,
+        "train_settings": asdict(grid.settings),
+        "reference_accuracy": {name: w.reference_accuracy for name, w in worlds.items()},
+        "best_learning_rates": best_lr,
+        "sweep": [_without_answers(r) for r in sweep],
+        "runs": records,
+        "separation": grid.separation,
+        "summary": summarise(records, config.learning_rate, best_lr),
     }
-    (output / "results.json").write_text(json.dumps(results, indent=2))
-    table = write_demo_report(results, distributions, output)
+    write_json_atomic(output / "results.json", results)
+    table = write_demo_report(results, grid.distributions, output)
     print(table)
     return results
+
+
+def _without_answers(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "test_correct"}

@@ -1,0 +1,108 @@
+"""From run records to what the demo reports: each method's accuracy and every PoFT - other difference,
+with intervals (`poft.intervals`).
+
+Two learning-rate arms are summarised: "same lr" (every method at --learning_rate) and, after a sweep,
+"best lr" (each method at the rate that did best on the validation split; the filter and oracle baselines
+train like SFT and take its rate).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+
+from poft.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
+
+SWEPT = ("sft", "poft", "sft_norm")
+
+
+def final_validation_accuracy(record: dict) -> float:
+    return record["curve"][-1]["validation_accuracy"]
+
+
+def best_learning_rates(sweep: Sequence[dict]) -> dict[str, float]:
+    """Per method, the learning rate with the highest mean last-epoch validation accuracy over the sweep seeds."""
+    scores: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in sweep:
+        scores[record["method"]][record["learning_rate"]].append(final_validation_accuracy(record))
+    return {
+        method: max(sorted(by_lr), key=lambda lr, by_lr=by_lr: statistics.mean(by_lr[lr]))
+        for method, by_lr in scores.items()
+    }
+
+
+def arm_lr(method: str, best_lr: dict[str, float], default: float) -> float:
+    return best_lr.get(method if method in SWEPT else "sft", default)
+
+
+def _interval_over_seeds(values: list[float]) -> dict | None:
+    interval = paired_t_interval(values, [0.0] * len(values))
+    return interval.as_dict() if interval else None
+
+
+def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
+    """Accuracy per method and the paired PoFT - method comparisons of one (world, noise, rate, arm)."""
+    methods = {}
+    for method, seeds in by_method.items():
+        accuracies = [seeds[s]["test_accuracy"] for s in sorted(seeds)]
+        correct = [seeds[s]["test_correct"] for s in sorted(seeds)]
+        finals = [seeds[s]["curve"][-1] for s in sorted(seeds)]
+        clipped = [seeds[s]["clipped_share"] for s in sorted(seeds) if seeds[s].get("clipped_share") is not None]
+        methods[method] = {
+            "learning_rate": next(iter(seeds.values()))["learning_rate"],
+            "seeds": sorted(seeds),
+            "accuracy": statistics.mean(accuracies),
+            "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "interval_seeds": _interval_over_seeds(accuracies),
+            "interval_prompts": paired_bootstrap_interval(correct, [[0] * len(c) for c in correct]).as_dict(),
+            "weight_clean": _mean([f["weight_clean"] for f in finals]),
+            "weight_noisy": _mean([f["weight_noisy"] for f in finals]),
+            "clipped_share": _mean(clipped),
+        }
+    comparisons = {}
+    if "poft" in by_method:
+        poft = by_method["poft"]
+        for method, seeds in by_method.items():
+            common = sorted(set(poft) & set(seeds))
+            if method == "poft" or not common:
+                continue
+            a = [poft[s]["test_accuracy"] for s in common]
+            b = [seeds[s]["test_accuracy"] for s in common]
+            over_seeds = paired_t_interval(a, b)
+            over_prompts = paired_bootstrap_interval(
+                [poft[s]["test_correct"] for s in common], [seeds[s]["test_correct"] for s in common]
+            )
+            differences = [x - y for x, y in zip(a, b, strict=True)]
+            comparisons[method] = {
+                "seeds": common,
+                "difference": statistics.mean(differences),
+                "interval_seeds": over_seeds.as_dict() if over_seeds else None,
+                "interval_prompts": over_prompts.as_dict(),
+                "verdict": verdict([over_seeds, over_prompts]),
+                "within_1_point": within(over_seeds, 0.01),
+                "seeds_for_2_points": seeds_for_half_width(differences, 0.02),
+            }
+    return {"methods": methods, "poft_minus": comparisons}
+
+
+def summarise(records: Sequence[dict], learning_rate: float, best_lr: dict[str, float]) -> list[dict]:
+    """One entry per (world, noise kind, rate, arm): methods with intervals and PoFT's paired differences."""
+    arms = {"same lr": lambda method: learning_rate}
+    if best_lr:
+        arms["best lr"] = lambda method: arm_lr(method, best_lr, learning_rate)
+    grouped: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
+    for arm, lr_of in arms.items():
+        for record in records:
+            if record["learning_rate"] == lr_of(record["method"]):
+                key = (record["world"], record["noise_kind"], record["noise_rate"], arm)
+                grouped[key][record["method"]][record["seed"]] = record
+    return [
+        {"world": world, "noise_kind": kind, "noise_rate": rate, "arm": arm, **summarise_setting(by_method)}
+        for (world, kind, rate, arm), by_method in grouped.items()
+    ]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    given = [v for v in values if v is not None]
+    return statistics.mean(given) if given else None

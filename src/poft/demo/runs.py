@@ -1,0 +1,204 @@
+"""One target run of the demo, and the store that makes a grid resumable.
+
+A run trains the target from the shared base with one method on one (noised, scored) dataset and
+records: validation accuracy and the mean weight sigmoid(r_ref - r_theta) of clean and noisy rows after
+every epoch, the held-out test answers (right or wrong, per prompt, for the paired bootstrap), and the
+share of optimizer steps whose gradient norm was clipped. Each finished run is one JSON file, written
+atomically, so an interrupted grid resumes without redoing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
+
+from poft.chat import ConversationEncoder
+from poft.evaluation import exact_match, generate_responses, prompt_messages
+from poft.noise import NOISE_COLUMN
+from poft.objectives import poft_weights
+from poft.scoring import model_scores
+from poft.trainer import PoFTConfig, PoFTTrainer
+
+logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 24  # the longest answer of the suite is 20 characters plus the end of turn
+LOSS_TYPES = {"poft": "poft", "sft_norm": "sft_norm"}  # every other method trains with token-level SFT
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What distinguishes one run of a grid."""
+
+    world: str
+    noise_kind: str
+    noise_rate: float
+    seed: int
+    method: str
+    learning_rate: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.world}-{self.noise_kind}-{self.noise_rate:g}-seed{self.seed}-{self.method}-lr{self.learning_rate:g}"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The target's training settings shared by every run of a grid (part of each run's identity)."""
+
+    epochs: int
+    batch_size: int
+    lr_scheduler_type: str
+    warmup_ratio: float
+    max_grad_norm: float
+    use_cpu: bool
+
+    def fingerprint(self, world_key: str) -> str:
+        payload = json.dumps([world_key, asdict(self)], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write to a temporary sibling, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(payload, f, indent=1)
+    os.replace(f.name, path)
+
+
+class RunStore:
+    """Finished runs as one JSON file each under DIR/runs/<settings fingerprint>/."""
+
+    def __init__(self, output: Path, fingerprint: str):
+        self.directory = output / "runs" / fingerprint
+
+    def path(self, spec: RunSpec) -> Path:
+        return self.directory / f"{spec.name}.json"
+
+    def load(self, spec: RunSpec) -> dict | None:
+        path = self.path(spec)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is not valid JSON; the run is done again.", path)
+            return None
+
+    def save(self, spec: RunSpec, record: dict) -> None:
+        write_json_atomic(self.path(spec), record)
+
+
+def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -> list[int]:
+    """1 where the greedy answer to a row's prompt is exactly its `answer`, else 0."""
+    prompts = [prompt_messages(m) for m in dataset["messages"]]
+    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    return [int(exact_match(p, a)) for p, a in zip(predictions, dataset["answer"], strict=True)]
+
+
+def clean_and_noisy_weights(model, tokenizer, sample: Dataset) -> tuple[float | None, float | None]:
+    """Mean sigmoid(r_ref - r_theta) over the sample's clean and its noisy rows (PoFT's weight, for any model)."""
+    r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), sample["messages"]))
+    weights = poft_weights(r_theta, torch.tensor(sample["ref_score"]))
+    noisy = torch.tensor(sample[NOISE_COLUMN])
+    clean = weights[~noisy].mean().item() if (~noisy).any() else None
+    return clean, (weights[noisy].mean().item() if noisy.any() else None)
+
+
+class EpochRecorder(TrainerCallback):
+    """Validation accuracy and clean / noisy weights before training and after each epoch; the gradient norms."""
+
+    def __init__(self, validation: Dataset, sample: Dataset, max_grad_norm: float):
+        self.validation, self.sample, self.max_grad_norm = validation, sample, max_grad_norm
+        self.curve: list[dict] = []
+        self.grad_norms: list[float] = []
+
+    def _record(self, model, tokenizer, epoch: int) -> None:
+        correct = answers_correct(model, tokenizer, self.validation)
+        weight_clean, weight_noisy = clean_and_noisy_weights(model, tokenizer, self.sample)
+        self.curve.append(
+            {
+                "epoch": epoch,
+                "validation_accuracy": sum(correct) / len(correct),
+                "weight_clean": weight_clean,
+                "weight_noisy": weight_noisy,
+            }
+        )
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._record(model, processing_class, 0)
+
+    def on_epoch_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._record(model, processing_class, round(state.epoch))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "grad_norm" in logs:
+            self.grad_norms.append(float(logs["grad_norm"]))
+
+    def clipped_share(self) -> float | None:
+        """Share of optimizer steps whose pre-clipping gradient norm exceeded max_grad_norm."""
+        if not self.grad_norms or self.max_grad_norm <= 0:
+            return None
+        return sum(n > self.max_grad_norm for n in self.grad_norms) / len(self.grad_norms)
+
+
+def train_run(
+    spec: RunSpec,
+    settings: TrainSettings,
+    base: str,
+    data: Dataset,
+    sample: Dataset,
+    validation: Dataset,
+    test: Dataset,
+) -> dict:
+    """Train the target from `base` on `data` with `spec.method`; return the run's record."""
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    recorder = EpochRecorder(validation, sample, settings.max_grad_norm)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = PoFTConfig(
+            output_dir=scratch,
+            loss_type=LOSS_TYPES.get(spec.method, "sft"),
+            num_train_epochs=settings.epochs,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=spec.learning_rate,
+            lr_scheduler_type=settings.lr_scheduler_type,
+            warmup_steps=settings.warmup_ratio,
+            max_grad_norm=settings.max_grad_norm,
+            max_length=128,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            logging_steps=1,  # every step's pre-clipping gradient norm reaches the recorder
+            report_to=[],
+            seed=spec.seed,
+            use_cpu=settings.use_cpu,
+            disable_tqdm=True,
+        )
+        trainer = PoFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[recorder])
+        for quiet in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(quiet)
+        trainer.train()
+    test_correct = answers_correct(trainer.model, tokenizer, test)
+    return {
+        **asdict(spec),
+        "train_rows": len(data),
+        "test_accuracy": sum(test_correct) / len(test_correct),
+        "test_correct": test_correct,
+        "curve": recorder.curve,
+        "clipped_share": recorder.clipped_share(),
+        "grad_norm_min": min(recorder.grad_norms, default=None),
+        "grad_norm_median": sorted(recorder.grad_norms)[len(recorder.grad_norms) // 2]
+        if recorder.grad_norms
+        else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
