@@ -1,9 +1,11 @@
-"""Merge `poft demo` results.json files (e.g. a grid run as several processes) into the RESULTS.md tables.
+"""Merge `poft demo` results.json files (e.g. a grid run as several commands) into the RESULTS.md tables.
 
     python bench/demo_table.py RUN_A/results.json RUN_B/results.json
 
-Prints the accuracy table (last and best epoch, mean ± std over seeds), the best of the ref_score
-filter fractions per setting, and the references' AUC of clean vs noisy rows.
+Runs are merged by their identity (world, noise, seed, method, learning rate) and summarised again, so
+paired differences span every file: PoFT minus each method with its 95% intervals over seeds and over
+prompts, the accuracy table, the PoFT and SFT weights of clean and noisy rows over epochs, the references'
+AUC of clean vs noisy rows, and the learning-rate sweep where one ran.
 """
 
 from __future__ import annotations
@@ -13,45 +15,74 @@ import statistics
 import sys
 from collections import defaultdict
 
-from poft.report import accuracy_table, mean_std
+from poft.demo.analysis import summarise
+from poft.report import accuracy_table, difference_table
 
 
 def main(paths: list[str]) -> None:
-    runs, separation, reference_accuracy = [], [], {}
+    runs: dict[tuple, dict] = {}
+    sweep: dict[tuple, dict] = {}
+    separation, reference_accuracy, best_lr, learning_rates = [], {}, {}, set()
     for path in paths:
         with open(path) as f:
             results = json.load(f)
-        runs += results["runs"]
+        key = ("world", "noise_kind", "noise_rate", "seed", "method", "learning_rate")
+        for run in results["runs"]:
+            runs[tuple(run[k] for k in key)] = run
+        for run in results.get("sweep", []):
+            sweep[tuple(run[k] for k in key)] = run
         separation += results["separation"]
         reference_accuracy.update(results.get("reference_accuracy", {}))
-    print(accuracy_table(runs))
+        best_lr.update(results.get("best_learning_rates", {}))
+        learning_rates.add(results["config"]["learning_rate"])
+    if len(learning_rates) != 1:
+        sys.exit(f"The files use different --learning_rate values {sorted(learning_rates)}; merge files of one arm.")
+    summary = summarise(list(runs.values()), learning_rates.pop(), best_lr)
+    summary.sort(key=lambda e: (e["world"], e["arm"], e["noise_kind"] != "none", e["noise_kind"], e["noise_rate"]))
+    print(difference_table(summary))
     print()
-    last: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    final_epoch = max(r["epoch"] for r in runs)
-    for run in runs:
-        if run["epoch"] == final_epoch:
-            last[(run["noise_kind"], run["noise_rate"])][run["method"]].append(run["accuracy"])
-    print("| noise | rate | sft | poft | oracle | best ref_score filter |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for (kind, rate), methods in sorted(last.items()):
-        filters = {m: v for m, v in methods.items() if m.startswith("filter")}
-        best = max(filters, key=lambda m: statistics.mean(filters[m])) if filters else None
-        cells = [mean_std(methods[m]) if m in methods else "-" for m in ("sft", "poft", "oracle")]
-        cells.append(f"{mean_std(filters[best])} (top {best.removeprefix('filter')})" if best else "-")
-        print(f"| {kind} | {rate:g} | " + " | ".join(cells) + " |")
+    print(accuracy_table(summary))
+    print()
+    if sweep:
+        print("| method | lr | seeds | validation exact match, last epoch (mean) | test exact match (mean) |")
+        print("| --- | --- | --- | --- | --- |")
+        grouped = defaultdict(list)
+        for run in sweep.values():
+            grouped[(run["method"], run["learning_rate"])].append(run)
+        for (method, lr), group in sorted(grouped.items()):
+            validation = statistics.mean(r["curve"][-1]["validation_accuracy"] for r in group)
+            test = statistics.mean(r["test_accuracy"] for r in group)
+            print(f"| {method} | {lr:g} | {len(group)} | {100 * validation:.1f} | {100 * test:.1f} |")
+        print()
+    print("| world | noise | rate | method | weight clean / noisy per epoch (mean over seeds) |")
+    print("| --- | --- | --- | --- | --- |")
+    curves = defaultdict(list)
+    for run in runs.values():
+        if run["method"] in ("poft", "sft") and run["learning_rate"] in {r["learning_rate"] for r in runs.values()}:
+            curves[(run["world"], run["noise_kind"], run["noise_rate"], run["method"], run["learning_rate"])].append(
+                run
+            )
+    for (world, kind, rate, method, lr), group in sorted(curves.items()):
+        cells = []
+        for index in range(len(group[0]["curve"])):
+            clean = statistics.mean(r["curve"][index]["weight_clean"] for r in group)
+            noisy = [r["curve"][index]["weight_noisy"] for r in group if r["curve"][index]["weight_noisy"] is not None]
+            cells.append(f"{clean:.2f}" + (f"/{statistics.mean(noisy):.2f}" if noisy else ""))
+        print(f"| {world} | {kind} | {rate:g} | {method} (lr {lr:g}) | {' '.join(cells)} |")
     print()
     aucs = defaultdict(list)
     for row in separation:
-        aucs[(row["noise_kind"], row["noise_rate"])].append(row["auc"])
-    print("| noise | rate | AUC of ref_score, clean > noisy (mean over seeds) |")
-    print("| --- | --- | --- |")
-    for (kind, rate), values in sorted(aucs.items()):
-        print(f"| {kind} | {rate:g} | {statistics.mean(values):.3f} |")
+        aucs[(row["world"], row["noise_kind"], row["noise_rate"])].append(row["auc"])
+    print("| world | noise | rate | AUC of ref_score, clean > noisy (mean over seeds) |")
+    print("| --- | --- | --- | --- |")
+    for (world, kind, rate), values in sorted(aucs.items()):
+        print(f"| {world} | {kind} | {rate:g} | {statistics.mean(values):.3f} |")
     print()
-    print(
-        "References on the held-out prompts: "
-        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in reference_accuracy.items())
-    )
+    for world, accuracies in sorted(reference_accuracy.items()):
+        print(
+            f"References of the {world} world on the test prompts: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies.items())
+        )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
     assert again["runs"] == results["runs"]
 
 
-def test_runs_are_deterministic_and_sweep_picks_on_validation(tmp_path):
+def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path):
     config = toy_config(tmp_path, noise_rate=[0.0], lr_sweep=[1e-3, 3e-3], sweep_seeds=[0])
     results = run_demo(config)
     assert set(results["best_learning_rates"]) == {"sft", "poft"}
@@ -116,7 +116,8 @@ def test_runs_are_deterministic_and_sweep_picks_on_validation(tmp_path):
             if r["method"] == method
         }
         assert sweep[lr] == max(sweep.values())
-    again = run_demo(toy_config(tmp_path, output=str(tmp_path / "again"), noise_rate=[0.0], seeds=[0]))
+    # the same runs again in two worker processes give the same answers to every prompt
+    again = run_demo(toy_config(tmp_path, output=str(tmp_path / "again"), noise_rate=[0.0], seeds=[0], workers=2))
     first = {(r["method"], r["learning_rate"]): r["test_correct"] for r in results["runs"]}
     for run in again["runs"]:
         assert run["test_correct"] == first[(run["method"], run["learning_rate"])]

@@ -349,6 +349,11 @@ class Grid:
             return scored.sort("ref_score", reverse=True).select(range(keep)), sample
         return scored, sample
 
+    def _arguments(self, spec: RunSpec) -> tuple:
+        data, sample = self.training_data(spec)
+        world = self.worlds[spec.world]
+        return spec, self.settings, world.base, data, sample, world.validation, world.test
+
     def run(self, specs: list[RunSpec]) -> list[dict]:
         """Records of every spec, in order; prints progress and the estimated time left."""
         records: dict[RunSpec, dict] = {}
@@ -363,11 +368,6 @@ class Grid:
             logger.info(
                 "%d of %d runs already finished (in %s)", len(records), len(records) + len(pending), self.stores
             )
-        jobs = []
-        for spec in pending:
-            data, sample = self.training_data(spec)
-            w = self.worlds[spec.world]
-            jobs.append((spec, (spec, self.settings, w.base, data, sample, w.validation, w.test)))
         started, done = time.perf_counter(), 0
 
         def finished(spec: RunSpec, record: dict) -> None:
@@ -376,20 +376,21 @@ class Grid:
             self.stores[spec.world].save(spec, record)
             records[spec] = record
             elapsed = time.perf_counter() - started
-            left = elapsed / done * (len(jobs) - done)
+            left = elapsed / done * (len(pending) - done)
             print(
-                f"[{done}/{len(jobs)}] {spec.name}: test {100 * record['test_accuracy']:.1f}% "
+                f"[{done}/{len(pending)}] {spec.name}: test {100 * record['test_accuracy']:.1f}% "
                 f"({record['seconds']:.0f} s); about {left / 60:.0f} min left",
                 flush=True,
             )
 
-        if self.config.workers == 1 or len(jobs) <= 1:
-            for spec, arguments in jobs:
-                finished(spec, train_run(*arguments))
+        if self.config.workers == 1 or len(pending) <= 1:
+            for spec in pending:
+                finished(spec, train_run(*self._arguments(spec)))
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(self.config.workers, mp_context=context) as pool:
-                futures = {pool.submit(train_run, *arguments): spec for spec, arguments in jobs}
+                # each run is submitted as soon as its data is scored, so the workers start while the rest is scored
+                futures = {pool.submit(train_run, *self._arguments(spec)): spec for spec in pending}
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
         return [records[spec] for spec in dict.fromkeys(specs)]
