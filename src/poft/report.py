@@ -324,6 +324,11 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     columns = {n: dataset[n] for n in names}
     found = audit.extremes(columns["ref_score"], rows)
     scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in ["ref_score", *references]}
+    noise = {}
+    if "poft_noise" in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
+        flags = dataset["poft_noise"]
+        noise = {"noisy": lambda row: "yes" if flags[row] else "no"}
+    scores.update(noise)
     lines += [
         "Rows are numbered from 0 in the scored dataset's order (`datasets.load_from_disk(DIR)[row]`); "
         "text is the first user turn and the first assistant turn, shortened.",
@@ -365,7 +370,7 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
             *_rows_table(
                 dataset,
                 [d.row for d in disputed],
-                {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells},
+                {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **noise},
                 text_chars,
             ),
             "",
