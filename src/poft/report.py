@@ -388,11 +388,11 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     ]
     for p in audit.TOKEN_PROBABILITIES:
         threshold = math.log(p)
-        cells = []
+        shares = []
         for name in names:
             below, scored = audit.count_below(columns[name], threshold)
-            cells.append(f"{100 * below / scored:.1f}% ({below} of {scored})" if scored else "-")
-        lines.append(f"| {threshold:.3f} | {p:g} | " + " | ".join(cells) + " |")
+            shares.append(f"{100 * below / scored:.1f}% ({below} of {scored})" if scored else "-")
+        lines.append(f"| {threshold:.3f} | {p:g} | " + " | ".join(shares) + " |")
     lines += [
         "",
         "What `poft filter --top_fraction F` keeps (the paper keeps the top 40% by ref_score):",
