@@ -106,7 +106,7 @@ def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_
     meta = json.loads((scored / "poft_score.json").read_text())
     assert [r["name"] for r in meta["references"]] == ["chatml", "bpe"] and meta["config"]["max_length"] == 256
 
-    recipe = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())
+    recipe = yaml.safe_load((RECIPES / "train-tiny-cpu.yaml").read_text())
     recipe.update(
         model_name_or_path=tiny_models["chatml"],
         dataset_name=str(scored),

@@ -21,7 +21,7 @@ from poft.demo.builders import char_tokenizer, save_model, tiny_llama
 from poft.dpo import DPODataArguments, PoFTDPOConfig, dpo_main, load_preference_dataset, run_dpo
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-DPO_RECIPES = ("paper-poft-dpo.yaml", "dpo-lora.yaml")
+DPO_RECIPES = ("dpo-paper.yaml", "dpo-lora.yaml")
 
 
 def make_pairs(n: int = 16, seed: int = 0) -> list[tuple[str, str, str]]:
