@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import load_from_disk
-from trl import ModelConfig
 
-from poft.cli import TrainDataArguments, main, merge_repeated
-from poft.scoring import ScoreConfig
-from poft.trainer import PoFTConfig
+from poft.cli import COMMANDS, main, merge_repeated
 from tests.conftest import write_jsonl
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -173,7 +170,8 @@ def _fields(*classes) -> set[str]:
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_keys_are_real_options(recipe):
     keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
-    known = _fields(ScoreConfig) if "score" in recipe else _fields(TrainDataArguments, PoFTConfig, ModelConfig)
+    command = COMMANDS[recipe.split("-")[0]]
+    known = _fields(*(command.load(c) for c in command.configs))
     assert keys <= known, keys - known
 
 
