@@ -27,7 +27,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
-from poft.runtime import default_bf16, model_init_kwargs, train_and_save
+from poft.runtime import default_bf16, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +309,6 @@ def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str
 
 def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
     """`poft train`: load the (scored) data, train with PoFT or SFT, save."""
-    from trl import get_peft_config
-
     from poft.data import load_sft_dataset
 
     if not data_args.dataset_name or not model_args.model_name_or_path:
@@ -326,21 +324,13 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
     if training_args.eval_strategy != "no":
         eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
     _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
-    trainer = PoFTTrainer(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
     logger.info(
         "Training %s with loss_type=%s on %d conversations",
         model_args.model_name_or_path,
         training_args.loss_type,
         len(train_dataset),
     )
-    return train_and_save(trainer, training_args.resume_from_checkpoint)
+    return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
 
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
