@@ -504,4 +504,5 @@ def run_report(config: ReportConfig) -> Path:
     markdown = "\n".join(lines)
     _write_atomic(output / "report.md", markdown)
     _write_atomic(output / "report.html", render_html(markdown, output, title="poft report"))
+    print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"
