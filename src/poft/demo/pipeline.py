@@ -37,7 +37,8 @@ from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, tr
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.report import auc, write_demo_report
-from poft.scoring import ScoreConfig, cache_root, resolve_device, score_dataset
+from poft.runtime import cache_root, resolve_device
+from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
