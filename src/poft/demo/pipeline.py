@@ -80,8 +80,8 @@ class DemoConfig:
     worlds: list[str] = field(
         default_factory=lambda: ["standard"],
         metadata={
-            "help": "standard (references trained like the base world) and/or strong (references trained longer on "
-            "more clean rows, so they stay ahead of the target)."
+            "help": "standard (references: --reference_rows clean rows, --reference_epochs) and/or strong "
+            "(--strong_reference_rows, --strong_reference_epochs: references meant to stay ahead of the target)."
         },
     )
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target."})
