@@ -102,7 +102,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "sft_norm"]))
     assert "[1/" not in capsys.readouterr().out  # nothing retrained
-    assert again["runs"] == results["runs"]
+    assert again["runs"] == results["runs"] and again["separation"] == results["separation"]
 
 
 def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path):

@@ -454,6 +454,9 @@ def run_demo(config: DemoConfig) -> dict:
     specs = plan_grid(config, best_lr)
     logger.info("The grid: %d runs", len(specs))
     records = grid.run(specs)
+    for spec in specs:  # the references' separation of clean from noisy rows, also when every run was resumed
+        if spec.noise_rate > 0:
+            grid.scored_data(spec.world, spec.noise_kind, spec.noise_rate, spec.seed)
     results = {
         "config": asdict(config),
         "train_settings": asdict(grid.settings),
