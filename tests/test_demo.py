@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.pipeline import DemoConfig, run_demo
 from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
 from poft.evaluation import exact_match
@@ -128,3 +129,38 @@ def test_bad_options_name_the_fix():
         DemoConfig(methods=["dpo"])
     with pytest.raises(ValueError, match="--noise_rate"):
         DemoConfig(noise_rate=[1.0])
+
+
+def record(method, seed, lr, correct, validation=0.5):
+    return {
+        "world": "standard",
+        "noise_kind": "none",
+        "noise_rate": 0.0,
+        "seed": seed,
+        "method": method,
+        "learning_rate": lr,
+        "test_correct": correct,
+        "test_accuracy": sum(correct) / len(correct),
+        "curve": [{"epoch": 1, "validation_accuracy": validation, "weight_clean": 0.5, "weight_noisy": None}],
+        "clipped_share": 1.0,
+    }
+
+
+def test_best_learning_rate_is_chosen_on_validation_and_arms_pair_by_seed():
+    sweep = [record("sft", s, lr, [1], validation=v) for s in (0, 1) for lr, v in ((1e-3, 0.4), (2e-3, 0.5))]
+    sweep += [record("poft", 0, 1e-3, [0], validation=0.6), record("poft", 0, 2e-3, [1], validation=0.2)]
+    assert best_learning_rates(sweep) == {"sft": 2e-3, "poft": 1e-3}
+    runs = [
+        record("sft", 0, 1e-3, [1, 0, 0, 0]),
+        record("sft", 1, 1e-3, [1, 1, 0, 0]),
+        record("sft", 0, 2e-3, [1, 1, 1, 0]),
+        record("sft", 1, 2e-3, [1, 1, 1, 1]),
+        record("poft", 0, 1e-3, [1, 1, 0, 0]),
+        record("poft", 1, 1e-3, [1, 1, 1, 0]),
+    ]
+    by_arm = {e["arm"]: e for e in summarise(runs, 1e-3, {"sft": 2e-3, "poft": 1e-3})}
+    same, best = by_arm["same lr"]["poft_minus"]["sft"], by_arm["best lr"]["poft_minus"]["sft"]
+    assert same["difference"] == pytest.approx(0.25) and best["difference"] == pytest.approx(-0.25)
+    assert by_arm["best lr"]["methods"]["sft"]["learning_rate"] == 2e-3
+    # both seeds gain exactly 0.25: a zero-width interval over seeds, which excludes zero
+    assert same["interval_seeds"] == {"estimate": 0.25, "low": 0.25, "high": 0.25}
