@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from poft.errors import ChatTemplateError
 
 Message = dict[str, str]
 TruncationMode = Literal["keep_start", "keep_end"]
@@ -25,10 +28,6 @@ TruncationMode = Literal["keep_start", "keep_end"]
 CHAT_TEMPLATE_FIX = (
     "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
 )
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot produce a response mask for this conversation."""
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,17 @@ class ConversationEncoder:
         return template, "prefix_rendering"
 
     def encode(self, messages: Sequence[Message]) -> EncodedConversation:
-        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`."""
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`.
+
+        A template that refuses the conversation (jinja's `raise_exception`, e.g. "no system role allowed")
+        raises `ChatTemplateError` naming the template; callers add the row.
+        """
+        try:
+            return self._encode([{"role": m["role"], "content": m["content"]} for m in messages])
+        except TemplateError as error:
+            raise ChatTemplateError(f"{self.name}: the chat template refused the conversation: {error}") from error
+
+    def _encode(self, messages: list[Message]) -> EncodedConversation:
         if self.method == "generation_markers":
             out = self.tokenizer.apply_chat_template(
                 messages,

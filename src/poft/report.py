@@ -10,6 +10,7 @@ runs (loss, PoFT weight, win rate and margin curves from the trainer's logs) and
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from poft.errors import DataError, OptionError  # noqa: E402
 
 
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
@@ -196,6 +199,8 @@ def eval_table(payloads: Sequence[dict]) -> str:
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 2:
+        return float("nan")
     mx, my = statistics.mean(x), statistics.mean(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
@@ -231,14 +236,21 @@ def agreement_table(columns: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def scored_data_section(dataset, output: Path) -> list[str]:
-    """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy."""
+    """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy.
+
+    Null, NaN and infinite scores count as missing; a column with no finite score is reported as such.
+    """
     names = [c for c in dataset.column_names if c.startswith("score_")] + (
         ["ref_score"] if "ref_score" in dataset.column_names else []
     )
     if not names:
-        raise ValueError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
-    columns = {n: dataset[n] for n in names}
+        raise DataError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
+    columns = {n: [v if _finite(v) else None for v in dataset[n]] for n in names}
     noisy = dataset["poft_noise"] if "poft_noise" in dataset.column_names else None
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
@@ -261,6 +273,8 @@ def scored_data_section(dataset, output: Path) -> list[str]:
                 color="tab:red",
             )
             ax.legend()
+        if not values:
+            ax.text(0.5, 0.5, "no finite score", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
     fig.tight_layout()
@@ -276,10 +290,14 @@ def scored_data_section(dataset, output: Path) -> list[str]:
     ]
     for name in names:
         values = [v for v in columns[name] if v is not None]
+        if not values:
+            lines.append(f"| {name} | - | - | - | - | {len(columns[name])} (no finite score) |")
+            continue
         lines.append(
             f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | {min(values):.3f} | {max(values):.3f} | {len(columns[name]) - len(values)} |"
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
+    names = [n for n in names if any(v is not None for v in columns[n])]  # the rest has nothing to compare
     if len(names) > 2:
         lines += [
             "Agreement between references (Pearson / Spearman):",
@@ -292,7 +310,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         for name in names:
             clean = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and not n]
             bad = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and n]
-            lines.append(f"| {name} | {auc(clean, bad):.3f} |")
+            lines.append(f"| {name} | {auc(clean, bad):.3f} |" if clean and bad else f"| {name} | - |")
         lines.append("")
     return lines
 
@@ -306,7 +324,7 @@ def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
     for run in run_dirs:
         path = Path(run) / "trainer_state.json" if Path(run).is_dir() else Path(run)
         if not path.is_file():
-            raise ValueError(
+            raise OptionError(
                 f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory."
             )
         histories[Path(run).name] = [h for h in json.loads(path.read_text())["log_history"] if "loss" in h]
@@ -352,7 +370,7 @@ def run_report(config: ReportConfig) -> Path:
     from datasets import load_from_disk
 
     if not (config.scored or config.runs or config.eval):
-        raise ValueError("Nothing to report: give --scored, --runs and/or --eval.")
+        raise OptionError("Nothing to report: give --scored, --runs and/or --eval.")
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     lines = ["# poft report", ""]

@@ -15,18 +15,23 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, Value
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
+from poft.errors import DataError, OptionError, OutputError
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.outputs import disk_error
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,11 @@ class PoFTConfig(SFTConfig):
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            raise OptionError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
+            raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
+        if not math.isfinite(self.gamma):
+            raise OptionError(f"--gamma must be a finite number (the paper uses 0), got {self.gamma}")
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on unconditionally, which fails on machines without bf16 hardware (a laptop CPU)
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -106,7 +115,7 @@ class PoFTTrainer(SFTTrainer):
         if not isinstance(args, PoFTConfig):
             raise TypeError(f"PoFTTrainer needs a PoFTConfig, got {type(args).__name__}")
         if args.packing and args.packing_strategy != "bfd":
-            raise ValueError(
+            raise OptionError(
                 f"packing_strategy={args.packing_strategy!r} cuts conversations apart, so a packed piece no longer "
                 "matches its reference score. Use packing_strategy='bfd' (the default) or packing=False."
             )
@@ -136,18 +145,20 @@ class PoFTTrainer(SFTTrainer):
         if formatting_func is not None:
             raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
         if "messages" not in dataset.column_names:
-            raise ValueError(
+            raise DataError(
                 f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
                 "Load it with poft.load_sft_dataset, which accepts messages, prompt/completion, Alpaca and ShareGPT."
             )
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
         if self.loss_type == "poft" and not has_ref:
-            raise ValueError(
+            raise DataError(
                 f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
                 f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
                 "use loss_type='sft'."
             )
+        if self.loss_type == "poft":
+            _check_reference_column(dataset, ref_column, dataset_name)
         encoder = ConversationEncoder(
             self._tokenizer, max_length=self._truncate_to, truncation_mode=args.truncation_mode
         )
@@ -169,6 +180,12 @@ class PoFTTrainer(SFTTrainer):
                 self._truncate_to,
             )
             dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
+            if len(dataset) == 0:
+                raise DataError(
+                    f"None of the {empty} conversations of the {dataset_name} dataset has a response token left "
+                    f"after truncation to {self._truncate_to} tokens (or that this chat template marks), so there "
+                    "is nothing to train on. Raise max_length, or check the chat template."
+                )
         if self.loss_type == "poft":
             _check_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
@@ -286,13 +303,29 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
     return out
 
 
+def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str) -> None:
+    """The reference column must hold numbers, and not only nulls, before anything is tokenized."""
+    feature = dataset.features[ref_column]
+    if feature == Value("null") or all(value is None for value in dataset[ref_column]):
+        raise DataError(
+            f"Every {ref_column!r} of the {dataset_name} dataset is null (no reference could score any row), so "
+            "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use loss_type='sft'."
+        )
+    if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "double", "half"))):
+        kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+        raise DataError(
+            f"The {ref_column!r} column of the {dataset_name} dataset holds {kind} values, not numbers. Give it "
+            "the float scores `poft score` writes, or point ref_score_column at a numeric column."
+        )
+
+
 def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> None:
     """Fail before training on a missing, NaN or infinite reference score, naming the rows."""
     columns = zip(dataset[ref_column], dataset["poft_row"], dataset["poft_id"], strict=True)
     bad = [(row, poft_id) for value, row, poft_id in columns if value is None or not math.isfinite(value)]
     if bad:
         shown = ", ".join(f"row {row}" + (f" (poft_id {poft_id})" if poft_id else "") for row, poft_id in bad[:5])
-        raise ValueError(
+        raise DataError(
             f"{len(bad)} rows of the {dataset_name} dataset have a missing, NaN or infinite {ref_column!r}: {shown}"
             f"{' ...' if len(bad) > 5 else ''}. Rescore them with `poft score`, or drop them before training."
         )
@@ -309,12 +342,57 @@ def model_init_kwargs(model_args, configured: dict | None) -> dict:
 
 
 def train_and_save(trainer, resume_from_checkpoint: str | bool | None) -> str:
-    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots)."""
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    trainer.save_model(trainer.args.output_dir)
-    trainer.save_state()
+    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots).
+
+    A full or read-only disk while checkpointing or saving ends in one line (`OutputError`); the
+    checkpoint being written is removed, so that resuming picks the last complete one.
+    """
+    output_dir = trainer.args.output_dir
+    before = set(_checkpoints(output_dir))
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        trainer.save_model(output_dir)
+        trainer.save_state()
+    except OSError as error:
+        translated = disk_error(error, f"checkpoints or the model to {output_dir}")
+        if translated is None:
+            raise
+        for partial in set(_checkpoints(output_dir)) - before:
+            if not _complete_checkpoint(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(
+            f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
+        ) from error
     logger.info("Saved the model to %s", trainer.args.output_dir)
     return trainer.args.output_dir
+
+
+def _complete_checkpoint(path: str) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state does not parse was cut off."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, d) for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+
+
+def check_writable(directory: str, option: str) -> None:
+    """Create `directory` and write a probe file there, so a read-only folder fails before training, not after."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise disk_error(error, f"{option} {directory}") or OutputError(
+            f"cannot write {option} {directory}: {error.strerror or error}. Pick a writable folder."
+        ) from error
 
 
 def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
@@ -324,17 +402,22 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
     from poft.data import load_sft_dataset
 
     if not data_args.dataset_name or not model_args.model_name_or_path:
-        raise ValueError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
+        raise OptionError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
+    check_model_source(model_args.model_name_or_path, "--model_name_or_path")
+    check_writable(training_args.output_dir, "--output_dir")
     report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
     train_dataset = load_sft_dataset(
         data_args.dataset_name,
         split=data_args.dataset_train_split,
         skip_invalid=data_args.skip_invalid,
         invalid_report=report,
+        replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
     )
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
+        eval_dataset = load_sft_dataset(
+            data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+        )
     _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     trainer = PoFTTrainer(
