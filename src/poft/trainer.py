@@ -15,22 +15,20 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, Value
-from trl import SFTConfig, SFTTrainer
+from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
-from poft.errors import DataError, OptionError, OutputError
+from poft.errors import DataError, OptionError
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
-from poft.outputs import disk_error
+from poft.runtime import check_writable, default_bf16, train_and_save
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -38,6 +36,16 @@ logger = logging.getLogger(__name__)
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
 SEQ_IDS = "poft_seq_ids"
 LOSS_TYPES = ("poft", "sft")
+
+
+@dataclass
+class TrainDataArguments(ScriptArguments):
+    """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
+
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
+    )
 
 
 @dataclass
@@ -66,9 +74,7 @@ class PoFTConfig(SFTConfig):
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
         if not math.isfinite(self.gamma):
             raise OptionError(f"--gamma must be a finite number (the paper uses 0), got {self.gamma}")
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on unconditionally, which fails on machines without bf16 hardware (a laptop CPU)
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.bf16 = default_bf16(self.bf16, self.fp16)
         poft_loss_type, self.loss_type = self.loss_type, "nll"  # SFTConfig only knows its own loss types
         super().__post_init__()
         self.loss_type = poft_loss_type
@@ -331,74 +337,8 @@ def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str
         )
 
 
-def model_init_kwargs(model_args, configured: dict | None) -> dict:
-    """What `poft train` / `poft dpo` pass to from_pretrained: TRL's ModelConfig, then the config's own kwargs."""
-    return {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(configured or {}),
-    }
-
-
-def train_and_save(trainer, resume_from_checkpoint: str | bool | None) -> str:
-    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots).
-
-    A full or read-only disk while checkpointing or saving ends in one line (`OutputError`); the
-    checkpoint being written is removed, so that resuming picks the last complete one.
-    """
-    output_dir = trainer.args.output_dir
-    before = set(_checkpoints(output_dir))
-    try:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        trainer.save_model(output_dir)
-        trainer.save_state()
-    except OSError as error:
-        translated = disk_error(error, f"checkpoints or the model to {output_dir}")
-        if translated is None:
-            raise
-        for partial in set(_checkpoints(output_dir)) - before:
-            if not _complete_checkpoint(partial):
-                shutil.rmtree(partial, ignore_errors=True)
-        raise OutputError(
-            f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
-        ) from error
-    logger.info("Saved the model to %s", trainer.args.output_dir)
-    return trainer.args.output_dir
-
-
-def _complete_checkpoint(path: str) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint whose state does not parse was cut off."""
-    try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    return [os.path.join(output_dir, d) for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
-
-
-def check_writable(directory: str, option: str) -> None:
-    """Create `directory` and write a probe file there, so a read-only folder fails before training, not after."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise disk_error(error, f"{option} {directory}") or OutputError(
-            f"cannot write {option} {directory}: {error.strerror or error}. Pick a writable folder."
-        ) from error
-
-
-def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
+def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
     """`poft train`: load the (scored) data, train with PoFT or SFT, save."""
-    from trl import get_peft_config
-
     from poft.data import load_sft_dataset
 
     if not data_args.dataset_name or not model_args.model_name_or_path:
@@ -419,21 +359,13 @@ def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
             data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
         )
     _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
-    trainer = PoFTTrainer(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
     logger.info(
         "Training %s with loss_type=%s on %d conversations",
         model_args.model_name_or_path,
         training_args.loss_type,
         len(train_dataset),
     )
-    return train_and_save(trainer, training_args.resume_from_checkpoint)
+    return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
 
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
