@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from poft.errors import ChatTemplateError
+from poft.errors import ChatTemplateError, OptionError
 
 Message = dict[str, str]
 TruncationMode = Literal["keep_start", "keep_end"]
@@ -74,7 +74,7 @@ class ConversationEncoder:
         name: str | None = None,
     ):
         if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+            raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
         if not tokenizer.is_fast:
             raise ChatTemplateError(
                 f"{name or type(tokenizer).__name__}: response masks need a fast tokenizer (character offsets); "

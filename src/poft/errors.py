@@ -32,5 +32,13 @@ class ScoringError(PoftError, RuntimeError):
     """Scoring cannot go on; what was already computed stays in the cache."""
 
 
+class CacheError(ScoringError):
+    """A score cache that cannot be read or written; the message names the file and the fix."""
+
+
+class DependencyError(PoftError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the pip command."""
+
+
 class OutputError(PoftError, OSError):
     """An output that cannot be written, or must not be: an input, a foreign folder, a read-only or full disk."""
