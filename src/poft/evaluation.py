@@ -22,6 +22,7 @@ from poft.chat import ConversationEncoder
 from poft.errors import DataError, DependencyError, OptionError
 from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ def run_eval(config: EvalConfig) -> dict:
     results: dict[str, dict[str, dict[str, float]]] = {}
     for reference in references:
         logger.info("Evaluating %s", reference.path)
+        check_model_source(reference.path, "--model")
         tokenizer = AutoTokenizer.from_pretrained(reference.path)
         model = (
             AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device))
