@@ -22,7 +22,7 @@ from datasets import Dataset, Value
 
 from poft.data import conversation_id
 from poft.errors import DataError, OptionError
-from poft.outputs import atomic_output, atomic_write_text, check_output, read_marker
+from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
 from poft.scoring import ScoringOptions, parse_references, score_dataset
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def run_filter(config: FilterConfig) -> Dataset:
     if source_summary.is_file():
         history = json.loads(source_summary.read_text())
     history.append({**summary, "source": config.data, "config": asdict(config)})
-    columns = [*read_marker(config.data).get("columns", []), FILTERS_COLUMN]
+    columns = [*poft_columns(config.data), FILTERS_COLUMN]
     columns += [IFD_COLUMN] if config.ifd_model is not None else []
     with atomic_output(config.output, "filter", columns) as tmp:
         kept.save_to_disk(str(tmp))

@@ -25,7 +25,7 @@ from datasets import Dataset
 
 from poft.data import conversation_id
 from poft.errors import OptionError
-from poft.outputs import atomic_output, check_output, read_marker
+from poft.outputs import atomic_output, check_output, poft_columns
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_noise(config: NoiseConfig) -> Dataset:
     check_output(config.output, [config.data], config.overwrite)
     dataset = load_sft_dataset(config.data, split=config.split)
     noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-    columns = [*read_marker(config.data).get("columns", []), NOISE_COLUMN]
+    columns = [*poft_columns(config.data), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:
         noised.save_to_disk(str(tmp))
     logger.info("Saved the noised dataset to %s", config.output)

@@ -55,6 +55,22 @@ def read_marker(path: str | os.PathLike) -> dict:
         return {}
 
 
+def poft_columns(source: str | os.PathLike) -> set[str]:
+    """Columns of `source` that poft computed (from its record): poft's to replace or drop in a later stage.
+
+    A scored set written before outputs carried `poft_output.json` is read from its `poft_score.json`.
+    """
+    columns = set(read_marker(source).get("columns", []))
+    record = Path(source).expanduser() / "poft_score.json"
+    if not columns and record.is_file():
+        try:
+            references = json.loads(record.read_text(encoding="utf-8")).get("references", [])
+        except (OSError, ValueError):
+            references = []
+        columns = {"ref_score"} | {f"{p}{r['name']}" for r in references for p in ("score_", "n_tokens_")}
+    return columns
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 

@@ -33,7 +33,7 @@ from trl.trainer.utils import add_fused_lm_head
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import ConversationEncoder, EncodedConversation
 from poft.errors import ChatTemplateError, DataError, ModelError, OptionError, ScoringError
-from poft.outputs import atomic_output, atomic_write_text, check_output, read_marker
+from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 from poft.validation import check_model_source
@@ -409,16 +409,6 @@ def _refuse_duplicates(references: Sequence[Reference]) -> None:
         seen[key] = reference
 
 
-def poft_written_columns(source: str) -> set[str]:
-    """Columns of `source` that poft computed (from its output record): poft's to replace or drop."""
-    columns = set(read_marker(source).get("columns", []))
-    record = Path(source).expanduser() / "poft_score.json"
-    if not columns and record.is_file():  # a scored set written before outputs carried their record
-        references = json.loads(record.read_text(encoding="utf-8")).get("references", [])
-        columns = {REF_SCORE} | {f"{p}{r['name']}" for r in references for p in SCORE_PREFIXES}
-    return columns
-
-
 def reconcile_columns(
     dataset: Dataset, references: Sequence[Reference], source: str, overwrite: bool
 ) -> tuple[Dataset, list[str], list[str]]:
@@ -429,7 +419,7 @@ def reconcile_columns(
     this run are dropped (they are not part of the new ref_score); score columns poft did not write are
     kept as they are. Returns the dataset and the dropped and kept columns.
     """
-    ours = poft_written_columns(source)
+    ours = poft_columns(source)
     new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
     foreign = [c for c in dataset.column_names if c in new and c not in ours]
     if foreign and not overwrite:
@@ -468,7 +458,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     _refuse_duplicates(references)  # before the data is read, so a typo fails in a second
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
-    inherited = poft_written_columns(config.data)
+    inherited = poft_columns(config.data)
     new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
     columns = {c for c in inherited if not c.startswith(SCORE_PREFIXES)} | new
     writing = atomic_output(config.output, "score", columns) if state.is_main_process else nullcontext(None)
