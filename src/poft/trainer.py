@@ -75,7 +75,8 @@ class PoFTConfig(SFTConfig):
         if not math.isfinite(self.gamma):
             raise OptionError(f"--gamma must be a finite number (the paper uses 0), got {self.gamma}")
         self.bf16 = default_bf16(self.bf16, self.fp16)
-        poft_loss_type, self.loss_type = self.loss_type, "nll"  # SFTConfig only knows its own loss types
+        # Workaround (TRL 1.16): SFTConfig validates loss_type against its own list; restored after its checks.
+        poft_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
         self.loss_type = poft_loss_type
 
@@ -127,8 +128,9 @@ class PoFTTrainer(SFTTrainer):
             )
         if args.assistant_only_loss or args.completion_only_loss:
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
-        # SFTTrainer validates its own loss types, and refuses max_length with padding-free batches because it
-        # would not truncate them; the encoder truncates every conversation itself, so both are lifted meanwhile.
+        # Workaround (TRL 1.16, pinned <1.17): SFTTrainer accepts only its own loss types, and refuses max_length
+        # with padding-free batches because it would not truncate them; the encoder truncates every conversation
+        # itself, so both are lifted while TRL sets up. Revisit when TRL takes custom losses (compute_loss_func).
         self._truncate_to, self.loss_type = args.max_length, args.loss_type
         args.loss_type = "nll"
         if args.padding_free and not args.packing:
