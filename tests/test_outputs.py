@@ -209,3 +209,28 @@ def test_recovery_restores_an_output_renamed_aside_by_a_killed_run(tmp_path):
     (tmp_path / f".out{outputs.TMP_TAG}{pid}-abc").mkdir()
     write_version(out, 2)  # the next run recovers first, then replaces as usual
     assert set(load_from_disk(str(out))["version"]) == {2} and leftovers(tmp_path) == []
+
+
+def test_poft_noise_killed_while_replacing_its_output_leaves_the_old_one(tmp_path):
+    """The real CLI, SIGKILLed as soon as its temporary output appears: the previous output still loads, whole."""
+    data = write_rows(tmp_path, 2_000)
+    out = tmp_path / "noised"
+    assert main(["noise", "--data", data, "--output", str(out), "--rate", "0.5"]) == 0
+    before = digest(out)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    argv = ["noise", "--data", data, "--output", str(out), "--rate", "0.2", "--seed", "3", "--overwrite"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poft.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert leftovers(tmp_path), "the run was not caught while writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    loaded = load_from_disk(str(out))
+    assert len(loaded) == 2_000
+    if digest(out) != before:  # the kill fell just after the swap: then the output is the new one, whole
+        assert sum(loaded["poft_noise"]) == 400
+    outputs._recover(out)  # what the next run does first
+    assert leftovers(tmp_path) == []
