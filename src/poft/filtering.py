@@ -185,7 +185,7 @@ def run_filter(config: FilterConfig) -> Dataset:
     if not config.data or not config.output:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
-    dataset = load_sft_dataset(config.data, split=config.split)
+    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     drop = None
     if config.by == IFD_COLUMN:
         if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:

@@ -179,7 +179,7 @@ def run_noise(config: NoiseConfig) -> Dataset:
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
-    dataset = load_sft_dataset(config.data, split=config.split)
+    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
     columns = [*poft_columns(config.data), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:

@@ -509,7 +509,12 @@ def run_report(config: ReportConfig) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     lines = ["# poft report", ""]
     if config.scored:
-        scored = load_from_disk(config.scored)
+        try:
+            scored = load_from_disk(config.scored)
+        except FileNotFoundError:
+            raise DataError(
+                f"--scored {config.scored} is not a dataset directory: give the --output folder of `poft score`."
+            ) from None
         lines += scored_data_section(scored, output)
         lines += audit_section(scored, config.audit_rows, config.audit_text_chars)
     if config.runs:
