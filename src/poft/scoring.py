@@ -199,7 +199,6 @@ def score_reference(
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    check_model_source(reference.path, "--model", safetensors_only=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(reference.path, trust_remote_code=config.trust_remote_code)
         model_id = model_fingerprint(reference.path)
@@ -378,7 +377,7 @@ def score_dataset(
     references = [m if isinstance(m, Reference) else parse_references([m])[0] for m in models]
     if len({r.name for r in references}) < len(references):
         references = parse_references([r.path for r in references])
-    _refuse_duplicates(references)
+    _check_references(references)
     columns: dict[str, list] = {}
     for reference in references:
         scores, counts = score_reference(dataset, reference, config)
@@ -391,8 +390,9 @@ def score_dataset(
     return dataset
 
 
-def _refuse_duplicates(references: Sequence[Reference]) -> None:
-    """The same model twice would count twice in ref_score: refuse references with one fingerprint."""
+def _check_references(references: Sequence[Reference]) -> None:
+    """Each reference a loadable-looking model (`check_model_source`), and none twice: the same model (one
+    fingerprint) would count twice in ref_score."""
     seen: dict[str, Reference] = {}
     for reference in references:
         check_model_source(reference.path, "--model", safetensors_only=True)
@@ -455,7 +455,7 @@ def run_score(config: ScoreConfig) -> Dataset:
         raise OptionError("poft score needs at least one reference: --model PATH_OR_HUB_ID (repeat for several).")
     check_output(config.output, [config.data], config.overwrite)
     references = parse_references(config.model)
-    _refuse_duplicates(references)  # before the data is read, so a typo fails in a second
+    _check_references(references)  # before the data is read, so a typo fails in a second
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
     inherited = poft_columns(config.data)
