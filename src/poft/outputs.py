@@ -132,6 +132,8 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     later stage knows which columns are its own to replace).
     """
     out = Path(output).expanduser().absolute()
+    if out.is_symlink():  # replace what the link points to, and keep the link
+        out = out.resolve()
     _recover(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
