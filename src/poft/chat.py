@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -342,18 +343,24 @@ class ConversationEncoder:
         return ResponseSpan(turn, text, first, last + 1, None)
 
     def _check(self, span: ResponseSpan, input_ids: list[int]) -> None:
-        """The guard: the masked tokens must decode to the turn's content (after any whitespace the tokenizer glues
-        to its first token) and then only whitespace and the closing token."""
-        closing = "" if span.closing_token is None else self.tokenizer.decode([input_ids[span.closing_token]])
+        """The guard: the masked tokens must decode to the turn's content (give or take whitespace around it, such
+        as a space the tokenizer glues to its first token) and then its closing token."""
         body_end = span.end_token if span.closing_token is None else span.closing_token
         body = self.tokenizer.decode(input_ids[span.first_token : body_end])
-        ok = (
-            body.lstrip().startswith(span.content.lstrip()) and not body.lstrip()[len(span.content.lstrip()) :].strip()
-        )
-        if not ok or (span.closing_token is not None and not closing):
+        closing = "" if span.closing_token is None else self.tokenizer.decode([input_ids[span.closing_token]])
+        if not self._decodes_to(body, span.content) or (span.closing_token is not None and not closing):
             raise self._guard_error(
                 span.turn, f"its masked tokens decode to {body + closing!r}, not to the content and its closing token"
             )
+
+    def _decodes_to(self, decoded: str, content: str) -> bool:
+        """Equal up to surrounding whitespace; an unknown-token marker stands for the characters it replaced."""
+        decoded, content = decoded.strip(), content.strip()
+        unknown = self.tokenizer.unk_token
+        if unknown and unknown in decoded and unknown not in content:
+            pattern = ".+?".join(re.escape(piece) for piece in decoded.split(unknown))
+            return re.fullmatch(pattern, content, flags=re.DOTALL) is not None
+        return decoded == content
 
     def _guard_error(self, turn: int | None, why: str) -> ChatTemplateError:
         where = f"assistant turn at position {turn + 1}" if turn is not None else "an assistant turn"

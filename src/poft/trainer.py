@@ -25,7 +25,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import ConversationEncoder
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ConversationEncoder
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 from poft.runtime import default_bf16, train_and_save
 
@@ -64,10 +64,20 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template (.jinja file or text) for a target whose tokenizer has none, e.g. Zephyr's for "
+            "a base model; it is saved with the trained model. The same option as poft score's."
+        },
+    )
+    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.system_turns not in SYSTEM_TURNS:
+            raise ValueError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         self.bf16 = default_bf16(self.bf16, self.fp16)
         # Workaround (TRL 1.16): SFTConfig validates loss_type against its own list; restored after its checks.
         poft_loss_type, self.loss_type = self.loss_type, "nll"
@@ -160,8 +170,14 @@ class PoFTTrainer(SFTTrainer):
                 "use loss_type='sft'."
             )
         encoder = ConversationEncoder(
-            self._tokenizer, max_length=self._truncate_to, truncation_mode=args.truncation_mode
+            self._tokenizer,
+            fallback_template=args.chat_template,
+            max_length=self._truncate_to,
+            truncation_mode=args.truncation_mode,
+            system_turns=args.system_turns,
         )
+        if not self._tokenizer.chat_template:  # the trained model is saved with the template it learned
+            self._tokenizer.chat_template = encoder.template
         dataset = dataset.map(
             _tokenize,
             with_indices=True,
