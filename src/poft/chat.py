@@ -36,6 +36,7 @@ parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
@@ -320,15 +321,16 @@ class ConversationEncoder:
         self, turn: int, text: str, start: int, full: str, input_ids: list[int], offsets: list[tuple[int, int]]
     ) -> ResponseSpan:
         end = start + len(text)
-        covering = [t for t, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
-        if not covering:
+        # offsets are sorted, so the tokens overlapping [start, end) are found by bisection (long conversations)
+        first = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
+        last = bisect.bisect_left(offsets, end, key=lambda offset: offset[0]) - 1
+        if first > last:
             raise self._guard_error(turn, "no token covers its content")
-        first, last = covering[0], covering[-1]
         closing = last + 1
-        while (
+        while (  # whitespace between the content and the closing token is generated too (Llama 2's ' </s>')
             closing < len(input_ids)
             and input_ids[closing] not in self.special_ids
-            and full[offsets[closing][0] : offsets[closing][1]].isspace()
+            and not full[offsets[closing][0] : offsets[closing][1]].strip()
         ):
             closing += 1
         if closing < len(input_ids) and input_ids[closing] in self.special_ids:
