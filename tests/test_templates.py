@@ -146,3 +146,20 @@ def test_reasoning_the_template_strips_is_a_guard_error(base_tokenizer):
     messages = [CHAT[0], {"role": "assistant", "content": "<think>two and three</think>Five."}]
     with pytest.raises(ChatTemplateError, match="DeepSeek-R1-Distill: .*rewrites this content"):
         encoder.encode(messages)
+
+
+def test_guard_error_stops_scoring_and_training_naming_the_conversation(base_tokenizer, tmp_path):
+    from poft.demo.builders import save_model, tiny_llama
+    from poft.scoring import ScoreConfig, score_dataset
+    from poft.trainer import PoFTConfig, PoFTTrainer
+    from tests.conftest import as_dataset
+
+    tokenizer = tokenizer_for(base_tokenizer, "deepseek_r1_distill")
+    model = str(save_model(tiny_llama(tokenizer), tokenizer, tmp_path / "r1"))
+    reasoning = [CHAT[0], {"role": "assistant", "content": "<think>two and three</think>Five."}]
+    data = as_dataset([CHAT[:2], reasoning], ref_score=[-1.0, -1.0])
+    with pytest.raises(ChatTemplateError, match=rf"poft_id {data['poft_id'][1]}: {model}: .*rewrites"):
+        score_dataset(data, [model], ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu"))
+    args = PoFTConfig(output_dir=str(tmp_path / "out"), report_to=[], max_length=256)
+    with pytest.raises(ChatTemplateError, match="row 1: .*rewrites"):
+        PoFTTrainer(model, args=args, train_dataset=data)

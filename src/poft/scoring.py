@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ConversationEncoder, EncodedConversation
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 
@@ -215,7 +215,10 @@ def score_reference(
     todo: dict[str, EncodedConversation] = {}
     for poft_id, messages in zip(ids, dataset["messages"], strict=True):
         if poft_id in mine and poft_id not in todo:
-            todo[poft_id] = encoder.encode(messages)
+            try:
+                todo[poft_id] = encoder.encode(messages)
+            except ChatTemplateError as error:
+                raise ChatTemplateError(f"conversation poft_id {poft_id}: {error}") from error
     unique = len(set(ids))
     logger.info(
         "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",

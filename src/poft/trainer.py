@@ -25,7 +25,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ConversationEncoder
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 from poft.runtime import default_bf16, train_and_save
 
@@ -299,7 +299,10 @@ class PoFTTrainer(SFTTrainer):
 
 
 def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
-    encoded = encoder.encode(example["messages"])
+    try:
+        encoded = encoder.encode(example["messages"])
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"row {index}: {error}") from error
     out = {
         "input_ids": encoded.input_ids,
         "labels": encoded.labels(),
