@@ -26,10 +26,10 @@ rendered once as it is and once with every assistant content replaced by a uniqu
 rendering splits the text into the template's own pieces, which locate each content (possibly trimmed by
 the template) in the real rendering exactly. Character spans map to tokens through the tokenizer's
 offsets. A guard then decodes every turn's masked tokens and stops with `ChatTemplateError`, naming the
-model and the template, unless they are exactly that turn's content and closing token: a wrong mask never
-passes silently.
+model and the template, unless they are exactly that turn's content (give or take surrounding whitespace)
+and closing token: a wrong mask never passes silently.
 
-Templates that reject system turns (Gemma) get them merged into the next user turn, as such models'
+Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user turn, as such models'
 guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect content as a list of
 parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
 """
@@ -225,10 +225,10 @@ class ConversationEncoder:
             messages = merge_system_turns(messages)
         return messages
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: Sequence[Message]) -> str:
         """The template's text for prepared `messages`; any failure of the template is a `ChatTemplateError`."""
         try:
-            return self._apply(messages, add_generation_prompt)
+            return self._apply(messages)
         except Exception as error:  # templates fail in many ways: raise_exception, KeyError, TypeError, ...
             hint = CHAT_TEMPLATE_FIX
             if any(m["role"] == "system" for m in messages):
@@ -240,12 +240,10 @@ class ConversationEncoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def _apply(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    def _apply(self, messages: Sequence[Message]) -> str:
         if self.content_as_parts:
             messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False)
 
     def _probe_content_shape(self) -> bool:
         """True when the template renders content only given as a list of text parts."""
