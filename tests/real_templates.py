@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import trl
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 # Templates whose rendering needs images; none of the shipped ones does (text-only conversations render
@@ -82,3 +84,23 @@ def tokenizer_for(base, name: str):
     )
     tokenizer.chat_template = text
     return tokenizer
+
+
+def sentencepiece_tokenizer(texts: list[str], legacy: bool) -> PreTrainedTokenizerFast:
+    """A byte-fallback BPE in sentencepiece's style, as Llama 2, Mistral, Zephyr, Yi and Gemma ship it: `legacy`
+    marks spaces in the normalizer and prepends one to each text piece (older tokenizer.json files); otherwise a
+    metaspace pre-tokenizer prepends only at the start of the text (newer ones)."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if legacy:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    backend.train_from_iterator(
+        texts, trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

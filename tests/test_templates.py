@@ -9,13 +9,23 @@ token after it if only whitespace separates them) and compared with the decoded 
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import astuple
 
 import pytest
 
 from poft.chat import ChatTemplateError, ConversationEncoder, merge_system_turns
-from tests.real_templates import NEEDS_IMAGES, ORIGINAL, TRL_TEMPLATES, WRITTEN, tokenizer_for
+from tests.real_templates import (
+    NEEDS_IMAGES,
+    ORIGINAL,
+    SPECIAL,
+    TRL_TEMPLATES,
+    WRITTEN,
+    sentencepiece_tokenizer,
+    template_text,
+    tokenizer_for,
+)
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 CHAT = [
@@ -79,6 +89,36 @@ def test_mask_is_each_content_and_its_closing_token(base_tokenizer, name, conver
     assert len(runs) == len(expected) == sum(m["role"] == "assistant" for m in messages)
     for run, (whitespace_before, response) in zip(runs, expected, strict=True):
         assert run.lstrip() == response and whitespace_before.endswith(run[: len(run) - len(run.lstrip())])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizers():
+    texts = [m["content"] for messages in CONVERSATIONS.values() for m in messages] * 4
+    return {legacy: sentencepiece_tokenizer(texts, legacy) for legacy in (True, False)}
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "metaspace"])
+@pytest.mark.parametrize("name", ["zephyr", "mistral_v0.1", "llama2", "chatml_yi", "gemma", "gemma3"])
+def test_sentencepiece_style_tokenizers(sentencepiece_tokenizers, name, legacy):
+    """The paper's references and Gemma tokenize in sentencepiece's style, whose decoders do not restore every
+    space in a slice; the masked tokens' characters (from the offsets) are compared instead of their decoding."""
+    tokenizer = copy.deepcopy(sentencepiece_tokenizers[legacy])
+    tokenizer.add_special_tokens({"additional_special_tokens": sorted(set(SPECIAL.findall(template_text(name))))})
+    tokenizer.chat_template = template_text(name)
+    encoder = ConversationEncoder(tokenizer, name=name)
+    for messages in CONVERSATIONS.values():
+        encoded = encoder.encode(messages)
+        rendered = encoder.render(encoder.prepare(messages))
+        offsets = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert encoded.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        runs, start = [], None
+        for index, flag in enumerate([*encoded.response_mask, 0]):
+            if flag and start is None:
+                start = index
+            elif not flag and start is not None:
+                runs.append(rendered[offsets[start][0] : offsets[index - 1][1]].strip())
+                start = None
+        assert runs == [response for _, response in expected_responses(tokenizer, encoder, messages)]
 
 
 def test_every_shipped_template_is_covered():

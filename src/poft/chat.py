@@ -26,8 +26,8 @@ rendered once as it is and once with every assistant content replaced by a uniqu
 rendering splits the text into the template's own pieces, which locate each content (possibly trimmed by
 the template) in the real rendering exactly. Character spans map to tokens through the tokenizer's
 offsets. A guard then decodes every turn's masked tokens and stops with `ChatTemplateError`, naming the
-model and the template, unless they are exactly that turn's content (give or take surrounding whitespace)
-and closing token: a wrong mask never passes silently.
+model and the template, unless they are exactly that turn's content and closing token (whitespace aside,
+which decoders do not all restore): a wrong mask never passes silently.
 
 Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user turn, as such models'
 guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect content as a list of
@@ -343,8 +343,9 @@ class ConversationEncoder:
         return ResponseSpan(turn, text, first, last + 1, None)
 
     def _check(self, span: ResponseSpan, input_ids: list[int]) -> None:
-        """The guard: the masked tokens must decode to the turn's content (give or take whitespace around it, such
-        as a space the tokenizer glues to its first token) and then its closing token."""
+        """The guard: the masked tokens must decode to the turn's content and then its closing token. Whitespace is
+        not compared (a space glued to the first token, decoders that drop spaces in a slice); every other
+        character is, so dropped, rewritten, repeated or added text stops the run."""
         body_end = span.end_token if span.closing_token is None else span.closing_token
         body = self.tokenizer.decode(input_ids[span.first_token : body_end])
         closing = "" if span.closing_token is None else self.tokenizer.decode([input_ids[span.closing_token]])
@@ -354,8 +355,9 @@ class ConversationEncoder:
             )
 
     def _decodes_to(self, decoded: str, content: str) -> bool:
-        """Equal up to surrounding whitespace; an unknown-token marker stands for the characters it replaced."""
-        decoded, content = decoded.strip(), content.strip()
+        """Equal up to whitespace, which decoders do not all restore inside a slice of a sequence (sentencepiece's
+        metaspace); an unknown-token marker stands for the characters it replaced."""
+        decoded, content = "".join(decoded.split()), "".join(content.split())
         unknown = self.tokenizer.unk_token
         if unknown and unknown in decoded and unknown not in content:
             pattern = ".+?".join(re.escape(piece) for piece in decoded.split(unknown))
