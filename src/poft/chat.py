@@ -166,6 +166,10 @@ class ConversationEncoder:
         if isinstance(template, dict):
             template = template.get("default")
         self.template_source = "the tokenizer's chat template"
+        if template and fallback_template is not None:
+            logger.info(
+                "%s: using the tokenizer's own chat template; --chat_template serves only those without one", self.name
+            )
         if not template:
             if fallback_template is None:
                 raise ChatTemplateError(f"{self.name}: the tokenizer has no chat template. {CHAT_TEMPLATE_FIX}")
