@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from poft.chat import ChatTemplateError
+from poft.chat import MASK_RULE, ChatTemplateError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 from tests.conftest import as_dataset
@@ -263,6 +264,8 @@ def test_r_theta_equals_poft_score_on_real_templates(template_models, conversati
         [template_models[name]],
         ScoreConfig(cache_dir=str(tmp_path / "cache"), max_length=256, device="cpu"),
     )
+    (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    assert meta["masking"] == MASK_RULE and meta["system_turns"] == "auto"  # a new rule never reuses old scores
     for layout in ({}, {"padding_free": True}):
         trainer = PoFTTrainer(template_models[name], args=config(tmp_path, **layout), train_dataset=data)
         trainer.model.eval()
