@@ -49,7 +49,8 @@ def expected_responses(tokenizer, encoder: ConversationEncoder, messages: list[d
     else:
         shaped = turns
     rendered = tokenizer.apply_chat_template(shaped, tokenize=False)
-    specials = "|".join(re.escape(t) for t in sorted(tokenizer.all_special_tokens, key=len, reverse=True))
+    closing = set(tokenizer.all_special_tokens) - {tokenizer.bos_token, tokenizer.unk_token}
+    specials = "|".join(re.escape(t) for t in sorted(closing, key=len, reverse=True))
     expected, cursor = [], 0
     for message in turns:
         start = rendered.find(message["content"], cursor)
@@ -203,3 +204,18 @@ def test_guard_error_stops_scoring_and_training_naming_the_conversation(base_tok
     args = PoFTConfig(output_dir=str(tmp_path / "out"), report_to=[], max_length=256)
     with pytest.raises(ChatTemplateError, match="row 1: .*rewrites"):
         PoFTTrainer(model, args=args, train_dataset=data)
+
+
+def test_a_turn_without_a_closing_token_is_its_content_alone(base_tokenizer, caplog):
+    """The next turn's beginning-of-sequence token does not close the previous one: the model never generates it."""
+    tokenizer = tokenizer_for(base_tokenizer, "mistral_v0.1")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ bos_token + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    with caplog.at_level("WARNING", logger="poft.chat"):
+        encoded = ConversationEncoder(tokenizer).encode(CHAT[:4])
+    assert [run.strip() for run in masked_runs(tokenizer, encoded.input_ids, encoded.response_mask)] == [
+        "Two plus three is five.",
+        "elppa",
+    ]
+    assert "no special token right after" in caplog.text

@@ -19,7 +19,8 @@ r_theta - r_ref would shift by a template artefact. Whitespace that sits between
 closing token (Llama 2's ``' ' + eos``) is kept, since the model must generate it to reach that token; a
 leading space the tokenizer glues to the first content token is kept, since that token is what the model
 generates. Where no special token follows the content (GLM-4's last turn: its turns end with the next
-role token, which its generation config stops at), the turn is its content alone, with a warning.
+role token, which its generation config stops at), the turn is its content alone, with a warning. A
+beginning-of-sequence token never closes a turn.
 
 One method serves every template, with or without ``{% generation %}`` markers: the conversation is
 rendered once as it is and once with every assistant content replaced by a unique marker; the marker
@@ -180,9 +181,11 @@ class ConversationEncoder:
                 else "the given chat template"
             )
         self.template = template
-        self.special_ids = set(tokenizer.all_special_ids) | {
-            i for i, token in tokenizer.added_tokens_decoder.items() if token.special
-        }
+        # tokens that can close a turn: the special ones, but never a beginning-of-sequence or unknown token
+        self.closing_ids = (
+            set(tokenizer.all_special_ids)
+            | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        ) - {tokenizer.bos_token_id, tokenizer.unk_token_id}
         self.content_as_parts = self._probe_content_shape()
         self.renders_system = self._probe_system_turns()
         self._warned: set[str] = set()
@@ -331,11 +334,11 @@ class ConversationEncoder:
         closing = last + 1
         while (  # whitespace between the content and the closing token is generated too (Llama 2's ' </s>')
             closing < len(input_ids)
-            and input_ids[closing] not in self.special_ids
+            and input_ids[closing] not in self.closing_ids
             and not full[offsets[closing][0] : offsets[closing][1]].strip()
         ):
             closing += 1
-        if closing < len(input_ids) and input_ids[closing] in self.special_ids:
+        if closing < len(input_ids) and input_ids[closing] in self.closing_ids:
             return ResponseSpan(turn, text, first, closing + 1, closing)
         self._warn_once(
             "closing",
