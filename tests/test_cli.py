@@ -169,10 +169,12 @@ def _fields(*classes) -> set[str]:
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_keys_are_real_options(recipe):
-    keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
+    values = yaml.safe_load((RECIPES / recipe).read_text())
     command = COMMANDS[recipe.split("-")[0]]
     known = _fields(*(command.load(c) for c in command.configs))
-    assert keys <= known, keys - known
+    assert set(values) <= known, set(values) - known
+    if "chat_template" in values:  # a template file, relative to the repository root where recipes are run
+        assert (RECIPES.parent / values["chat_template"]).is_file()
 
 
 def test_merge_repeated_keeps_flags_apart():

@@ -126,13 +126,17 @@ def test_template_that_raises_names_the_template_and_the_row(tiny_models, data, 
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     )
     model = with_template(tiny_models["zephyr"], tmp_path / "nosystem", template)
-    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache") == 2
+    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache", "--system_turns", "keep") == 2
     line = error_line(capsys)
-    assert line.startswith(
-        f"poft score: error: {model}: the chat template refused the conversation: no system role allowed "
-        "(reference 'nosystem', conversation 1 of the data, poft_id "
+    assert line.startswith("poft score: error: reference 'nosystem', conversation 1 of the data (poft_id ")
+    assert (
+        f"{model}: " in line
+        and "no system role allowed" in line
+        and line.endswith(
+            "The conversation has a system turn: pass --system_turns merge to merge it into the user turn."
+        )
     )
-    assert line.endswith("give this reference a template that accepts it (--chat_template).")
+    assert score(data, [str(model)], tmp_path / "merged", tmp_path / "cache") == 0  # merged by default, as said
 
 
 def test_template_that_drops_assistant_content_is_named_and_stops(tiny_models, data, tmp_path, capsys):
@@ -144,11 +148,26 @@ def test_template_that_drops_assistant_content_is_named_and_stops(tiny_models, d
     model = with_template(tiny_models["zephyr"], tmp_path / "dropper", template)
     assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache") == 2
     line = error_line(capsys)
-    assert line.startswith(
-        "poft score: error: reference 'dropper': 4 of 4 conversations have a null score: 4 have no response token in "
-        "this reference's chat template (first: conversation 1)"
+    assert line.startswith(f"poft score: error: {model}: cannot locate the response of an assistant turn")
+    assert "the template renders assistant content unchanged neither as text nor as text parts" in line
+    assert "truncat" not in line and not (tmp_path / "out").exists()
+
+
+def test_rows_without_a_response_token_say_so_and_all_of_them_stop(tiny_models, conversations, tmp_path, caplog):
+    """The cause of a null score comes from the cache record: truncation, or no response token in the template."""
+    from poft.scoring import ScoreConfig, score_dataset
+    from tests.conftest import as_dataset
+
+    long_prompt = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    config = ScoreConfig(cache_dir=str(tmp_path / "c"), max_length=150, device="cpu")
+    score_dataset(as_dataset([conversations[0], long_prompt]), [tiny_models["chatml"]], config)
+    assert any(
+        "1 of 2 conversations have a null score: 1 have no response token left after truncation to 150 tokens"
+        in r.getMessage()
+        for r in caplog.records
     )
-    assert "truncat" not in line and line.endswith("No row could be scored, so this reference cannot be used.")
+    with pytest.raises(ScoringError, match=r"1 of 1 conversations have a null score: .*No row could be scored"):
+        score_dataset(as_dataset([long_prompt]), [tiny_models["chatml"]], config)
 
 
 # --------------------------------------------------------------------------- non-finite scores

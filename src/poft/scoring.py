@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
-from poft.chat import ConversationEncoder, EncodedConversation
-from poft.errors import ChatTemplateError, DataError, ModelError, OptionError, ScoringError
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
@@ -65,6 +65,7 @@ class ScoringOptions:
         default=None,
         metadata={"help": "Chat template (.jinja file or text) for models whose tokenizer has none."},
     )
+    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
     # loading
     device: str = field(
         default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."}
@@ -101,6 +102,8 @@ class ScoringOptions:
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise OptionError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.system_turns not in SYSTEM_TURNS:
+            raise OptionError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         if self.batch_tokens <= 0:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
@@ -212,12 +215,14 @@ def score_reference(
         fallback_template=config.chat_template,
         max_length=config.max_length,
         truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
+        system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
     )
     meta = {
         "model": reference.path,
         "chat_template": encoder.template,
-        "masking": encoder.method,
+        "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
+        "system_turns": config.system_turns,
         "max_length": config.max_length,
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
@@ -238,8 +243,7 @@ def score_reference(
                 todo[poft_id] = encoder.encode(messages)
             except ChatTemplateError as error:
                 raise ChatTemplateError(
-                    f"{error} (reference {reference.name!r}, conversation {row} of the data, poft_id {poft_id}). "
-                    "Fix or drop that row, or give this reference a template that accepts it (--chat_template)."
+                    f"reference {reference.name!r}, conversation {row} of the data (poft_id {poft_id}): {error}"
                 ) from error
     unique = len(set(ids))
     logger.info(

@@ -25,7 +25,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import ConversationEncoder
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.errors import DataError, OptionError
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 from poft.runtime import check_writable, default_bf16, train_and_save
@@ -66,10 +66,20 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template (.jinja file or text) for a target whose tokenizer has none, e.g. Zephyr's for "
+            "a base model; it is saved with the trained model. The same option as poft score's."
+        },
+    )
+    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise OptionError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.system_turns not in SYSTEM_TURNS:
+            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
         if not math.isfinite(self.gamma):
@@ -168,8 +178,14 @@ class PoFTTrainer(SFTTrainer):
         if self.loss_type == "poft":
             _check_reference_column(dataset, ref_column, dataset_name)
         encoder = ConversationEncoder(
-            self._tokenizer, max_length=self._truncate_to, truncation_mode=args.truncation_mode
+            self._tokenizer,
+            fallback_template=args.chat_template,
+            max_length=self._truncate_to,
+            truncation_mode=args.truncation_mode,
+            system_turns=args.system_turns,
         )
+        if not self._tokenizer.chat_template:  # the trained model is saved with the template it learned
+            self._tokenizer.chat_template = encoder.template
         dataset = dataset.map(
             _tokenize,
             with_indices=True,
@@ -297,7 +313,10 @@ class PoFTTrainer(SFTTrainer):
 
 
 def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
-    encoded = encoder.encode(example["messages"])
+    try:
+        encoded = encoder.encode(example["messages"])
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"row {index}: {error}") from error
     out = {
         "input_ids": encoded.input_ids,
         "labels": encoded.labels(),
