@@ -128,7 +128,7 @@ def test_template_that_raises_names_the_template_and_the_row(tiny_models, data, 
     model = with_template(tiny_models["zephyr"], tmp_path / "nosystem", template)
     assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache", "--system_turns", "keep") == 2
     line = error_line(capsys)
-    assert line.startswith("poft score: error: reference 'nosystem', conversation 1 of the data (poft_id ")
+    assert line.startswith("poft score: error: reference 'nosystem', conversation 1 of the data, poft_id ")
     assert (
         f"{model}: " in line
         and "no system role allowed" in line

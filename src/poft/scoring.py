@@ -243,7 +243,7 @@ def score_reference(
                 todo[poft_id] = encoder.encode(messages)
             except ChatTemplateError as error:
                 raise ChatTemplateError(
-                    f"reference {reference.name!r}, conversation {row} of the data (poft_id {poft_id}): {error}"
+                    f"reference {reference.name!r}, conversation {row} of the data, poft_id {poft_id}: {error}"
                 ) from error
     unique = len(set(ids))
     logger.info(
