@@ -550,3 +550,12 @@ def test_only_poft_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch
     monkeypatch.setattr(cli.Command, "load", lambda self, name: user_error)
     assert main(["report"]) == 2
     assert error_line(capsys) == "poft report: error: a user can fix this"
+
+
+def test_noise_drops_the_scores_of_the_responses_it_changes(tiny_models, data, tmp_path, caplog):
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "scored", tmp_path / "cache") == 0
+    assert main(["noise", "--data", str(tmp_path / "scored"), "--output", str(tmp_path / "noised")]) == 0
+    noised = load_from_disk(str(tmp_path / "noised"))
+    assert not {"ref_score", "score_zephyr", "n_tokens_zephyr"} & set(noised.column_names)
+    assert any("Dropped ['score_zephyr', 'n_tokens_zephyr', 'ref_score']" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "noised" / "poft_output.json").read_text())["columns"] == ["poft_noise"]

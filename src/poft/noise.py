@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 NOISE_KINDS = ("paper", "subtle")
 NOISE_COLUMN = "poft_noise"
+SCORE_COLUMNS = ("ref_score", "score_", "n_tokens_", "ifd")  # prefixes of the columns that score content
 ATTEMPTS = 10  # draws per chosen row before it is left clean (a row whose every donor and edit reproduce it)
 
 
@@ -173,15 +174,24 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
 
 
 def run_noise(config: NoiseConfig) -> Dataset:
-    """`poft noise`: load, corrupt, save (atomically: see `poft.outputs`)."""
+    """`poft noise`: load, corrupt, save (atomically: see `poft.outputs`).
+
+    Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
+    the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
+    """
     from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
     dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
+    ours = poft_columns(config.data)
+    stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
+    if stale:
+        logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
+        dataset = dataset.remove_columns(stale)
     noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-    columns = [*poft_columns(config.data), NOISE_COLUMN]
+    columns = [*(ours - set(stale)), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:
         noised.save_to_disk(str(tmp))
     logger.info("Saved the noised dataset to %s", config.output)
