@@ -80,6 +80,14 @@ def test_check_output_refuses_what_it_would_destroy(tmp_path):
     assert check_output(tmp_path / "new", [data, "org/hub-dataset"]) == (tmp_path / "new").resolve()
 
 
+def test_atomic_output_never_replaces_a_foreign_folder(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff")
+    with pytest.raises(OutputError, match="is a non-empty folder that is not a poft output"):
+        write_version(tmp_path / "photos", 1)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"\xff" and leftovers(tmp_path) == []
+
+
 def test_replacing_an_output_leaves_only_the_new_one(tmp_path):
     out = tmp_path / "out"
     write_version(out, 1)

@@ -135,6 +135,10 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     if out.is_symlink():  # replace what the link points to, and keep the link
         out = out.resolve()
     _recover(out)
+    if out.is_dir() and any(out.iterdir()) and not (is_poft_output(out) or _is_saved_dataset(out)):
+        raise OutputError(
+            f"--output {output} is a non-empty folder that is not a poft output; poft never replaces it."
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
