@@ -62,8 +62,9 @@ def test_check_output_refuses_what_it_would_destroy(tmp_path):
         check_output(data, [], overwrite=True)
     with pytest.raises(OutputError, match=r"contains the input"):
         check_output(tmp_path, [data])
+    (tmp_path / "saved").mkdir()
     with pytest.raises(OutputError, match=r"lies inside the input"):
-        check_output(tmp_path / "saved" / "sub", [tmp_path / "saved"]) if (tmp_path / "saved").mkdir() is None else 0
+        check_output(tmp_path / "saved" / "sub", [tmp_path / "saved"])
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"\xff")
