@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from poft import audit  # noqa: E402
 from poft.errors import DataError, OptionError  # noqa: E402
+from poft.outputs import atomic_write_text  # noqa: E402
 from poft.report_html import escape_markdown, render_html  # noqa: E402
 
 
@@ -488,17 +488,6 @@ class ReportConfig:
             )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path`: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def run_report(config: ReportConfig) -> Path:
     """`poft report`: report.md over whatever was given, and report.html, the same page self-contained."""
     from datasets import load_from_disk
@@ -523,7 +512,7 @@ def run_report(config: ReportConfig) -> Path:
         payloads = [json.loads(Path(p).read_text()) for p in config.eval]
         lines += ["## Evaluation", "", eval_table(payloads), ""]
     markdown = "\n".join(lines)
-    _write_atomic(output / "report.md", markdown)
-    _write_atomic(output / "report.html", render_html(markdown, output, title="poft report"))
+    atomic_write_text(output / "report.md", markdown)
+    atomic_write_text(output / "report.html", render_html(markdown, output, title="poft report"))
     print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"
