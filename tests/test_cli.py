@@ -143,6 +143,7 @@ def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "o2"), "--skip-invalid"]) == 0
     report = [json.loads(line) for line in (tmp_path / "o2" / "invalid_rows.jsonl").read_text().splitlines()]
     assert report[0]["line"] == 2 and len(load_from_disk(str(tmp_path / "o2"))) == 1
+    assert report[0]["record"] == {"messages": [{"role": "bot", "content": "x"}]}  # the bad row itself
 
 
 def test_train_without_scores_explains_the_fix(tiny_models, conversations, tmp_path, capsys):
@@ -169,10 +170,12 @@ def _fields(*classes) -> set[str]:
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_keys_are_real_options(recipe):
-    keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
+    values = yaml.safe_load((RECIPES / recipe).read_text())
     command = COMMANDS[recipe.split("-")[0]]
     known = _fields(*(command.load(c) for c in command.configs))
-    assert keys <= known, keys - known
+    assert set(values) <= known, set(values) - known
+    if "chat_template" in values:  # a template file, relative to the repository root where recipes are run
+        assert (RECIPES.parent / values["chat_template"]).is_file()
 
 
 def test_merge_repeated_keeps_flags_apart():

@@ -86,8 +86,8 @@ def test_sharegpt_format(tmp_path):
     ],
 )
 def test_sharegpt_speaker_mapping(speaker, role):
-    convo = [{"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
-    assert normalize_example({"conversations": convo}, "sharegpt")[0]["role"] == role
+    convo = [{"from": "human", "value": "q"}, {"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
+    assert normalize_example({"conversations": convo}, "sharegpt")[1]["role"] == role
 
 
 def test_prompt_completion_format(tmp_path):
@@ -119,6 +119,49 @@ def test_alpaca_format_with_optional_input_and_system(tmp_path):
         {"role": "assistant", "content": "O1"},
     ]
     assert ds["messages"][1] == [{"role": "user", "content": "I2"}, {"role": "assistant", "content": "O2"}]
+
+
+def test_dolly_format_with_optional_context(tmp_path):
+    rows = [
+        {
+            "instruction": "Who wrote it?",
+            "context": "Dune is a novel by Frank Herbert.",
+            "response": "Frank Herbert.",
+            "category": "closed_qa",
+        },
+        {"instruction": "Name a fruit.", "context": "", "response": "A pear.", "category": "brainstorming"},
+    ]
+    ds = load_rows(tmp_path, rows)
+    assert ds.column_names == ["messages", "poft_id", "category"]
+    assert ds["messages"] == [
+        [
+            {"role": "user", "content": "Who wrote it?\n\nDune is a novel by Frank Herbert."},
+            {"role": "assistant", "content": "Frank Herbert."},
+        ],
+        [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}],
+    ]
+    assert detect_format(["instruction", "context", "response", "category"]) == "dolly"
+
+
+def test_chat_csv_with_messages_as_json_text(tmp_path):
+    path = tmp_path / "chats.csv"
+    conversations = [CHAT, [{"role": "system", "content": 'Be brief, "please".'}, *CHAT]]
+    pd.DataFrame({"messages": [json.dumps(c) for c in conversations], "source": ["a", "b"]}).to_csv(path, index=False)
+    ds = load_sft_dataset(str(path))
+    assert ds["messages"] == conversations and ds["source"] == ["a", "b"]
+    assert ds["poft_id"] == [conversation_id(c) for c in conversations]
+
+
+def test_text_parts_are_joined_into_the_content(tmp_path):
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there!"}]},
+    ]
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]
+    assert load_rows(tmp_path, [{"messages": turns}])["messages"] == [expected]
+    datasets.Dataset.from_list([{"messages": turns}]).save_to_disk(str(tmp_path / "saved"))
+    saved = load_sft_dataset(str(tmp_path / "saved"))  # Arrow adds the missing keys to every part
+    assert saved["messages"] == [expected] and saved["poft_id"] == [conversation_id(expected)]
 
 
 def test_extra_columns_kept_and_source_columns_dropped(tmp_path):
@@ -176,7 +219,10 @@ def test_poft_id_is_a_content_hash(tmp_path):
     plain = {"messages": CHAT, "poft_id": "stale"}
     reordered = {"other": 1, "messages": [{"content": m["content"], "role": m["role"], "x": 0} for m in CHAT]}
     changed = {"messages": [CHAT[0], {"role": "assistant", "content": "Hello"}]}
-    ids = load_rows(tmp_path, [plain, reordered, changed])["poft_id"]
+    with pytest.raises(DataError, match=r"data.jsonl: line 1: the column 'poft_id' holds 'stale', not poft's id"):
+        load_rows(tmp_path, [plain, reordered, changed])
+    ids = load_rows(tmp_path, [plain, reordered, changed], replace_poft_id=True)["poft_id"]
+    assert load_rows(tmp_path, [{**plain, "poft_id": ids[0]}])["poft_id"] == [ids[0]]  # poft's own id is kept
     canonical = json.dumps(CHAT, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     assert ids[0] == ids[1] == conversation_id(CHAT) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert ids[2] != ids[0] and len(ids[2]) == 16
@@ -191,9 +237,22 @@ BAD_LINES = {
     "no assistant": ({"messages": [CHAT[0]]}, "no assistant turn"),
     "empty content": ({"messages": [CHAT[0], {"role": "assistant", "content": "  "}]}, "empty content in turn 2"),
     "non-string content": (
-        {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
-        "non-string content in turn 2 (found list)",
+        {"messages": [CHAT[0], {"role": "assistant", "content": 5}]},
+        "non-string content in turn 2 (found int)",
     ),
+    "image part": (
+        {"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, CHAT[1]]},
+        "content part 1 of turn 1 is not text (type 'image'); poft scores text only",
+    ),
+    "part that is not an object": (
+        {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
+        "content part 1 of turn 2 is not text (str)",
+    ),
+    "tool call": (
+        {"messages": [CHAT[0], {"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}]},
+        "turn 2 is an assistant tool call ('tool_calls')",
+    ),
+    "messages text that is not JSON": ({"messages": "[{'role': 'user'"}, "'messages' is text but not a JSON list"),
     "unreadable json": ('{"messages": [', "unreadable JSON"),
     "not an object": ("[1, 2]", "not a JSON object (found list)"),
 }
@@ -279,6 +338,7 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
     entries = [json.loads(line) for line in report.read_text().splitlines()]
     assert [e["line"] for e in entries] == [2, 5]
     assert "no assistant turn" in entries[0]["error"] and "unreadable JSON" in entries[1]["error"]
+    assert entries[0]["record"] == lines[1] and entries[1]["record"] == "not json"  # the bad row itself
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "Skipped 2 of 5 rows" in warning and str(report) in warning
     assert any(
@@ -289,6 +349,17 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
 
 def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):
     report = tmp_path / "bad.jsonl"
-    with pytest.raises(DataError, match="all 2 rows are invalid"):
+    with pytest.raises(DataError, match=r"all 2 rows are invalid, so there is nothing to train on \(first: line 1: "):
         load_rows(tmp_path, ["{", {"messages": [CHAT[0]]}], skip_invalid=True, invalid_report=report)
-    assert len(report.read_text().splitlines()) == 2
+    assert not report.exists()  # no output is written, so no report beside it
+
+
+def test_assistant_only_rows_are_rejected_at_load_with_their_line(tmp_path):
+    only_assistant = {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]}
+    with pytest.raises(DataError, match=r"data.jsonl: line 2: only assistant turns, no user turn"):
+        load_rows(tmp_path, [{"messages": CHAT}, only_assistant])
+    report = tmp_path / "bad.jsonl"
+    assert load_rows(tmp_path, [{"messages": CHAT}, only_assistant], skip_invalid=True, invalid_report=report)[
+        "messages"
+    ] == [CHAT]
+    assert json.loads(report.read_text())["record"] == only_assistant

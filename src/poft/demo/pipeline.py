@@ -33,9 +33,11 @@ from trl import SFTConfig, SFTTrainer
 from poft.data import conversation_id
 from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
-from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run, write_json_atomic
+from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
+from poft.errors import OptionError
 from poft.noise import NOISE_COLUMN, add_noise
+from poft.outputs import atomic_write_text
 from poft.report import auc, write_demo_report
 from poft.runtime import cache_root, resolve_device
 from poft.scoring import ScoreConfig, score_dataset
@@ -139,7 +141,7 @@ class DemoConfig:
         if self.baselines:
             self.methods += [m for m in ("sft_norm", "oracle", "filter") if m not in self.methods]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
-            raise ValueError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
+            raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
         for name, values, allowed in (
             ("methods", self.methods, METHODS),
             ("worlds", self.worlds, WORLDS),
@@ -147,11 +149,11 @@ class DemoConfig:
         ):
             unknown = [v for v in values if v not in allowed]
             if unknown:
-                raise ValueError(f"--{name} {' '.join(unknown)}: choose from {', '.join(allowed)}")
+                raise OptionError(f"--{name} {' '.join(unknown)}: choose from {', '.join(allowed)}")
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+            raise OptionError(f"--workers must be at least 1, got {self.workers}")
 
     def world_key(self, world: str = "standard") -> str:
         rows, epochs = self.reference_rows, self.reference_epochs
@@ -294,7 +296,9 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
     SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=tokenizer).train()
     save_model(base, tokenizer, root / "base")
     shutil.rmtree(root / "tmp", ignore_errors=True)
-    write_json_atomic(root / "done", {"config": asdict(config), "reference_accuracy": world.reference_accuracy})
+    atomic_write_text(
+        root / "done", json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy})
+    )
     return world
 
 
@@ -467,7 +471,7 @@ def run_demo(config: DemoConfig) -> dict:
         "separation": grid.separation,
         "summary": summarise(records, config.learning_rate, best_lr),
     }
-    write_json_atomic(output / "results.json", results)
+    atomic_write_text(output / "results.json", json.dumps(results, indent=2))
     table = write_demo_report(results, grid.distributions, output)
     print(table)
     return results

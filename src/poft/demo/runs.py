@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from poft.chat import ConversationEncoder
 from poft.evaluation import exact_match, generate_responses, prompt_messages
 from poft.noise import NOISE_COLUMN
 from poft.objectives import poft_weights
+from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -67,17 +67,6 @@ class TrainSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """Write to a temporary sibling, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(payload, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # a temporary file is private; the result gets the usual permissions
-    os.replace(f.name, path)
-
-
 class RunStore:
     """Finished runs as one JSON file each under DIR/runs/<settings fingerprint>/."""
 
@@ -98,7 +87,8 @@ class RunStore:
             return None
 
     def save(self, spec: RunSpec, record: dict) -> None:
-        write_json_atomic(self.path(spec), record)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path(spec), json.dumps(record, indent=1))
 
 
 def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -> list[int]:
