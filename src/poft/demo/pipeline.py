@@ -371,7 +371,10 @@ class Grid:
                 records[spec] = record
         if records:
             logger.info(
-                "%d of %d runs already finished (in %s)", len(records), len(records) + len(pending), self.stores
+                "%d of %d runs already finished (in %s)",
+                len(records),
+                len(records) + len(pending),
+                ", ".join(str(store.directory) for store in self.stores.values()),
             )
         started, done = time.perf_counter(), 0
 
