@@ -363,7 +363,7 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
             f"### Rows without a ref_score ({len(found.missing)})",
             "",
             "At least one reference gave no score (usually: no response token survived its truncation; see the "
-            "score columns). `poft filter` drops these rows; PoFT training refuses data that still holds them."
+            "score columns). `poft filter` drops these rows; PoFT training skips them with a warning."
             + (f" The first {rows}:" if len(found.missing) > rows else ""),
             "",
             *_rows_table(dataset, found.missing[:rows], scores, text_chars),

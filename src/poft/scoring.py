@@ -308,7 +308,7 @@ def _report_null_scores(entries, ids: Sequence[str], reference: Reference, confi
     )
     if len(null) == len(ids):
         raise ScoringError(f"{message}. No row could be scored, so this reference cannot be used.")
-    logger.warning("%s. Training skips rows with a null ref_score.", message)
+    logger.warning("%s. `poft train` skips rows with a null ref_score.", message)
 
 
 def model_scores(

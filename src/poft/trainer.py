@@ -211,7 +211,7 @@ class PoFTTrainer(SFTTrainer):
                     "is nothing to train on. Raise max_length, or check the chat template."
                 )
         if self.loss_type == "poft":
-            _check_reference_scores(dataset, ref_column, dataset_name)
+            dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
             ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
         )
@@ -346,16 +346,39 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
         )
 
 
-def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> None:
-    """Fail before training on a missing, NaN or infinite reference score, naming the rows."""
+def _drop_null_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> Dataset:
+    """Skip rows no reference could score (null); fail before training on a NaN or infinite score, naming the rows.
+
+    `poft score` writes a null `ref_score` where a reference has no response token to score (truncated away,
+    or none marked by its template): such a row has no r_ref to compare with, so it is left out, with a warning.
+    A NaN or infinite score is never written by poft, so it means broken data and stops the run.
+    """
     columns = zip(dataset[ref_column], dataset["poft_row"], dataset["poft_id"], strict=True)
-    bad = [(row, poft_id) for value, row, poft_id in columns if value is None or not math.isfinite(value)]
+    bad = [(row, poft_id) for value, row, poft_id in columns if value is not None and not math.isfinite(value)]
     if bad:
         shown = ", ".join(f"row {row}" + (f" (poft_id {poft_id})" if poft_id else "") for row, poft_id in bad[:5])
         raise DataError(
-            f"{len(bad)} rows of the {dataset_name} dataset have a missing, NaN or infinite {ref_column!r}: {shown}"
+            f"{len(bad)} rows of the {dataset_name} dataset have a NaN or infinite {ref_column!r}: {shown}"
             f"{' ...' if len(bad) > 5 else ''}. Rescore them with `poft score`, or drop them before training."
         )
+    null = sum(value is None for value in dataset[ref_column])
+    if not null:
+        return dataset
+    if null == len(dataset):
+        raise DataError(
+            f"Every {ref_column!r} of the {dataset_name} dataset left to train on is null (no reference could score "
+            "any row), so PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), raise "
+            "max_length, or use loss_type='sft'."
+        )
+    logger.warning(
+        "%d of %d conversations of the %s dataset have a null %r (no reference could score them: their response "
+        "was truncated away, or the template marks no response token) and are skipped.",
+        null,
+        len(dataset),
+        dataset_name,
+        ref_column,
+    )
+    return dataset.filter(lambda value: value is not None, input_columns=ref_column)
 
 
 def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
