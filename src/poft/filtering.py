@@ -3,7 +3,8 @@
 IFD (Cherry LLM's instruction-following difficulty) of a pair is the model's mean response
 cross-entropy given the prompt divided by its mean response cross-entropy without it. Both are PoFT
 scores computed by `score_dataset` (the conditional one is exactly the model's reference score, so a
-reference's cache serves it), the unconditional one on the response turns alone in the same template.
+reference's cache serves it), the unconditional one on the response turns alone in the same template,
+each after an empty user turn (see `response_only`), so both cover exactly the same response tokens.
 Its authors drop IFD >= 1 (the prompt does not help) and keep the highest fraction of the rest.
 
 Filters compose: each keeps rows, appends what it did to the `poft_filters` column, and adds a record to
@@ -23,7 +24,7 @@ from datasets import Dataset, Value
 from poft.data import conversation_id
 from poft.errors import DataError, OptionError
 from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
-from poft.scoring import ScoringOptions, parse_references, score_dataset
+from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -158,20 +159,34 @@ def filter_by_score(
 
 
 def response_only(messages: list[dict]) -> list[dict]:
-    """The conversation's assistant turns alone: what IFD's unconditional score reads."""
-    return [m for m in messages if m["role"] == "assistant"]
+    """IFD's unconditional conversation: each assistant turn after an empty user turn, in the conversation's order.
+
+    The empty user turns carry no prompt, and keep the roles alternating, which many templates require (Gemma,
+    Mistral-Instruct v0.1, Llama 2, Qwen 3). The response tokens (each content and its closing token) are the
+    same as in the full conversation, so both scores of IFD average over exactly the same tokens.
+    """
+    out: list[dict] = []
+    for message in messages:
+        if message["role"] == "assistant":
+            out += [{"role": "user", "content": ""}, message]
+    return out
 
 
 def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[float | None]:
     """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing.
 
-    Both kinds of conversation are scored in one pass, so the model loads once.
+    Both kinds of conversation are scored in one pass, so the model loads once; a message about the
+    unconditional pass names the user's row it comes from.
     """
     reference = parse_references([model])
     n = len(dataset)
     conversations = list(dataset["messages"]) + [response_only(m) for m in dataset["messages"]]
     both = Dataset.from_dict({"messages": conversations, "poft_id": [conversation_id(m) for m in conversations]})
-    scores = score_dataset(both, reference, config)[f"score_{reference[0].name}"]
+
+    def describe_row(row: int) -> str:
+        return data_row(row) if row <= n else f"the response-only copy (IFD) of {data_row(row - n)}"
+
+    scores = score_dataset(both, reference, config, describe_row)[f"score_{reference[0].name}"]
     conditional, unconditional = scores[:n], scores[n:]
     return [
         None if c is None or u is None or u == 0 else c / u for c, u in zip(conditional, unconditional, strict=True)

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,10 +191,18 @@ def load_reference_model(
     return model
 
 
+def data_row(row: int) -> str:
+    """How messages name a row of the user's data (1-based)."""
+    return f"conversation {row} of the data"
+
+
 def score_reference(
-    dataset: Dataset, reference: Reference, config: ScoringOptions
+    dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
 ) -> tuple[list[float | None], list[int]]:
     """Scores and response-token counts of every row for one reference, through its cache.
+
+    `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
+    as IFD does, names the user's row they come from).
 
     Stops with `ScoringError` on a non-finite score (naming the reference and the first rows; nothing
     non-finite is cached) and when no row at all could be scored; warns, with the cause, about rows
@@ -243,7 +251,7 @@ def score_reference(
                 todo[poft_id] = encoder.encode(messages)
             except ChatTemplateError as error:
                 raise ChatTemplateError(
-                    f"reference {reference.name!r}, conversation {row} of the data, poft_id {poft_id}: {error}"
+                    f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
                 ) from error
     unique = len(set(ids))
     logger.info(
@@ -277,15 +285,17 @@ def score_reference(
         rows = {}
         for row, poft_id in enumerate(ids, start=1):
             rows.setdefault(poft_id, row)
-        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache)
+        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, config)
+    _report_null_scores(entries, ids, reference, config, describe_row)
     return [e.score for e in entries], [e.n_tokens for e in entries]
 
 
-def _report_null_scores(entries, ids: Sequence[str], reference: Reference, config: ScoringOptions) -> None:
+def _report_null_scores(
+    entries, ids: Sequence[str], reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str]
+) -> None:
     """Say why rows have no score (truncation, or a template that marks no response token); none scored stops."""
     null = [(row, e.null_reason) for row, e in enumerate(entries, start=1) if e.score is None]
     if not null:
@@ -295,8 +305,8 @@ def _report_null_scores(entries, ids: Sequence[str], reference: Reference, confi
     causes = []
     if no_response:
         causes.append(
-            f"{len(no_response)} have no response token in this reference's chat template (first: conversation "
-            f"{no_response[0]}); the template may drop assistant content, so check it or pass --chat_template"
+            f"{len(no_response)} have no response token in this reference's chat template (first: "
+            f"{describe_row(no_response[0])}); the template may drop assistant content, so check it or pass --chat_template"
         )
     if truncated:
         causes.append(
@@ -341,6 +351,7 @@ def _score_into_cache(
     device: torch.device,
     dtype: torch.dtype,
     cache: ScoreCache,
+    describe_row: Callable[[int], str],
 ) -> None:
     model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
     packing = uses_varlen_attention(model, device) if config.packing is None else config.packing
@@ -354,7 +365,7 @@ def _score_into_cache(
             bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
             raise ScoringError(
                 f"reference {reference.name!r} ({reference.path}) gives non-finite log-probs (NaN or inf) for "
-                f"conversations {', '.join(map(str, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
+                f"{', '.join(map(describe_row, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
                 "nothing non-finite was cached or written. Check the model's weights (NaN weights, an overflow in "
                 "--dtype float16: try --dtype float32)."
             )
@@ -364,7 +375,10 @@ def _score_into_cache(
 
 
 def score_dataset(
-    dataset: Dataset, models: Sequence[str | Reference], config: ScoringOptions | None = None
+    dataset: Dataset,
+    models: Sequence[str | Reference],
+    config: ScoringOptions | None = None,
+    describe_row: Callable[[int], str] = data_row,
 ) -> Dataset:
     """Add `score_<name>` and `n_tokens_<name>` per reference and their mean `ref_score` to `dataset`.
 
@@ -384,7 +398,7 @@ def score_dataset(
     _check_references(references)
     columns: dict[str, list] = {}
     for reference in references:
-        scores, counts = score_reference(dataset, reference, config)
+        scores, counts = score_reference(dataset, reference, config, describe_row)
         columns[f"score_{reference.name}"], columns[f"n_tokens_{reference.name}"] = scores, counts
     per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
