@@ -150,6 +150,12 @@ def test_template_that_drops_assistant_content_is_named_and_stops(tiny_models, d
     line = error_line(capsys)
     assert line.startswith(f"poft score: error: {model}: cannot locate the response of an assistant turn")
     assert "the template renders assistant content unchanged neither as text nor as text parts" in line
+    # the tokenizer has its own template, which --chat_template would not replace: the fix is in the model folder
+    assert line.endswith(
+        "Fix the template in the model folder (chat_template.jinja or tokenizer_config.json), or use a tokenizer "
+        "whose template renders each assistant content unchanged; --chat_template serves only tokenizers without "
+        "a template."
+    )
     assert "truncat" not in line and not (tmp_path / "out").exists()
 
 

@@ -289,12 +289,17 @@ def score_reference(
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, config, describe_row)
+    _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
     return [e.score for e in entries], [e.n_tokens for e in entries]
 
 
 def _report_null_scores(
-    entries, ids: Sequence[str], reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str]
+    entries,
+    ids: Sequence[str],
+    reference: Reference,
+    config: ScoringOptions,
+    describe_row: Callable[[int], str],
+    template_fix: str,
 ) -> None:
     """Say why rows have no score (truncation, or a template that marks no response token); none scored stops."""
     null = [(row, e.null_reason) for row, e in enumerate(entries, start=1) if e.score is None]
@@ -306,7 +311,7 @@ def _report_null_scores(
     if no_response:
         causes.append(
             f"{len(no_response)} have no response token in this reference's chat template (first: "
-            f"{describe_row(no_response[0])}); the template may drop assistant content, so check it or pass --chat_template"
+            f"{describe_row(no_response[0])}); the template may drop assistant content: {template_fix.rstrip('.')}"
         )
     if truncated:
         causes.append(
