@@ -565,3 +565,49 @@ def test_noise_drops_the_scores_of_the_responses_it_changes(tiny_models, data, t
     assert not {"ref_score", "score_zephyr", "n_tokens_zephyr"} & set(noised.column_names)
     assert any("Dropped ['score_zephyr', 'n_tokens_zephyr', 'ref_score']" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "noised" / "poft_output.json").read_text())["columns"] == ["poft_noise"]
+
+
+# --------------------------------------------------------------------------- columns poft did not write
+
+
+def rows_with(tmp_path: Path, name: str, **columns) -> str:
+    """A JSONL file of 8 conversations with extra columns (one value per row)."""
+    from tests.conftest import make_conversations
+
+    rows = [{"messages": m, **{k: v[i] for k, v in columns.items()}} for i, m in enumerate(make_conversations(8))]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_filter_refuses_a_users_poft_filters_column(tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", ref_score=[-float(i) for i in range(8)], poft_filters=["mine"] * 8)
+    argv = ["filter", "--data", data, "--top_fraction", "0.5", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert error_line(capsys).startswith(
+        f"poft filter: error: {data}: the column 'poft_filters' is not one poft wrote, and this run would replace it."
+    )
+    assert main([*argv, "--overwrite"]) == 0
+    assert load_from_disk(str(tmp_path / "out"))["poft_filters"] == [["ref_score top 0.5 (kept score >= -3)"]] * 4
+
+
+def test_filter_ifd_refuses_a_users_ifd_column(tiny_models, tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", ifd=[0.5] * 8)
+    argv = ["filter", "--data", data, "--ifd_model", tiny_models["chatml"], "--top_fraction", "0.5"]
+    argv += ["--output", str(tmp_path / "out"), "--device", "cpu", "--cache_dir", str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert error_line(capsys).startswith(f"poft filter: error: {data}: the column 'ifd' is not one poft wrote")
+
+
+def test_noise_refuses_a_users_poft_noise_column_and_ors_its_own(tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", poft_noise=["no"] * 8)
+    assert main(["noise", "--data", data, "--rate", "0.25", "--output", str(tmp_path / "n")]) == 2
+    assert error_line(capsys).startswith(f"poft noise: error: {data}: the column 'poft_noise' is not one poft wrote")
+    clean = rows_with(tmp_path, "clean.jsonl")
+    assert main(["noise", "--data", clean, "--rate", "0.25", "--output", str(tmp_path / "n1")]) == 0
+    argv = ["noise", "--data", str(tmp_path / "n1"), "--rate", "0.25", "--seed", "7", "--output", str(tmp_path / "n2")]
+    assert main(argv) == 0
+    first, second = load_from_disk(str(tmp_path / "n1")), load_from_disk(str(tmp_path / "n2"))
+    fresh = [a != b for a, b in zip(first["messages"], second["messages"], strict=True)]
+    assert second["poft_noise"] == [a or b for a, b in zip(first["poft_noise"], fresh, strict=True)]
+    assert sum(second["poft_noise"]) > sum(first["poft_noise"])

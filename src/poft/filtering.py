@@ -23,7 +23,7 @@ from datasets import Dataset, Value
 
 from poft.data import conversation_id
 from poft.errors import DataError, OptionError
-from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
+from poft.outputs import atomic_output, atomic_write_text, check_output, foreign_columns, poft_columns
 from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,9 @@ def run_filter(config: FilterConfig) -> Dataset:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
     dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
+    written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
+    foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
+    dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
     drop = None
     if config.by == IFD_COLUMN:
         if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:

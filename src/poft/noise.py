@@ -25,7 +25,7 @@ from datasets import Dataset
 
 from poft.data import conversation_id
 from poft.errors import OptionError
-from poft.outputs import atomic_output, check_output, poft_columns
+from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
     """Corrupt round(rate * rows) randomly chosen rows; the others are returned unchanged, in order.
 
     A chosen row whose draw reproduces its own responses (a donor with the same answer, no character
-    edit) is drawn again; `poft_noise` is true exactly for the rows that changed.
+    edit) is drawn again; `poft_noise` is true exactly for the rows that changed, here or in an earlier
+    run whose `poft_noise` the dataset carries.
     """
     NoiseConfig(rate=rate, kind=kind, char_rate=char_rate)  # validates
     rng = random.Random(seed)
@@ -156,6 +157,8 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
             messages = _with_responses(messages, responses)
         noised.append(messages)
     changed = [new != old for new, old in zip(noised, conversations, strict=True)]
+    if NOISE_COLUMN in dataset.column_names:  # noised again: a row corrupted by either run is noise
+        changed = [bool(now or before) for now, before in zip(changed, dataset[NOISE_COLUMN], strict=True)]
     dataset = dataset.map(
         lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: changed[row]},
         with_indices=True,
@@ -189,7 +192,11 @@ def run_noise(config: NoiseConfig) -> Dataset:
     stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
     if stale:
         logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
-        dataset = dataset.remove_columns(stale)
+    # poft's own poft_noise is kept and ORed with the new marks; a user's column of that name is replaced
+    # only with --overwrite
+    dataset = dataset.remove_columns(
+        stale + foreign_columns(dataset.column_names, [NOISE_COLUMN], config.data, config.overwrite)
+    )
     noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
     columns = [*(ours - set(stale)), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:

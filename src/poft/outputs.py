@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from poft.errors import OutputError
+from poft.errors import DataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,24 @@ def poft_columns(source: str | os.PathLike) -> set[str]:
             references = []
         columns = {"ref_score"} | {f"{p}{r['name']}" for r in references for p in ("score_", "n_tokens_")}
     return columns
+
+
+def foreign_columns(
+    column_names: Iterable[str], written: Iterable[str], source: str | os.PathLike, overwrite: bool
+) -> list[str]:
+    """The input columns this run would write that poft did not write: refused unless `overwrite`.
+
+    A column poft wrote (recorded in the input's marker) is poft's to replace; any other may be the
+    user's own data. Returns the foreign columns (to be replaced) when `overwrite` is given.
+    """
+    ours, written = poft_columns(source), set(written)
+    foreign = [c for c in column_names if c in written and c not in ours]
+    if foreign and not overwrite:
+        raise DataError(
+            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
+            "or pass --overwrite to replace it."
+        )
+    return foreign
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -33,7 +33,7 @@ from trl.trainer.utils import add_fused_lm_head
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.errors import DataError, ModelError, OptionError, ScoringError
-from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
+from poft.outputs import atomic_output, atomic_write_text, check_output, foreign_columns, poft_columns
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 from poft.validation import check_model_source
@@ -444,12 +444,7 @@ def reconcile_columns(
     """
     ours = poft_columns(source)
     new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
-    foreign = [c for c in dataset.column_names if c in new and c not in ours]
-    if foreign and not overwrite:
-        raise DataError(
-            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
-            "or pass --overwrite to replace it."
-        )
+    foreign_columns(dataset.column_names, new, source, overwrite)
     dropped = [c for c in dataset.column_names if c in ours and c not in new and c.startswith(SCORE_PREFIXES)]
     kept = [c for c in dataset.column_names if c not in new and c not in ours and c.startswith(SCORE_PREFIXES)]
     if dropped:
