@@ -611,3 +611,59 @@ def test_noise_refuses_a_users_poft_noise_column_and_ors_its_own(tmp_path, capsy
     fresh = [a != b for a, b in zip(first["messages"], second["messages"], strict=True)]
     assert second["poft_noise"] == [a or b for a, b in zip(first["poft_noise"], fresh, strict=True)]
     assert sum(second["poft_noise"]) > sum(first["poft_noise"])
+
+
+# --------------------------------------------------------------------------- poft report's inputs
+
+
+def report(tmp_path: Path, *args: str, output: str = "r") -> int:
+    return main(["report", *args, "--output", str(tmp_path / output)])
+
+
+def test_report_on_string_score_columns(tmp_path, capsys):
+    rows = {"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 3}
+    Dataset.from_dict({**rows, "ref_score": ["high", "low", "low"]}).save_to_disk(str(tmp_path / "scored"))
+    assert report(tmp_path, "--scored", str(tmp_path / "scored")) == 2
+    assert error_line(capsys) == (
+        f"poft report: error: --scored {tmp_path / 'scored'}: the column 'ref_score' holds string values, not "
+        "numbers. Give the output of `poft score`, or rename the column."
+    )
+    assert not (tmp_path / "r").exists()  # nothing written before every input was read
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such file. Give the eval_results.json that `poft eval` writes."),
+        ("{not json", "is not valid JSON (Expecting property name"),
+        ('{"a": 1}', "has no 'results' object (model -> task -> metric)."),
+    ],
+)
+def test_report_on_a_bad_eval_file(tmp_path, capsys, content, expected):
+    path = tmp_path / "eval_results.json"
+    if content is not None:
+        path.write_text(content)
+    assert report(tmp_path, "--eval", str(path)) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft report: error: --eval {path}") and expected in line
+
+
+def test_report_on_a_corrupt_trainer_state(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0')
+    assert report(tmp_path, "--runs", str(tmp_path / "run")) == 2
+    assert error_line(capsys).startswith(
+        f"poft report: error: --runs {tmp_path / 'run' / 'trainer_state.json'} is not valid JSON ("
+    )
+
+
+def test_report_output_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "r").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0, "step": 1}]}')
+    assert report(tmp_path, "--runs", str(tmp_path / "run")) == 2
+    assert error_line(capsys) == (
+        f"poft report: error: --output {tmp_path / 'r'} is an existing file; poft report writes a folder there "
+        "(report.md, report.html, plots). Choose another --output."
+    )
+    assert (tmp_path / "r").read_text() == "mine"

@@ -25,13 +25,13 @@ from poft.data import conversation_id
 from poft.errors import DataError, OptionError
 from poft.outputs import atomic_output, atomic_write_text, check_output, foreign_columns, poft_columns
 from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
+from poft.validation import is_numeric
 
 logger = logging.getLogger(__name__)
 
 FILTERS_COLUMN = "poft_filters"
 IFD_COLUMN = "ifd"
 FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; keeping none is an error
-NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def filter_by_score(
             "--ifd_model to compute IFD."
         )
     feature = dataset.features[column]
-    if not (isinstance(feature, Value) and feature.dtype.startswith(NUMERIC_DTYPES) or feature == Value("null")):
+    if not is_numeric(feature, allow_null=True):
         raise DataError(
             f"The column {column!r} holds {feature.dtype if isinstance(feature, Value) else type(feature).__name__} "
             "values, not numbers, so it cannot rank rows. Filter by a score column (--by ref_score, --by "

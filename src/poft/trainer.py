@@ -29,7 +29,7 @@ from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, Conver
 from poft.errors import DataError, OptionError
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 from poft.runtime import check_writable, default_bf16, train_and_save
-from poft.validation import check_model_source
+from poft.validation import check_model_source, is_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
             f"Every {ref_column!r} of the {dataset_name} dataset is null (no reference could score any row), so "
             "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use loss_type='sft'."
         )
-    if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "double", "half"))):
+    if not is_numeric(feature):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
         raise DataError(
             f"The {ref_column!r} column of the {dataset_name} dataset holds {kind} values, not numbers. Give it "
