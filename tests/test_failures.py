@@ -667,3 +667,20 @@ def test_report_output_that_is_a_file(tmp_path, capsys):
         "(report.md, report.html, plots). Choose another --output."
     )
     assert (tmp_path / "r").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("data: [a\nfoo: : bar\n", "is not valid YAML (expected ',' or ']', but got ':' at line 2, column 4)."),
+        (None, "is a folder; give a YAML file."),
+    ],
+)
+def test_config_that_is_not_a_yaml_file(tmp_path, capsys, content, expected):
+    path = tmp_path / "recipe.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    assert main(["score", "--config", str(path)]) == 2
+    assert error_line(capsys).startswith(f"poft score: error: --config {path} {expected}")
