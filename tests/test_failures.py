@@ -684,3 +684,27 @@ def test_config_that_is_not_a_yaml_file(tmp_path, capsys, content, expected):
         path.write_text(content)
     assert main(["score", "--config", str(path)]) == 2
     assert error_line(capsys).startswith(f"poft score: error: --config {path} {expected}")
+
+
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_training_a_hub_model_while_offline(tmp_path, monkeypatch, capsys, command):
+    """from_pretrained's OSError becomes one line, and the output folder this run created is not left behind."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "d.jsonl"
+    row = (
+        {"prompt": "hi", "chosen": "yes", "rejected": "no"}
+        if command == "dpo"
+        else {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "ref_score": -1.0,
+        }
+    )
+    data.write_text(json.dumps(row) + "\n")
+    argv = [command, "--dataset_name", str(data), "--model_name_or_path", "poft-tests/no-such-model"]
+    assert main([*argv, "--output_dir", str(tmp_path / "run"), "--report_to", "none"]) == 2
+    assert error_line(capsys).startswith(
+        f"poft {command}: error: Cannot load --model_name_or_path poft-tests/no-such-model: "
+    )
+    assert not (tmp_path / "run").exists()

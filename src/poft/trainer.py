@@ -28,7 +28,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.errors import DataError, OptionError
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
-from poft.runtime import check_writable, default_bf16, train_and_save
+from poft.runtime import default_bf16, output_dir_for, train_and_save
 from poft.validation import check_model_source, is_numeric
 
 logger = logging.getLogger(__name__)
@@ -388,28 +388,28 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
     if not data_args.dataset_name or not model_args.model_name_or_path:
         raise OptionError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")
-    check_writable(training_args.output_dir, "--output_dir")
-    report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
-    train_dataset = load_sft_dataset(
-        data_args.dataset_name,
-        split=data_args.dataset_train_split,
-        skip_invalid=data_args.skip_invalid,
-        invalid_report=report,
-        replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_sft_dataset(
-            data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+    with output_dir_for(training_args.output_dir, "--output_dir"):
+        report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
+        train_dataset = load_sft_dataset(
+            data_args.dataset_name,
+            split=data_args.dataset_train_split,
+            skip_invalid=data_args.skip_invalid,
+            invalid_report=report,
+            replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
         )
-    _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
-    logger.info(
-        "Training %s with loss_type=%s on %d conversations",
-        model_args.model_name_or_path,
-        training_args.loss_type,
-        len(train_dataset),
-    )
-    return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_sft_dataset(
+                data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+            )
+        _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
+        logger.info(
+            "Training %s with loss_type=%s on %d conversations",
+            model_args.model_name_or_path,
+            training_args.loss_type,
+            len(train_dataset),
+        )
+        return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
 
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
