@@ -708,3 +708,21 @@ def test_training_a_hub_model_while_offline(tmp_path, monkeypatch, capsys, comma
         f"poft {command}: error: Cannot load --model_name_or_path poft-tests/no-such-model: "
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_filter_summary_in_the_input(tiny_models, tmp_path, capsys):
+    from tests.conftest import as_dataset, make_conversations
+
+    source = tmp_path / "filtered"
+    as_dataset(make_conversations(4), ref_score=[-1.0, -2.0, -3.0, -4.0]).save_to_disk(str(source))
+    (source / "filter_summary.json").write_text('[{"filter": ')
+    expected = f"{source / 'filter_summary.json'} is not valid JSON ("
+    fix = "Fix or delete it: it only records what earlier `poft filter` runs kept."
+    argv = ["filter", "--data", str(source), "--top_fraction", "0.5", "--output", str(tmp_path / "f")]
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft filter: error: {expected}") and line.endswith(fix)
+    assert score(str(source), [tiny_models["chatml"]], tmp_path / "s", tmp_path / "c") == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft score: error: {expected}") and line.endswith(fix)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists()

@@ -17,13 +17,20 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from datasets import Dataset, Value
 
 from poft.data import conversation_id
 from poft.errors import DataError, OptionError
-from poft.outputs import atomic_output, atomic_write_text, check_output, foreign_columns, poft_columns
+from poft.outputs import (
+    FILTER_HISTORY,
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    foreign_columns,
+    poft_columns,
+    read_filter_history,
+)
 from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
 from poft.validation import is_numeric
 
@@ -200,6 +207,7 @@ def run_filter(config: FilterConfig) -> Dataset:
     if not config.data or not config.output:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
+    history = read_filter_history(config.data)  # before any work: a corrupt record stops the run at once
     dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
     foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
@@ -217,15 +225,11 @@ def run_filter(config: FilterConfig) -> Dataset:
     kept, summary = filter_by_score(
         dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
     )
-    history = []
-    source_summary = Path(config.data) / "filter_summary.json"
-    if source_summary.is_file():
-        history = json.loads(source_summary.read_text())
     history.append({**summary, "source": config.data, "config": asdict(config)})
     columns = [*poft_columns(config.data), FILTERS_COLUMN]
     columns += [IFD_COLUMN] if config.ifd_model is not None else []
     with atomic_output(config.output, "filter", columns) as tmp:
         kept.save_to_disk(str(tmp))
-        atomic_write_text(tmp / "filter_summary.json", json.dumps(history, indent=2))
+        atomic_write_text(tmp / FILTER_HISTORY, json.dumps(history, indent=2))
     print(json.dumps(summary, indent=2))
     return kept

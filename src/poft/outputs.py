@@ -89,6 +89,29 @@ def foreign_columns(
     return foreign
 
 
+FILTER_HISTORY = "filter_summary.json"
+
+
+def read_filter_history(source: str | os.PathLike) -> list[dict]:
+    """The records of the `poft filter` runs that made `source` (`filter_summary.json`; [] where there is none).
+
+    It follows the data through later stages; a file that is not poft's list of records is a DataError.
+    """
+    path = Path(source).expanduser() / FILTER_HISTORY
+    if not path.is_file():
+        return []
+    fix = "Fix or delete it: it only records what earlier `poft filter` runs kept."
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} cannot be read ({error}). {fix}") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error}). {fix}") from None
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        raise DataError(f"{path} is not a list of filter records. {fix}")
+    return history
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 

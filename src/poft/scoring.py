@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,15 @@ from trl.trainer.utils import add_fused_lm_head
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.errors import DataError, ModelError, OptionError, ScoringError
-from poft.outputs import atomic_output, atomic_write_text, check_output, foreign_columns, poft_columns
+from poft.outputs import (
+    FILTER_HISTORY,
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    foreign_columns,
+    poft_columns,
+    read_filter_history,
+)
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 from poft.validation import check_model_source
@@ -474,6 +481,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     check_output(config.output, [config.data], config.overwrite)
     references = parse_references(config.model)
     _check_references(references)  # before the data is read, so a typo fails in a second
+    filter_history = read_filter_history(config.data)
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
     inherited = poft_columns(config.data)
@@ -503,8 +511,7 @@ def run_score(config: ScoreConfig) -> Dataset:
             "unscorable_poft_ids": unscorable,
         }
         atomic_write_text(tmp / "poft_score.json", json.dumps(record, indent=2))
-        filter_history = Path(config.data) / "filter_summary.json"
-        if filter_history.is_file():  # provenance of an earlier `poft filter` follows the data
-            shutil.copyfile(filter_history, tmp / "filter_summary.json")
+        if filter_history:  # provenance of an earlier `poft filter` follows the data
+            atomic_write_text(tmp / FILTER_HISTORY, json.dumps(filter_history, indent=2))
     logger.info("Saved %d scored conversations to %s", len(scored), config.output)
     return scored
