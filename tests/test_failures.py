@@ -726,3 +726,34 @@ def test_corrupt_filter_summary_in_the_input(tiny_models, tmp_path, capsys):
     line = error_line(capsys)
     assert line.startswith(f"poft score: error: {expected}") and line.endswith(fix)
     assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", ["noise", "filter"])
+def test_noise_and_filter_skip_invalid_rows_into_a_report(tmp_path, capsys, command):
+    from tests.conftest import make_conversations
+
+    rows = [{"messages": m, "ref_score": -float(i)} for i, m in enumerate(make_conversations(8))]
+    rows.insert(2, {"messages": [{"role": "bot", "content": "x"}], "ref_score": 0.0})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = ["--rate", "0.5"] if command == "noise" else ["--top_fraction", "0.5"]
+    argv = [command, "--data", str(data), *options]
+    assert main([*argv, "--output", str(tmp_path / "o")]) == 2
+    assert "d.jsonl: line 3" in error_line(capsys) and not (tmp_path / "o").exists()
+    assert main([*argv, "--output", str(tmp_path / "o2"), "--skip-invalid"]) == 0
+    report = [json.loads(line) for line in (tmp_path / "o2" / "invalid_rows.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in report] == [3] and report[0]["record"] == rows[2]
+    assert len(load_from_disk(str(tmp_path / "o2"))) == (8 if command == "noise" else 4)
+
+
+def test_noise_rate_that_corrupts_no_row(tmp_path, capsys):
+    from tests.conftest import make_conversations
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_conversations(24))
+    assert main(["noise", "--data", data, "--rate", "0.01", "--output", str(tmp_path / "n")]) == 2
+    assert error_line(capsys) == (
+        "poft noise: error: --rate 0.01 corrupts none of the 24 rows (0.01 x 24 rounds to 0); use --rate 0.04167 or "
+        "more to corrupt at least one row."
+    )
+    assert main(["noise", "--data", data, "--rate", str(1 / 24), "--output", str(tmp_path / "n")]) == 0
+    assert sum(load_from_disk(str(tmp_path / "n"))["poft_noise"]) == 1

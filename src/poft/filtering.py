@@ -67,6 +67,10 @@ class FilterConfig(ScoringOptions):
         default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
     )
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
@@ -208,27 +212,30 @@ def run_filter(config: FilterConfig) -> Dataset:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
     history = read_filter_history(config.data)  # before any work: a corrupt record stops the run at once
-    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
-    foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
-    dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
-    drop = None
-    if config.by == IFD_COLUMN:
-        if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
-            raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
-        if config.ifd_model is not None:
-            values = ifd_scores(dataset, config.ifd_model, config)
-            dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(
-                IFD_COLUMN, values
-            )
-        drop = 1.0
-    kept, summary = filter_by_score(
-        dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
-    )
-    history.append({**summary, "source": config.data, "config": asdict(config)})
-    columns = [*poft_columns(config.data), FILTERS_COLUMN]
-    columns += [IFD_COLUMN] if config.ifd_model is not None else []
-    with atomic_output(config.output, "filter", columns) as tmp:
+    with atomic_output(config.output, "filter", [*poft_columns(config.data), *written]) as tmp:
+        dataset = load_sft_dataset(
+            config.data,
+            split=config.split,
+            skip_invalid=config.skip_invalid,
+            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid else None,
+            replace_poft_id=config.overwrite,
+        )
+        foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
+        dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
+        drop = None
+        if config.by == IFD_COLUMN:
+            if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
+                raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
+            if config.ifd_model is not None:
+                values = ifd_scores(dataset, config.ifd_model, config)
+                dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names])
+                dataset = dataset.add_column(IFD_COLUMN, values)
+            drop = 1.0
+        kept, summary = filter_by_score(
+            dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
+        )
+        history.append({**summary, "source": config.data, "config": asdict(config)})
         kept.save_to_disk(str(tmp))
         atomic_write_text(tmp / FILTER_HISTORY, json.dumps(history, indent=2))
     print(json.dumps(summary, indent=2))

@@ -56,6 +56,10 @@ class NoiseConfig:
     )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
@@ -144,6 +148,11 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
     NoiseConfig(rate=rate, kind=kind, char_rate=char_rate)  # validates
     rng = random.Random(seed)
     n = len(dataset)
+    if rate > 0 and round(rate * n) == 0:
+        raise OptionError(
+            f"--rate {rate:g} corrupts none of the {n} rows ({rate:g} x {n} rounds to 0); use --rate {1 / n:.4g} or "
+            "more to corrupt at least one row."
+        )
     chosen = set(rng.sample(range(n), round(rate * n)))
     conversations = dataset["messages"]
     noised = []
@@ -187,19 +196,25 @@ def run_noise(config: NoiseConfig) -> Dataset:
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
-    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     ours = poft_columns(config.data)
-    stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
-    if stale:
-        logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
-    # poft's own poft_noise is kept and ORed with the new marks; a user's column of that name is replaced
-    # only with --overwrite
-    dataset = dataset.remove_columns(
-        stale + foreign_columns(dataset.column_names, [NOISE_COLUMN], config.data, config.overwrite)
-    )
-    noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-    columns = [*(ours - set(stale)), NOISE_COLUMN]
+    columns = [*(c for c in ours if not c.startswith(SCORE_COLUMNS)), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:
+        dataset = load_sft_dataset(
+            config.data,
+            split=config.split,
+            skip_invalid=config.skip_invalid,
+            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid else None,
+            replace_poft_id=config.overwrite,
+        )
+        stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
+        if stale:
+            logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
+        # poft's own poft_noise is kept and ORed with the new marks; a user's column of that name is replaced
+        # only with --overwrite
+        dataset = dataset.remove_columns(
+            stale + foreign_columns(dataset.column_names, [NOISE_COLUMN], config.data, config.overwrite)
+        )
+        noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
         noised.save_to_disk(str(tmp))
     logger.info("Saved the noised dataset to %s", config.output)
     return noised
