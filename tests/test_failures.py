@@ -757,3 +757,17 @@ def test_noise_rate_that_corrupts_no_row(tmp_path, capsys):
     )
     assert main(["noise", "--data", data, "--rate", str(1 / 24), "--output", str(tmp_path / "n")]) == 0
     assert sum(load_from_disk(str(tmp_path / "n"))["poft_noise"]) == 1
+
+
+def test_a_copy_of_a_reference_is_the_same_reference(tiny_models, data, tmp_path, capsys):
+    """Weights are identified by content: a copy (new mtime, another folder) is refused as a second reference."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_models["zephyr"], copy, copy_function=shutil.copyfile)  # fresh mtimes
+    assert score(data, [tiny_models["zephyr"], str(copy)], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys).startswith(f"poft score: error: --model {copy} is the same model as --model ")
+    weights = copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1  # same size, same header: another checkpoint of one architecture
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert score_cache.model_fingerprint(str(copy)) != score_cache.model_fingerprint(tiny_models["zephyr"])
