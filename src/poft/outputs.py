@@ -183,6 +183,7 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0o700 would make the output private
     except OSError as error:
         raise disk_error(error, f"--output {output}") or error from error
     try:
@@ -201,11 +202,27 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     logger.info("Wrote %s", out)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write one file through a temporary sibling and a rename: readers see the old file or the new one."""
+    """Write one file through a temporary sibling and a rename: readers see the old file or the new one.
+
+    The file gets the mode of the file it replaces, or a new file's usual mode (0o666 less the umask),
+    not mkstemp's private 0o600.
+    """
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
