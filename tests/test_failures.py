@@ -771,3 +771,29 @@ def test_a_copy_of_a_reference_is_the_same_reference(tiny_models, data, tmp_path
     tensors[name] = tensors[name] + 1  # same size, same header: another checkpoint of one architecture
     save_file(tensors, weights, metadata={"format": "pt"})
     assert score_cache.model_fingerprint(str(copy)) != score_cache.model_fingerprint(tiny_models["zephyr"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--dtype", "float8", "--dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+        ("--device", "tpu9", "--device 'tpu9' is not a device; use auto, cpu, cuda, cuda:N or mps."),
+    ],
+)
+@pytest.mark.parametrize("command", ["score", "filter", "eval"])
+def test_bad_dtype_or_device_fails_before_the_data_is_read(
+    tmp_path, capsys, monkeypatch, command, option, value, expected
+):
+    import poft.data
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the options were checked")
+
+    monkeypatch.setattr(poft.data, "load_sft_dataset", never)
+    argv = {
+        "score": ["--data", "d.jsonl", "--model", "m", "--output", str(tmp_path / "o")],
+        "filter": ["--data", "d.jsonl", "--ifd_model", "m", "--top_fraction", "0.5", "--output", str(tmp_path / "o")],
+        "eval": ["--data", "d.jsonl", "--model", "m", "--tasks", "none"],
+    }[command]
+    assert main([command, *argv, option, value]) == 2
+    assert error_line(capsys) == f"poft {command}: error: {expected}"

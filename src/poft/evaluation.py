@@ -144,6 +144,9 @@ class EvalConfig:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
                 raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
+        from poft.runtime import resolve_device, resolve_dtype
+
+        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
 
 
 def parse_task(task: str) -> tuple[str, int | None]:

@@ -115,6 +115,7 @@ class ScoringOptions:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
+        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
 
 
 @dataclass
