@@ -30,9 +30,9 @@ offsets. A guard then decodes every turn's masked tokens and stops with `ChatTem
 model and the template, unless they are exactly that turn's content and closing token (whitespace aside,
 which decoders do not all restore): a wrong mask never passes silently.
 
-Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user turn, as such models'
-guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect content as a list of
-parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
+Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user
+turn, as such models' guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect
+content as a list of parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ OWN_TEMPLATE_FIX = (
 GIVEN_TEMPLATE_FIX = "Pass a template that renders each assistant content unchanged with --chat_template."
 SYSTEM_TURNS_HELP = (
     "System turns for templates that reject them: auto (keep them where the template renders them, else merge "
-    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user turn)."
+    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user "
+    "turn)."
 )
 
 

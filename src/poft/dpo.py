@@ -69,7 +69,8 @@ class DPODataArguments:
 
 @dataclass
 class PoFTDPOConfig(DPOConfig):
-    """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop CPU)."""
+    """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop
+    CPU)."""
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16, self.fp16)
@@ -178,8 +179,8 @@ def _require_columns(source: str, columns: Iterable[str]) -> None:
     columns = list(columns)
     if not {"chosen", "rejected"} <= set(columns):
         raise DataError(
-            f"{source}: not preference data: no 'chosen' and 'rejected' columns (found: {', '.join(columns) or 'none'}). "
-            f"{PAIR_HINT}"
+            f"{source}: not preference data: no 'chosen' and 'rejected' columns (found: "
+            f"{', '.join(columns) or 'none'}). {PAIR_HINT}"
         )
 
 

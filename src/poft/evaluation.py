@@ -112,7 +112,8 @@ class EvalConfig:
     tasks: list[str] = field(
         default_factory=lambda: list(LEADERBOARD_TASKS),
         metadata={
-            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot counts), or 'none'."
+            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot "
+            "counts), or 'none'."
         },
     )
     task_dir: str | None = field(
@@ -166,8 +167,8 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
     unknown = [name for name, _ in map(parse_task, tasks) if name not in manager.all_tasks]
     if unknown:
         raise OptionError(
-            f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task YAML in a "
-            "directory and pass it with --task_dir."
+            f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task "
+            "YAML in a directory and pass it with --task_dir."
         )
     lm = HFLM(
         pretrained=model,

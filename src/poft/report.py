@@ -285,8 +285,9 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         if not values:
             lines.append(f"| {name} | - | - | - | - | {len(columns[name])} (no finite score) |")
             continue
+        stats = (statistics.mean(values), statistics.pstdev(values), min(values), max(values))
         lines.append(
-            f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | {min(values):.3f} | {max(values):.3f} | {len(columns[name]) - len(values)} |"
+            f"| {name} | " + " | ".join(f"{v:.3f}" for v in stats) + f" | {len(columns[name]) - len(values)} |"
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
     names = [n for n in names if any(v is not None for v in columns[n])]  # the rest has nothing to compare
