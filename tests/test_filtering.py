@@ -79,7 +79,9 @@ def test_ifd_equals_slow_ratio_of_cross_entropies(tiny_models, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
     for messages, value in zip(conversations, values, strict=False):
         with_prompt = slow_mean_cross_entropy(model, tokenizer, messages)
-        without = slow_mean_cross_entropy(model, tokenizer, response_only(messages))
+        # IFD's unconditional conversation, built by hand: each answer after an empty user turn
+        answers_alone = [t for m in messages if m["role"] == "assistant" for t in ({"role": "user", "content": ""}, m)]
+        without = slow_mean_cross_entropy(model, tokenizer, answers_alone)
         assert value == pytest.approx(with_prompt / without, rel=1e-5)
 
 
@@ -103,8 +105,9 @@ def test_ifd_with_a_template_that_requires_alternating_roles(template_models, tm
     ref = AutoModelForCausalLM.from_pretrained(model).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     for messages, value in zip(conversations, values, strict=True):
+        answers_alone = [t for m in messages if m["role"] == "assistant" for t in ({"role": "user", "content": ""}, m)]
         expected = slow_mean_cross_entropy(ref, tokenizer, messages) / slow_mean_cross_entropy(
-            ref, tokenizer, response_only(messages)
+            ref, tokenizer, answers_alone
         )
         assert value == pytest.approx(expected, rel=1e-5)
 
