@@ -24,8 +24,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
+from poft.batching import iter_scores
 from poft.chat import EncodedConversation
-from poft.scoring import iter_scores
 
 SHAPES = {
     "tiny": {

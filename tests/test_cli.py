@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import load_from_disk
-from trl import ModelConfig
 
-from poft.cli import TrainDataArguments, main, merge_repeated
-from poft.scoring import ScoreConfig
-from poft.trainer import PoFTConfig
+from poft.cli import COMMANDS, main, merge_repeated
 from tests.conftest import write_jsonl
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -106,7 +103,7 @@ def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_
     meta = json.loads((scored / "poft_score.json").read_text())
     assert [r["name"] for r in meta["references"]] == ["chatml", "bpe"] and meta["config"]["max_length"] == 256
 
-    recipe = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())
+    recipe = yaml.safe_load((RECIPES / "train-tiny-cpu.yaml").read_text())
     recipe.update(
         model_name_or_path=tiny_models["chatml"],
         dataset_name=str(scored),
@@ -173,7 +170,8 @@ def _fields(*classes) -> set[str]:
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_keys_are_real_options(recipe):
     keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
-    known = _fields(ScoreConfig) if "score" in recipe else _fields(TrainDataArguments, PoFTConfig, ModelConfig)
+    command = COMMANDS[recipe.split("-")[0]]
+    known = _fields(*(command.load(c) for c in command.configs))
     assert keys <= known, keys - known
 
 

@@ -16,12 +16,13 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
+from poft.cli import main
 from poft.data import DataError
 from poft.demo.builders import char_tokenizer, save_model, tiny_llama
-from poft.dpo import DPODataArguments, PoFTDPOConfig, dpo_main, load_preference_dataset, run_dpo
+from poft.dpo import DPODataArguments, PoFTDPOConfig, load_preference_dataset, run_dpo
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-DPO_RECIPES = ("paper-poft-dpo.yaml", "dpo-lora.yaml")
+DPO_RECIPES = ("dpo-paper.yaml", "dpo-lora.yaml")
 
 
 def make_pairs(n: int = 16, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -128,7 +129,7 @@ def test_ultrafeedback_rows_become_explicit_prompt_pairs(tmp_path):
 def test_dpo_end_to_end(tiny_model, tmp_path, form):
     rows = text_rows(make_pairs()) if form == "text" else ultrafeedback_rows(make_pairs())
     output = tmp_path / "dpo"
-    dpo_main(dpo_flags(tiny_model, write_jsonl(tmp_path / "prefs.jsonl", rows), output))
+    assert main(["dpo", *dpo_flags(tiny_model, write_jsonl(tmp_path / "prefs.jsonl", rows), output)]) == 0
     assert (output / "model.safetensors").exists() and (output / "tokenizer.json").exists()
     logs = step_logs(output)
     assert len(logs) == 3

@@ -16,8 +16,10 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import poft.scoring as scoring
+from poft.batching import packed_batches, token_budget_batches
 from poft.chat import ConversationEncoder
-from poft.scoring import ScoreConfig, parse_references, score_dataset, token_budget_batches
+from poft.score_cache import CacheError, ScoreCache
+from poft.scoring import ScoreConfig, parse_references, score_dataset
 from tests.conftest import as_dataset, make_conversations, write_jsonl
 
 
@@ -90,7 +92,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_models, conversations, tmp
 
 
 SLOW_SCORER = (
-    "import sys, time, poft.scoring as s\n"
+    "import sys, time, poft.batching as s\n"
     "original = s.score_batch\n"
     "def slow(*a):\n    time.sleep(0.2)\n    return original(*a)\n"
     "s.score_batch = slow\n"
@@ -144,7 +146,7 @@ def test_torn_last_line_is_rescored(tiny_models, conversations, tmp_path):
     again = score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
     assert again["score_chatml"] == pytest.approx(first["score_chatml"], abs=1e-6)
     cache_file.write_text("garbage\n" + "\n".join(lines) + "\n")
-    with pytest.raises(scoring.ScoringError, match="line 1 is corrupt"):
+    with pytest.raises(CacheError, match="line 1 is corrupt"):
         score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
 
 
@@ -187,7 +189,7 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
 
 
 def _append_many(directory: str, worker: int) -> None:
-    cache = scoring.ScoreCache(Path(directory), "fp", {})
+    cache = ScoreCache(Path(directory), "fp", {})
     for batch in range(40):
         cache.append(
             [{"poft_id": f"{worker}-{batch}-{i}-" + "x" * 200, "score": -1.0, "n_tokens": 3} for i in range(50)]
@@ -206,7 +208,7 @@ def test_concurrent_runs_can_share_a_cache(tmp_path):
     for w in workers:
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0]
-    assert len(scoring.ScoreCache(tmp_path, "fp", {}).load()) == 2 * 40 * 50
+    assert len(ScoreCache(tmp_path, "fp", {}).load()) == 2 * 40 * 50
 
 
 @pytest.mark.parametrize("name", ["chatml", "zephyr"])
@@ -226,6 +228,6 @@ def test_packed_scores_equal_padded(tiny_models, conversations, tmp_path, name):
 
 def test_packed_batches_fill_the_budget_without_padding():
     lengths = [5, 17, 3, 17, 9, 40, 1, 8]
-    batches = list(scoring.packed_batches(lengths, 34))
+    batches = list(packed_batches(lengths, 34))
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 34 for b in batches)

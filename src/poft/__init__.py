@@ -12,7 +12,7 @@ from poft.evaluation import exact_match_accuracy, heldout_log_likelihood
 from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
 from poft.objectives import nll_loss, poft_loss, poft_margins, poft_weights, sequence_mean_log_probs
-from poft.scoring import ScoreConfig, ScoringError, score_dataset
+from poft.scoring import ScoreConfig, ScoringError, ScoringOptions, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "load_preference_dataset",
     "ScoreConfig",
     "ScoringError",
+    "ScoringOptions",
     "load_sft_dataset",
     "nll_loss",
     "poft_loss",

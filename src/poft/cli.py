@@ -1,36 +1,121 @@
 """`poft <stage>`: each stage's config from a YAML file (`--config`) plus flag overrides, TRL-style.
 
-Flags use the config fields' names, with underscores or dashes. User errors (bad data, a missing
-column, an unusable chat template, a bad option) end with one readable message and exit code 2;
-set POFT_DEBUG=1 for the traceback.
+One table names every command: its config classes, the function that runs it and its help. Flags use
+the config fields' names, with underscores or dashes. User errors (bad data, a missing column, an
+unusable chat template, a bad option) end with one readable message and exit code 2; set POFT_DEBUG=1
+for the traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
-from trl import ModelConfig, ScriptArguments, TrlParser
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from poft.chat import ChatTemplateError
 from poft.data import DataError
-from poft.scoring import ScoreConfig, ScoringError, run_score
-from poft.trainer import PoFTConfig, run_train
+from poft.score_cache import CacheError
+from poft.scoring import ScoringError
 
-USER_ERRORS = (DataError, ChatTemplateError, ScoringError, ValueError, FileNotFoundError, ImportError)
+USER_ERRORS = (DataError, ChatTemplateError, ScoringError, CacheError, ValueError, FileNotFoundError, ImportError)
 
 
-@dataclass
-class TrainDataArguments(ScriptArguments):
-    """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `configs` are parsed from YAML and flags and passed, in order, to `run`.
 
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
-    )
+    Classes and runners are named as "module:attribute" and imported only when their command runs, so
+    `poft --help` stays fast.
+    """
+
+    help: str
+    description: str
+    configs: tuple[str, ...]
+    run: str
+    repeated: tuple[str, ...] = ()  # list flags that accumulate when repeated: --model A --model B
+
+    def load(self, name: str):
+        module, _, attribute = name.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "PoFT vs SFT on noisy data, end to end on a CPU (the embedded default)",
+        "PoFT vs SFT on noisy data with checkable answers, on tiny local models: builds the world, trains two "
+        "references, noises the data, scores it, trains SFT and PoFT identically and evaluates after every epoch. "
+        "Writes report.md, plots and results.json.",
+        ("poft.demo.pipeline:DemoConfig",),
+        "poft.demo.pipeline:run_demo",
+    ),
+    "score": Command(
+        "score SFT data with reference models (writes ref_score)",
+        "Score SFT data with one or more reference models: per reference, the mean log-prob of the response "
+        "tokens in its own chat template; ref_score is their mean. Results are cached per model and resume after "
+        "an interruption.",
+        ("poft.scoring:ScoreConfig",),
+        "poft.scoring:run_score",
+        repeated=("--model",),
+    ),
+    "noise": Command(
+        "inject the paper's noise (or subtle noise) into SFT data",
+        "Corrupt a fraction of SFT rows, seeded: the paper's recipe (a mismatched response plus character edits) "
+        "or subtle edits (a number off by one, two words swapped, one letter changed). Changed rows are marked in "
+        "the poft_noise column.",
+        ("poft.noise:NoiseConfig",),
+        "poft.noise:run_noise",
+    ),
+    "filter": Command(
+        "keep the best-scored rows (ref_score, any score column, or IFD)",
+        "Keep the top fraction (or the rows above a threshold) of SFT data by a score column: ref_score (the "
+        "paper's score filtering), any score_<name>, or IFD computed with --ifd_model (rows with IFD >= 1 are "
+        "dropped, as its authors do). Filters compose; poft_filters and filter_summary.json record what was kept.",
+        ("poft.filtering:FilterConfig",),
+        "poft.filtering:run_filter",
+    ),
+    "train": Command(
+        "train with PoFT or the SFT baseline on TRL",
+        "Fine-tune a model with PoFT (loss_type=poft, needs a ref_score column from `poft score`) or the SFT "
+        "baseline (loss_type=sft). Every SFTConfig / TrainingArguments option is accepted.",
+        ("poft.trainer:TrainDataArguments", "poft.trainer:PoFTConfig", "trl:ModelConfig"),
+        "poft.trainer:run_train",
+    ),
+    "dpo": Command(
+        "DPO on preference data after PoFT or SFT, through TRL's DPOTrainer",
+        "DPO on preference pairs (prompt/chosen/rejected, e.g. HuggingFaceH4/ultrafeedback_binarized split "
+        "train_prefs) from a PoFT or SFT checkpoint: the paper's second stage. Every DPOConfig / TrainingArguments "
+        "option is accepted.",
+        ("poft.dpo:DPODataArguments", "poft.dpo:PoFTDPOConfig", "trl:ModelConfig"),
+        "poft.dpo:run_dpo",
+    ),
+    "eval": Command(
+        "evaluate models: lm-eval benchmarks and exact match on answer-checked data",
+        "Evaluate one or more models side by side: the paper's Open LLM Leaderboard tasks (or any lm-eval task or "
+        "local task YAML) through lm-eval-harness (pip install 'poft[eval]'), and/or greedy exact match and "
+        "held-out response log-likelihood on data with an answer column.",
+        ("poft.evaluation:EvalConfig",),
+        "poft.evaluation:run_eval",
+        repeated=("--model",),
+    ),
+    "report": Command(
+        "markdown report with plots of scores, training runs and evals",
+        "A markdown report with plots: score distributions and reference agreement of a scored dataset, training "
+        "curves (loss, PoFT weight, win rate, margin) of runs, and a comparison table of eval results.",
+        ("poft.report:ReportConfig",),
+        "poft.report:run_report",
+        repeated=("--runs", "--eval"),
+    ),
+    "quickstart": Command(
+        "check an installation: the pipeline in seconds on tiny random models",
+        "Build tiny local models, score a small bundled dataset with two references and train a few PoFT steps: "
+        "the whole pipeline in seconds on a CPU, nothing downloaded.",
+        ("poft.demo.quickstart:QuickstartConfig",),
+        "poft.demo.quickstart:run_quickstart",
+    ),
+}
 
 
 def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
@@ -55,134 +140,20 @@ def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
     return argv
 
 
-def score_main(argv: Sequence[str]) -> None:
+def parse(name: str, argv: Sequence[str]) -> tuple:
+    """The command's configs from `--config FILE.yaml` and flags (TRL's parser)."""
+    from trl import TrlParser
+
+    command = COMMANDS[name]
     parser = TrlParser(
-        (ScoreConfig,),
-        prog="poft score",
-        description="Score SFT data with one or more reference models: per reference, the mean log-prob of the "
-        "response tokens in its own chat template; ref_score is their mean. Results are cached per model and resume "
-        "after an interruption.",
+        tuple(command.load(c) for c in command.configs), prog=f"poft {name}", description=command.description
     )
-    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--model"]))
-    if not config.model:
-        parser.error("give at least one reference with --model PATH_OR_HUB_ID")
-    run_score(config)
-
-
-def train_main(argv: Sequence[str]) -> None:
-    parser = TrlParser(
-        (TrainDataArguments, PoFTConfig, ModelConfig),
-        prog="poft train",
-        description="Fine-tune a model with PoFT (loss_type=poft, needs a ref_score column from `poft score`) or "
-        "the SFT baseline (loss_type=sft). Every SFTConfig / TrainingArguments option is accepted.",
-    )
-    run_train(*parser.parse_args_and_config(argv))
-
-
-def noise_main(argv: Sequence[str]) -> None:
-    from poft.noise import NoiseConfig, run_noise
-
-    parser = TrlParser(
-        (NoiseConfig,),
-        prog="poft noise",
-        description="Corrupt a fraction of SFT rows, seeded: the paper's recipe (a mismatched response plus character "
-        "edits) or subtle edits (a number off by one, two words swapped, one letter changed). Changed rows are marked "
-        "in the poft_noise column.",
-    )
-    (config,) = parser.parse_args_and_config(argv)
-    run_noise(config)
-
-
-def filter_main(argv: Sequence[str]) -> None:
-    from poft.filtering import FilterConfig, run_filter
-
-    parser = TrlParser(
-        (FilterConfig,),
-        prog="poft filter",
-        description="Keep the top fraction (or the rows above a threshold) of SFT data by a score column: ref_score "
-        "(the paper's score filtering), any score_<name>, or IFD computed with --ifd_model (rows with IFD >= 1 are "
-        "dropped, as its authors do). Filters compose; poft_filters and filter_summary.json record what was kept.",
-    )
-    (config,) = parser.parse_args_and_config(argv)
-    run_filter(config)
-
-
-def dpo_main(argv: Sequence[str]) -> None:
-    from poft.dpo import dpo_main as run
-
-    run(argv)
-
-
-def eval_main(argv: Sequence[str]) -> None:
-    from poft.evaluation import EvalConfig, run_eval
-
-    parser = TrlParser(
-        (EvalConfig,),
-        prog="poft eval",
-        description="Evaluate one or more models side by side: the paper's Open LLM Leaderboard tasks (or any lm-eval "
-        "task or local task YAML) through lm-eval-harness (pip install 'poft[eval]'), and/or greedy exact match and "
-        "held-out response log-likelihood on data with an answer column.",
-    )
-    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--model"]))
-    run_eval(config)
-
-
-def report_main(argv: Sequence[str]) -> None:
-    from poft.report import ReportConfig, run_report
-
-    parser = TrlParser(
-        (ReportConfig,),
-        prog="poft report",
-        description="A markdown report with plots: score distributions and reference agreement of a scored dataset, "
-        "training curves (loss, PoFT weight, win rate, margin) of runs, and a comparison table of eval results.",
-    )
-    (config,) = parser.parse_args_and_config(merge_repeated(argv, ["--runs", "--eval"]))
-    print(f"Wrote {run_report(config)}")
-
-
-def demo_main(argv: Sequence[str]) -> None:
-    from poft.demo.pipeline import DemoConfig, run_demo
-
-    parser = TrlParser(
-        (DemoConfig,),
-        prog="poft demo",
-        description="PoFT vs SFT on noisy data with checkable answers, on tiny local models: builds the world, trains "
-        "two references, noises the data, scores it, trains SFT and PoFT identically and evaluates after every epoch. "
-        "Writes report.md, plots and results.json.",
-    )
-    (config,) = parser.parse_args_and_config(argv)
-    run_demo(config)
-
-
-def quickstart_main(argv: Sequence[str]) -> None:
-    from poft.demo.quickstart import QuickstartConfig, run_quickstart
-
-    parser = TrlParser(
-        (QuickstartConfig,),
-        prog="poft quickstart",
-        description="Build tiny local models, score a small bundled dataset with two references and train a few "
-        "PoFT steps: the whole pipeline in seconds on a CPU, nothing downloaded.",
-    )
-    (config,) = parser.parse_args_and_config(argv)
-    run_quickstart(config)
-
-
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
-    "demo": (demo_main, "PoFT vs SFT on noisy data, end to end on a CPU (the embedded default)"),
-    "score": (score_main, "score SFT data with reference models (writes ref_score)"),
-    "noise": (noise_main, "inject the paper's noise (or subtle noise) into SFT data"),
-    "filter": (filter_main, "keep the best-scored rows (ref_score, any score column, or IFD)"),
-    "train": (train_main, "train with PoFT or the SFT baseline on TRL"),
-    "dpo": (dpo_main, "DPO on preference data after PoFT or SFT, through TRL's DPOTrainer"),
-    "eval": (eval_main, "evaluate models: lm-eval benchmarks and exact match on answer-checked data"),
-    "report": (report_main, "markdown report with plots of scores, training runs and evals"),
-    "quickstart": (quickstart_main, "run the pipeline in seconds on tiny random models"),
-}
+    return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
 
 
 def usage() -> str:
     lines = ["usage: poft <command> [--config FILE.yaml] [--option value ...]", "", "commands:"]
-    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<11} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "`poft <command> --help` lists every option of a command."]
     return "\n".join(lines)
 
@@ -192,19 +163,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"poft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"poft: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        COMMANDS[command][0](rest)
+        COMMANDS[name].load(COMMANDS[name].run)(*parse(name, rest))
     except USER_ERRORS as error:
         if os.environ.get("POFT_DEBUG"):
             raise
-        print(f"poft {command}: error: {error}", file=sys.stderr)
+        print(f"poft {name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-import torch
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
 from poft.data import (
     MESSAGES_FEATURE,
@@ -31,7 +30,7 @@ from poft.data import (
     open_source,
     type_name,
 )
-from poft.trainer import model_init_kwargs, train_and_save
+from poft.runtime import default_bf16, model_init_kwargs, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +70,7 @@ class PoFTDPOConfig(DPOConfig):
     """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop CPU)."""
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.bf16 = default_bf16(self.bf16, self.fp16)
         super().__post_init__()
 
 
@@ -237,15 +235,3 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
         ",".join(training_args.loss_type),
     )
     return train_and_save(trainer, training_args.resume_from_checkpoint)
-
-
-def dpo_main(argv: Sequence[str]) -> None:
-    parser = TrlParser(
-        (DPODataArguments, PoFTDPOConfig, ModelConfig),
-        prog="poft dpo",
-        description="DPO on preference pairs (prompt/chosen/rejected, e.g. HuggingFaceH4/ultrafeedback_binarized "
-        "split train_prefs) from a PoFT or SFT checkpoint: the paper's second stage. Every DPOConfig / "
-        "TrainingArguments option is accepted.",
-    )
-    data_args, training_args, model_args = parser.parse_args_and_config(argv)
-    run_dpo(data_args, training_args, model_args)

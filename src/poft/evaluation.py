@@ -189,7 +189,8 @@ def run_eval(config: EvalConfig) -> dict:
 
     from poft.data import load_sft_dataset
     from poft.report import eval_table
-    from poft.scoring import parse_references, resolve_device, resolve_dtype
+    from poft.runtime import resolve_device, resolve_dtype
+    from poft.scoring import parse_references
 
     if not config.model:
         raise ValueError("poft eval needs at least one --model.")

@@ -21,7 +21,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from poft.data import conversation_id
-from poft.scoring import ScoreConfig, parse_references, score_dataset
+from poft.scoring import ScoringOptions, parse_references, score_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ IFD_COLUMN = "ifd"
 
 
 @dataclass
-class FilterConfig:
-    """Options of `poft filter`."""
+class FilterConfig(ScoringOptions):
+    """Options of `poft filter`; the shared scoring options apply to IFD's model (`--ifd_model`)."""
 
     data: str | None = field(
         default=None,
@@ -55,13 +55,9 @@ class FilterConfig:
         default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
     )
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    max_length: int | None = field(default=1024, metadata={"help": "IFD: truncation, as in `poft score`."})
-    batch_tokens: int = field(default=16384, metadata={"help": "IFD: token budget of a scoring batch."})
-    device: str = field(default="auto", metadata={"help": "IFD: auto, cpu, cuda."})
-    dtype: str = field(default="auto", metadata={"help": "IFD: auto, float32, bfloat16, float16."})
-    cache_dir: str | None = field(default=None, metadata={"help": "IFD: score cache (shared with `poft score`)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.ifd_model:
             self.by = IFD_COLUMN
         check_selection(self.top_fraction, self.threshold)
@@ -135,7 +131,7 @@ def response_only(messages: list[dict]) -> list[dict]:
     return [m for m in messages if m["role"] == "assistant"]
 
 
-def ifd_scores(dataset: Dataset, model: str, config: ScoreConfig) -> list[float | None]:
+def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[float | None]:
     """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing.
 
     Both kinds of conversation are scored in one pass, so the model loads once.
@@ -163,14 +159,7 @@ def run_filter(config: FilterConfig) -> Dataset:
         if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
             raise ValueError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
         if config.ifd_model is not None:
-            score_config = ScoreConfig(
-                max_length=config.max_length,
-                batch_tokens=config.batch_tokens,
-                device=config.device,
-                dtype=config.dtype,
-                cache_dir=config.cache_dir,
-            )
-            values = ifd_scores(dataset, config.ifd_model, score_config)
+            values = ifd_scores(dataset, config.ifd_model, config)
             dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(
                 IFD_COLUMN, values
             )

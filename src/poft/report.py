@@ -364,4 +364,5 @@ def run_report(config: ReportConfig) -> Path:
         payloads = [json.loads(Path(p).read_text()) for p in config.eval]
         lines += ["## Evaluation", "", eval_table(payloads), ""]
     (output / "report.md").write_text("\n".join(lines))
+    print(f"Wrote {output / 'report.md'}")
     return output / "report.md"

@@ -21,18 +21,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import ConversationEncoder
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.runtime import default_bf16, model_init_kwargs, train_and_save
 
 logger = logging.getLogger(__name__)
 
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
 SEQ_IDS = "poft_seq_ids"
 LOSS_TYPES = ("poft", "sft")
+
+
+@dataclass
+class TrainDataArguments(ScriptArguments):
+    """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
+
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
+    )
 
 
 @dataclass
@@ -57,9 +68,7 @@ class PoFTConfig(SFTConfig):
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on unconditionally, which fails on machines without bf16 hardware (a laptop CPU)
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.bf16 = default_bf16(self.bf16, self.fp16)
         poft_loss_type, self.loss_type = self.loss_type, "nll"  # SFTConfig only knows its own loss types
         super().__post_init__()
         self.loss_type = poft_loss_type
@@ -298,26 +307,7 @@ def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str
         )
 
 
-def model_init_kwargs(model_args, configured: dict | None) -> dict:
-    """What `poft train` / `poft dpo` pass to from_pretrained: TRL's ModelConfig, then the config's own kwargs."""
-    return {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(configured or {}),
-    }
-
-
-def train_and_save(trainer, resume_from_checkpoint: str | bool | None) -> str:
-    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots)."""
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    trainer.save_model(trainer.args.output_dir)
-    trainer.save_state()
-    logger.info("Saved the model to %s", trainer.args.output_dir)
-    return trainer.args.output_dir
-
-
-def run_train(data_args, training_args: PoFTConfig, model_args) -> str:
+def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
     """`poft train`: load the (scored) data, train with PoFT or SFT, save."""
     from trl import get_peft_config
 

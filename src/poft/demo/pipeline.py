@@ -35,7 +35,8 @@ from poft.evaluation import exact_match_accuracy
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.objectives import poft_weights
 from poft.report import auc, write_demo_report
-from poft.scoring import ScoreConfig, cache_root, model_scores, resolve_device, score_dataset
+from poft.runtime import cache_root, resolve_device
+from poft.scoring import ScoreConfig, model_scores, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,127 @@
+"""Batches for scoring: length-sorted, filled to a token budget, padded or packed, never padded to max_length.
+
+`iter_scores` runs a model that carries TRL's fused LM head over encoded conversations and yields each
+batch's per-conversation mean response log-prob and token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from poft.chat import EncodedConversation
+from poft.objectives import sequence_mean_log_probs
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens`.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batch: list[int] = []
+    for index in order:
+        longest = lengths[batch[0]] if batch else lengths[index]
+        if batch and (len(batch) + 1) * longest > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+def packed_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped longest first so that the summed length stays within `batch_tokens` (no padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batch: list[int] = []
+    total = 0
+    for index in order:
+        if batch and total + lengths[index] > batch_tokens:
+            yield batch
+            batch, total = [], 0
+        batch.append(index)
+        total += lengths[index]
+    if batch:
+        yield batch
+
+
+def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device) -> dict[str, torch.Tensor]:
+    """One padding-free row through TRL's collator: position ids restart per conversation, and the
+    cumulative sequence lengths let varlen attention kernels keep the conversations apart."""
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collator([{"input_ids": e.input_ids, "labels": e.labels()} for e in encoded])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_packed_batch(model, batch: dict[str, torch.Tensor], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-conversation mean response log-prob and token count of a packed row."""
+    seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
+    outputs = model(**batch, fused_lm_head=True)
+    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+
+
+def collate(
+    encoded: Sequence[EncodedConversation], pad_token_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and response-only labels."""
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels())
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": labels.to(device),
+    }
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean response log-prob and response token count of each row, from the fused LM head."""
+    outputs = model(**batch, fused_lm_head=True)
+    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+
+
+def uses_varlen_attention(model, device: torch.device) -> bool:
+    """Packing pays off only where attention skips the masked-out pairs: flash attention's varlen path."""
+    return device.type == "cuda" and "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
+def iter_scores(
+    model,
+    encoded: Sequence[EncodedConversation],
+    pad_token_id: int,
+    batch_tokens: int,
+    device: torch.device,
+    desc: str,
+    packing: bool = False,
+) -> Iterator[tuple[list[int], list[float], list[int]]]:
+    """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
+
+    Padded batches by default; `packing` concatenates conversations into one padding-free row instead.
+    `model` must carry TRL's fused LM head (`load_reference_model` adds it; SFT/PoFT trainers' models have it).
+    """
+    lengths = [len(e.input_ids) for e in encoded]
+    batches = packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens)
+    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
+        for batch in batches:
+            chosen = [encoded[i] for i in batch]
+            if packing:
+                means, counts = score_packed_batch(model, collate_packed(chosen, device), len(batch))
+            else:
+                means, counts = score_batch(model, collate(chosen, pad_token_id, device))
+            yield batch, means.tolist(), [int(c) for c in counts.tolist()]
+            bar.update(sum(lengths[i] for i in batch))
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
