@@ -16,8 +16,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
 from poft import attention
+from poft.batching import collate_packed, iter_scores
 from poft.chat import EncodedConversation
-from poft.scoring import collate_packed, iter_scores
 
 LENGTHS = [37, 5, 64, 18, 90, 3, 41]
 
@@ -27,7 +27,9 @@ def gqa(key, value, heads):
     return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
 
 
-def per_conversation(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+def per_conversation(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
     """Stand-in for torch.nn.attention.varlen.varlen_attn (newer signature): causal sdpa per conversation."""
     assert window_size == (-1, 0)
     if not enable_gqa:
@@ -40,7 +42,9 @@ def per_conversation(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
     return out
 
 
-def per_conversation_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
+def per_conversation_old(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None, scale=None
+):
     """The older signature: `is_causal`, no grouped-query support."""
     assert is_causal and query.shape[1] == key.shape[1]
     return per_conversation(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=(-1, 0))
@@ -49,7 +53,9 @@ def per_conversation_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is
 def leaky(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
     """Causal over the whole packed row: every conversation sees the ones before it."""
     whole = torch.tensor([0, query.shape[0]], dtype=torch.int32)
-    return per_conversation(query, key, value, whole, whole, 0, 0, scale=scale, window_size=window_size, enable_gqa=True)
+    return per_conversation(
+        query, key, value, whole, whole, 0, 0, scale=scale, window_size=window_size, enable_gqa=True
+    )
 
 
 @pytest.fixture(scope="module")

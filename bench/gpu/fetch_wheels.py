@@ -86,7 +86,9 @@ def missing_packages(image: dict[str, Version | None], python_version: str) -> d
     try:
         return {name: metadata.version(name) for name in sorted(needed)}
     except metadata.PackageNotFoundError as error:
-        raise SystemExit(f"{error.name} is not installed in {sys.prefix}: run this with the Python poft is installed in")
+        raise SystemExit(
+            f"{error.name} is not installed in {sys.prefix}: run this with the Python poft is installed in"
+        ) from None
 
 
 def main() -> None:

@@ -107,7 +107,9 @@ def varlen_attention_forward(
         raise ValueError(f"attn_implementation={VARLEN!r} runs causal attention without dropout only")
     kernel = torch_varlen_kernel()
     if kernel is None:
-        raise RuntimeError(f"attn_implementation={VARLEN!r} needs torch.nn.attention.varlen (torch {torch.__version__})")
+        raise RuntimeError(
+            f"attn_implementation={VARLEN!r} needs torch.nn.attention.varlen (torch {torch.__version__})"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     output = _call_kernel(kernel, q, k, v, cu.to(q.device, torch.int32), int(max_length), scaling)
     return output.unsqueeze(0), None

@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
+from poft.attention import default_attn_implementation
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import ConversationEncoder, EncodedConversation
 from poft.runtime import resolve_device, resolve_dtype
@@ -72,8 +73,9 @@ class ScoringOptions:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention implementation to load models with, e.g. sdpa or flash_attention_2 "
-            "(default: transformers' choice)."
+            "help": "Attention implementation to load models with, e.g. sdpa, flex_attention, flash_attention_2 or "
+            "poft_varlen (PyTorch's varlen flash kernel). Default: poft_varlen on CUDA GPUs that run it, else "
+            "transformers' choice."
         },
     )
     trust_remote_code: bool = field(
@@ -86,8 +88,9 @@ class ScoringOptions:
     packing: bool | None = field(
         default=None,
         metadata={
-            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on "
-            "for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."
+            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default (auto): "
+            "on for CUDA models whose attention skips pairs across conversations (poft_varlen, flash_attention_*, "
+            "flex_attention), off otherwise: sdpa and eager keep packed rows correct but slower than padded ones."
         },
     )
     cache_dir: str | None = field(
@@ -162,7 +165,7 @@ def load_reference_model(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation or default_attn_implementation(device),
     ).to(device)
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
