@@ -164,3 +164,16 @@ def test_packing_pays_only_where_attention_skips_other_conversations():
     assert not attention.packing_pays("eager", cuda)
     assert not attention.packing_pays(attention.VARLEN, cpu)
     assert attention.default_attn_implementation(cpu) is None
+
+
+def test_models_with_their_own_attention_code_are_not_packed_by_default(model):
+    from poft.batching import uses_varlen_attention
+
+    model.set_attn_implementation(attention.VARLEN)
+    assert attention.routes_attention(model)
+
+    class OwnAttention(torch.nn.Module):  # stands for remote code that ignores the attention interface
+        config = model.config
+
+    assert not attention.routes_attention(OwnAttention())
+    assert not uses_varlen_attention(OwnAttention(), torch.device("cuda"))

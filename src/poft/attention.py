@@ -56,6 +56,15 @@ def packing_pays(attn_implementation: str | None, device: torch.device) -> bool:
     return attn_implementation in VARLEN_IMPLEMENTATIONS or attn_implementation == FLEX
 
 
+def routes_attention(model) -> bool:
+    """Whether `model` runs attention through transformers' interface, the one place packed rows are made safe.
+
+    A model with its own attention code (older remote code) may ignore position ids and let packed
+    conversations see each other, so it is never packed by default.
+    """
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
 def default_attn_implementation(device: torch.device) -> str | None:
     """What to load a model with when the user names nothing: `VARLEN` where it runs, else transformers' choice."""
     return VARLEN if torch_varlen_supported(device) else None
@@ -131,6 +140,7 @@ __all__ = [
     "cu_seqlens_from_position_ids",
     "default_attn_implementation",
     "packing_pays",
+    "routes_attention",
     "torch_varlen_kernel",
     "torch_varlen_supported",
     "varlen_attention_forward",
