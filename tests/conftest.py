@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from poft.data import conversation_id
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from tests.real_templates import tokenizer_for
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pixel"]
 
@@ -51,6 +52,27 @@ def write_jsonl(path, conversations) -> str:
 @pytest.fixture(scope="session")
 def conversations() -> list[list[dict]]:
     return make_conversations()
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer():
+    """A byte-level BPE tokenizer without a template, for loading real models' templates into (`real_templates`)."""
+    texts = [m["content"] for c in make_conversations(64, seed=1) for m in c]
+    return bpe_tokenizer(
+        texts + ["Two plus three is five.", "Now reverse the word apple, please."], vocab_size=360, chat_template=None
+    )
+
+
+@pytest.fixture(scope="session")
+def template_models(base_tokenizer, tmp_path_factory) -> dict[str, str]:
+    """Tiny models whose tokenizers carry real templates: Llama 3.1, Qwen 3 (empty reasoning blocks) and Gemma
+    (rejects system turns)."""
+    root = tmp_path_factory.mktemp("template_models")
+    models = {}
+    for seed, name in enumerate(("llama3_1", "qwen3", "gemma"), start=3):
+        tokenizer = tokenizer_for(base_tokenizer, name)
+        models[name] = str(save_model(tiny_llama(tokenizer, seed=seed), tokenizer, root / name))
+    return models
 
 
 @pytest.fixture(scope="session")

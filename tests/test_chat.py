@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import normalizers
 from transformers import AutoTokenizer
 
-from poft.chat import ChatTemplateError, ConversationEncoder
+from poft.chat import MASK_RULE, ChatTemplateError, ConversationEncoder
 from poft.demo.builders import CHATML_TEMPLATE, char_tokenizer
 
 
@@ -13,11 +14,11 @@ def masked_text(tokenizer, encoded) -> str:
     return tokenizer.decode([t for t, m in zip(encoded.input_ids, encoded.response_mask, strict=False) if m])
 
 
-@pytest.mark.parametrize("name, method", [("chatml", "generation_markers"), ("zephyr", "prefix_rendering")])
-def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversations, name, method):
+@pytest.mark.parametrize("name", ["chatml", "zephyr"])
+def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversations, name):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
     encoder = ConversationEncoder(tokenizer)
-    assert encoder.method == method
+    assert encoder.method == MASK_RULE
     for messages in conversations:
         encoded = encoder.encode(messages)
         expected = "".join(m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant")
@@ -30,21 +31,6 @@ def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversation
         assert encoded.labels() == [
             t if m else -100 for t, m in zip(encoded.input_ids, encoded.response_mask, strict=False)
         ]
-
-
-def test_trl_training_template_is_used_for_a_known_template_without_markers():
-    from trl.chat_template_utils import get_training_chat_template, llama3_chat_template
-
-    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz ?.\n", chat_template=llama3_chat_template)
-    tokenizer.add_special_tokens(
-        {
-            "bos_token": "<|begin_of_text|>",
-            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        }
-    )
-    encoder = ConversationEncoder(tokenizer)
-    assert encoder.method == "generation_markers"
-    assert encoder.template == get_training_chat_template(tokenizer)
 
 
 def test_truncation_keeps_start_and_counts_only_surviving_response_tokens(tiny_models, conversations):
@@ -63,7 +49,7 @@ def test_missing_chat_template_names_the_fix():
     with pytest.raises(ChatTemplateError, match="--chat_template"):
         ConversationEncoder(tokenizer, name="my-model")
     encoder = ConversationEncoder(tokenizer, fallback_template=CHATML_TEMPLATE)
-    assert encoder.method == "generation_markers"
+    assert encoder.template == CHATML_TEMPLATE
 
 
 def test_fallback_template_from_file(tmp_path):
@@ -84,5 +70,38 @@ def test_template_that_rewrites_history_is_reported():
     )
     encoder = ConversationEncoder(char_tokenizer("abcdefghijklmnopqrstuvwxyz ", chat_template=template))
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bc"}] * 2
-    with pytest.raises(ChatTemplateError, match="generation"):
+    with pytest.raises(ChatTemplateError, match="drops the content of assistant turn 1"):
         encoder.encode(messages)
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?.\n"
+MESSAGES = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there."}]
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        "message['content'] | upper",  # rewrites the content
+        "message['content'][:-1]",  # drops its last character
+        "message['content'].replace('e', 'E')",  # rewrites part of it
+        "message['content'] * 2",  # repeats it
+        "'x' if message['role'] == 'assistant' else message['content']",  # drops it
+    ],
+)
+def test_template_that_changes_assistant_content_is_a_guard_error(rewrite):
+    template = CHATML_TEMPLATE.replace(
+        "{{ message['content'] + '<|im_end|>' }}", f"{{{{ ({rewrite}) + '<|im_end|>' }}}}"
+    )
+    assert template != CHATML_TEMPLATE
+    tokenizer = char_tokenizer(ALPHABET + "()", chat_template=template)
+    with pytest.raises(ChatTemplateError, match=r"ref-model: cannot locate the response .* the tokenizer's chat"):
+        ConversationEncoder(tokenizer, name="ref-model").encode(MESSAGES)
+
+
+def test_tokens_that_do_not_decode_to_the_content_are_a_guard_error():
+    """A normalizer that lowercases keeps the offsets right but the tokens are not the content: no silent mask."""
+    tokenizer = char_tokenizer(ALPHABET.lower())
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(ChatTemplateError, match="decode to 'hi there.<|im_end|>'"):
+        ConversationEncoder(tokenizer, name="ref-model").encode(MESSAGES)
+    assert ConversationEncoder(tokenizer).encode([MESSAGES[0], {"role": "assistant", "content": "ok."}])

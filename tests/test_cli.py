@@ -169,10 +169,12 @@ def _fields(*classes) -> set[str]:
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_keys_are_real_options(recipe):
-    keys = set(yaml.safe_load((RECIPES / recipe).read_text()))
+    values = yaml.safe_load((RECIPES / recipe).read_text())
     command = COMMANDS[recipe.split("-")[0]]
     known = _fields(*(command.load(c) for c in command.configs))
-    assert keys <= known, keys - known
+    assert set(values) <= known, set(values) - known
+    if "chat_template" in values:  # a template file, relative to the repository root where recipes are run
+        assert (RECIPES.parent / values["chat_template"]).is_file()
 
 
 def test_merge_repeated_keeps_flags_apart():
@@ -183,3 +185,26 @@ def test_merge_repeated_keeps_flags_apart():
         "--eval",
         "x",
     ]
+
+
+def test_paper_script_uses_real_recipes_and_options():
+    """recipes/paper.sh: every `poft <command>` line names an existing recipe and only options that command has."""
+    script = (RECIPES / "paper.sh").read_text().replace("\\\n", " ")
+    calls = [
+        line.split("poft.cli ", 1)[-1] if "poft.cli " in line else line.split("poft ", 1)[-1]
+        for line in script.splitlines()
+        if not line.lstrip().startswith("#")
+        and ("$ZERO3 " in line or "poft.cli " in line or line.strip().startswith("poft "))
+    ]
+    commands = set()
+    for call in calls:
+        words = call.replace("$ZERO3 ", "").split()
+        command = COMMANDS[words[0]]
+        commands.add(words[0])
+        known = _fields(*(command.load(c) for c in command.configs)) | {"config"}
+        flags = {w[2:].replace("-", "_") for w in words if w.startswith("--")}
+        assert flags <= known, (words[0], flags - known)
+        for i, word in enumerate(words[:-1]):
+            if word == "--config":
+                assert (RECIPES.parent / words[i + 1]).is_file(), words[i + 1]
+    assert commands == {"score", "train", "dpo", "eval", "report"}

@@ -121,6 +121,49 @@ def test_alpaca_format_with_optional_input_and_system(tmp_path):
     assert ds["messages"][1] == [{"role": "user", "content": "I2"}, {"role": "assistant", "content": "O2"}]
 
 
+def test_dolly_format_with_optional_context(tmp_path):
+    rows = [
+        {
+            "instruction": "Who wrote it?",
+            "context": "Dune is a novel by Frank Herbert.",
+            "response": "Frank Herbert.",
+            "category": "closed_qa",
+        },
+        {"instruction": "Name a fruit.", "context": "", "response": "A pear.", "category": "brainstorming"},
+    ]
+    ds = load_rows(tmp_path, rows)
+    assert ds.column_names == ["messages", "poft_id", "category"]
+    assert ds["messages"] == [
+        [
+            {"role": "user", "content": "Who wrote it?\n\nDune is a novel by Frank Herbert."},
+            {"role": "assistant", "content": "Frank Herbert."},
+        ],
+        [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}],
+    ]
+    assert detect_format(["instruction", "context", "response", "category"]) == "dolly"
+
+
+def test_chat_csv_with_messages_as_json_text(tmp_path):
+    path = tmp_path / "chats.csv"
+    conversations = [CHAT, [{"role": "system", "content": 'Be brief, "please".'}, *CHAT]]
+    pd.DataFrame({"messages": [json.dumps(c) for c in conversations], "source": ["a", "b"]}).to_csv(path, index=False)
+    ds = load_sft_dataset(str(path))
+    assert ds["messages"] == conversations and ds["source"] == ["a", "b"]
+    assert ds["poft_id"] == [conversation_id(c) for c in conversations]
+
+
+def test_text_parts_are_joined_into_the_content(tmp_path):
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there!"}]},
+    ]
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]
+    assert load_rows(tmp_path, [{"messages": turns}])["messages"] == [expected]
+    datasets.Dataset.from_list([{"messages": turns}]).save_to_disk(str(tmp_path / "saved"))
+    saved = load_sft_dataset(str(tmp_path / "saved"))  # Arrow adds the missing keys to every part
+    assert saved["messages"] == [expected] and saved["poft_id"] == [conversation_id(expected)]
+
+
 def test_extra_columns_kept_and_source_columns_dropped(tmp_path):
     ds = load_rows(tmp_path, [dict(r, poft_noise=0.1) for r in ALPACA])
     assert ds.column_names == ["messages", "poft_id", "category", "ref_score", "poft_noise"]
@@ -191,9 +234,22 @@ BAD_LINES = {
     "no assistant": ({"messages": [CHAT[0]]}, "no assistant turn"),
     "empty content": ({"messages": [CHAT[0], {"role": "assistant", "content": "  "}]}, "empty content in turn 2"),
     "non-string content": (
-        {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
-        "non-string content in turn 2 (found list)",
+        {"messages": [CHAT[0], {"role": "assistant", "content": 5}]},
+        "non-string content in turn 2 (found int)",
     ),
+    "image part": (
+        {"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, CHAT[1]]},
+        "content part 1 of turn 1 is not text (type 'image'); poft scores text only",
+    ),
+    "part that is not an object": (
+        {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
+        "content part 1 of turn 2 is not text (str)",
+    ),
+    "tool call": (
+        {"messages": [CHAT[0], {"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}]},
+        "turn 2 is an assistant tool call ('tool_calls')",
+    ),
+    "messages text that is not JSON": ({"messages": "[{'role': 'user'"}, "'messages' is text but not a JSON list"),
     "unreadable json": ('{"messages": [', "unreadable JSON"),
     "not an object": ("[1, 2]", "not a JSON object (found list)"),
 }

@@ -105,7 +105,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(tiny_models, tmp_
     data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(40, seed=3))
     cache = tmp_path / "cache"
     args = ["score", "--data", data, "--model", tiny_models["chatml"], "--batch-tokens", "200", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    # the child imports the poft under test (not an installed copy) and the tests package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scoring.__file__).parents[1]), os.getcwd()])}
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_SCORER, *args, "--output", str(tmp_path / "killed"), "--cache_dir", str(cache)],
         env=env,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from poft.chat import MASK_RULE, ChatTemplateError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 from tests.conftest import as_dataset
@@ -251,3 +254,46 @@ def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_p
     expected = torch.nn.functional.softplus(-(r_theta - ref)).mean().item()  # -log sigmoid(margin)
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["eval_poft/margin"] == pytest.approx((r_theta - ref).mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen3", "gemma"])
+def test_r_theta_equals_poft_score_on_real_templates(template_models, conversations, tmp_path, name):
+    """Llama 3.1, Qwen 3 (empty reasoning blocks left out) and Gemma (system turns merged) read alike in both."""
+    data = score_dataset(
+        as_dataset(conversations),
+        [template_models[name]],
+        ScoreConfig(cache_dir=str(tmp_path / "cache"), max_length=256, device="cpu"),
+    )
+    (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    assert meta["masking"] == MASK_RULE and meta["system_turns"] == "auto"  # a new rule never reuses old scores
+    for layout in ({}, {"padding_free": True}):
+        trainer = PoFTTrainer(template_models[name], args=config(tmp_path, **layout), train_dataset=data)
+        trainer.model.eval()
+        with torch.no_grad():
+            r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
+        assert sorted(ref.tolist()) == pytest.approx(sorted(data["ref_score"]), abs=1e-6)
+
+
+def test_target_without_a_template_trains_with_the_given_one(tiny_models, conversations, tmp_path):
+    """A base model trained with Zephyr's template file: r_theta equals `poft score --chat_template` of the same
+    file, and the saved model carries the template."""
+    from poft.demo.builders import save_model, tiny_llama
+    from tests.real_templates import ZEPHYR
+
+    template = tmp_path / "zephyr.jinja"
+    template.write_text(ZEPHYR)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["zephyr"])
+    tokenizer.chat_template = None
+    base = str(save_model(tiny_llama(tokenizer, seed=7), tokenizer, tmp_path / "base"))
+    options = {"cache_dir": str(tmp_path / "cache"), "max_length": 256, "device": "cpu"}
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        score_dataset(as_dataset(conversations), [base], ScoreConfig(**options))
+    data = score_dataset(as_dataset(conversations), [base], ScoreConfig(chat_template=str(template), **options))
+    trainer = PoFTTrainer(base, args=config(tmp_path, chat_template=str(template)), train_dataset=data)
+    trainer.model.eval()
+    with torch.no_grad():
+        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+    torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
+    trainer.save_model(str(tmp_path / "trained"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "trained").chat_template == ZEPHYR

@@ -1,29 +1,70 @@
 """One conversation + one tokenizer -> token ids and the mask of the tokens a model is scored on.
 
-This is the single definition of "the response" shared by reference scoring and PoFT training, so
-r_ref and r_theta always measure the same thing: every assistant turn's content and its end-of-turn
-token, exactly as the tokenizer's own chat template renders them. Templates with `{% generation %}`
-markers are masked by `apply_chat_template(..., return_assistant_tokens_mask=True)`; templates without
-them use TRL's training version of the same template where TRL ships one, and otherwise the mask is
-derived by rendering each assistant turn's prefix.
+This is the single definition of "the response" shared by reference scoring and PoFT training, so r_ref
+(a mean over references that each read the conversation in their own template) and r_theta (the target
+in its template) measure the same thing whatever the templates are:
+
+    the response of an assistant turn is the tokens of its content, as the template renders it, plus the
+    one special token that closes the turn (<|eot_id|>, <|im_end|>, <end_of_turn>, <|end|>, </s>, ...),
+    and nothing else the template adds around it.
+
+Left out: role headers (``<|start_header_id|>assistant<|end_header_id|>``, ``<｜Assistant｜>``), empty
+reasoning blocks (``<think>\\n\\n</think>\\n\\n``), whitespace after the closing token, and any second token
+after it (Phi-3's ``<|end|>`` is followed by ``\\n`` and, at the end, ``</s>``). The reason is what generation
+does: a model stops at the first end-of-turn token (it is in every chat model's generation-config stop
+list), so that token is the last one it generates, and everything the template writes before the content
+is part of the prompt. Those template tokens are near-certain for a model, so counting them would inflate
+its length-normalised score by an amount that depends on the template and on the response's length, and
+r_theta - r_ref would shift by a template artefact. Whitespace that sits between the content and the
+closing token (Llama 2's ``' ' + eos``) is kept, since the model must generate it to reach that token; a
+leading space the tokenizer glues to the first content token is kept, since that token is what the model
+generates. Where no special token follows the content (GLM-4's last turn: its turns end with the next
+role token, which its generation config stops at), the turn is its content alone, with a warning. A
+beginning-of-sequence token never closes a turn.
+
+One method serves every template, with or without ``{% generation %}`` markers: the conversation is
+rendered once as it is and once with every assistant content replaced by a unique marker; the marker
+rendering splits the text into the template's own pieces, which locate each content (possibly trimmed by
+the template) in the real rendering exactly. Character spans map to tokens through the tokenizer's
+offsets. A guard then decodes every turn's masked tokens and stops with `ChatTemplateError`, naming the
+model and the template, unless they are exactly that turn's content and closing token (whitespace aside,
+which decoders do not all restore): a wrong mask never passes silently.
+
+Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user turn, as such models'
+guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect content as a list of
+parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
+import logging
 import os
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
 TruncationMode = Literal["keep_start", "keep_end"]
+SystemTurns = Literal["auto", "keep", "merge"]
+SYSTEM_TURNS = ("auto", "keep", "merge")
+
+# Version of the response definition above; score caches are keyed by it, so changing which tokens are
+# scored makes earlier cache entries unreachable instead of silently reused.
+MASK_RULE = "content+closing_token/v2"
 
 CHAT_TEMPLATE_FIX = (
     "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
+)
+SYSTEM_TURNS_HELP = (
+    "System turns for templates that reject them: auto (keep them where the template renders them, else merge "
+    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user turn)."
 )
 
 
@@ -59,10 +100,42 @@ def read_chat_template(value: str) -> str:
     return value
 
 
-class ConversationEncoder:
-    """Encodes conversations for one tokenizer; the template and the masking method are resolved once.
+def merge_system_turns(messages: Sequence[Message]) -> list[Message]:
+    """Prepend each system turn's text to the next user turn (separated by a blank line, as Gemma 3's template
+    does); a system turn with no user turn before the next assistant turn becomes a user turn itself."""
+    merged: list[Message] = []
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "system":
+            pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user":
+            message = {"role": "user", "content": "\n\n".join([*pending, message["content"]])}
+        elif pending:
+            merged.append({"role": "user", "content": "\n\n".join(pending)})
+        pending = []
+        merged.append(dict(message))
+    if pending:
+        merged.append({"role": "user", "content": "\n\n".join(pending)})
+    return merged
 
-    `fallback_template` is used only when the tokenizer has no chat template of its own.
+
+@dataclass(frozen=True)
+class ResponseSpan:
+    """One assistant turn in the rendered text: its content's characters and the tokens that are its response."""
+
+    turn: int
+    content: str  # the content as the template renders it
+    first_token: int
+    end_token: int  # exclusive
+    closing_token: int | None  # index of the closing special token, None where the template has none
+
+
+class ConversationEncoder:
+    """Encodes conversations for one tokenizer; the template and how it takes content are resolved once.
+
+    `fallback_template` is used only when the tokenizer has no chat template of its own. `system_turns`
+    says what to do with system turns (see `SYSTEM_TURNS_HELP`).
     """
 
     def __init__(
@@ -72,55 +145,56 @@ class ConversationEncoder:
         fallback_template: str | None = None,
         max_length: int | None = None,
         truncation_mode: TruncationMode = "keep_start",
+        system_turns: SystemTurns = "auto",
         name: str | None = None,
     ):
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        if system_turns not in SYSTEM_TURNS:
+            raise ValueError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+        self.name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not tokenizer.is_fast:
             raise ChatTemplateError(
-                f"{name or type(tokenizer).__name__}: response masks need a fast tokenizer (character offsets); "
+                f"{self.name}: response masks need a fast tokenizer (character offsets); "
                 "load it with use_fast=True or convert it with `tokenizers`."
             )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation_mode = truncation_mode
-        self.name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self.system_turns = system_turns
+        self.method = MASK_RULE
         template = tokenizer.chat_template
         if isinstance(template, dict):
             template = template.get("default")
+        self.template_source = "the tokenizer's chat template"
+        if template and fallback_template is not None:
+            logger.info(
+                "%s: using the tokenizer's own chat template; --chat_template serves only those without one", self.name
+            )
         if not template:
             if fallback_template is None:
                 raise ChatTemplateError(f"{self.name}: the tokenizer has no chat template. {CHAT_TEMPLATE_FIX}")
             template = read_chat_template(fallback_template)
-        self.template, self.method = self._masking_template(template)
+            self.template_source = (
+                f"chat template {fallback_template}"
+                if os.path.isfile(fallback_template)
+                else "the given chat template"
+            )
+        self.template = template
+        # tokens that can close a turn: the special ones, but never a beginning-of-sequence or unknown token
+        self.closing_ids = (
+            set(tokenizer.all_special_ids)
+            | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        ) - {tokenizer.bos_token_id, tokenizer.unk_token_id}
+        self.content_as_parts = self._probe_content_shape()
+        self.renders_system = self._probe_system_turns()
+        self._warned: set[str] = set()
 
-    def _masking_template(self, template: str) -> tuple[str, str]:
-        if has_generation_markers(template):
-            return template, "generation_markers"
-        probe = copy.copy(self.tokenizer)  # TRL's lookup reads the template off the tokenizer
-        probe.chat_template = template
-        try:
-            training = get_training_chat_template(probe)
-        except ValueError:
-            training = None
-        if training is not None:
-            return training, "generation_markers"
-        return template, "prefix_rendering"
+    # ------------------------------------------------------------------ public
 
     def encode(self, messages: Sequence[Message]) -> EncodedConversation:
         """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`."""
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if self.method == "generation_markers":
-            out = self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=self.template,
-                tokenize=True,
-                return_dict=True,
-                return_assistant_tokens_mask=True,
-            )
-            input_ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        else:
-            input_ids, mask = self._encode_by_prefixes(messages)
+        input_ids, mask, _ = self.encode_spans(messages)
         truncated = self.max_length is not None and len(input_ids) > self.max_length
         if truncated:
             window = (
@@ -129,34 +203,196 @@ class ConversationEncoder:
             input_ids, mask = input_ids[window], mask[window]
         return EncodedConversation(input_ids=input_ids, response_mask=mask, truncated=truncated)
 
-    def _render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+    def encode_spans(self, messages: Sequence[Message]) -> tuple[list[int], list[int], list[ResponseSpan]]:
+        """Untruncated token ids, response mask and each assistant turn's response span, checked by the guard."""
+        messages = self.prepare(messages)
+        full, contents = self._locate_contents(messages)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        spans = [self._response_span(turn, text, start, full, input_ids, offsets) for turn, text, start in contents]
+        mask = [0] * len(input_ids)
+        for span in spans:
+            self._check(span, input_ids)
+            mask[span.first_token : span.end_token] = [1] * (span.end_token - span.first_token)
+        return input_ids, mask, spans
+
+    def prepare(self, messages: Sequence[Message]) -> list[Message]:
+        """The turns as the template receives them: role and content only, system turns per the policy."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        has_system = any(m["role"] == "system" for m in messages)
+        if has_system and (self.system_turns == "merge" or (self.system_turns == "auto" and not self.renders_system)):
+            if self.system_turns == "auto":
+                self._warn_once(
+                    "system",
+                    "%s: %s does not render system turns; merging each into the next user turn (system_turns=auto). "
+                    "Pass --system_turns keep to stop this.",
+                    self.name,
+                    self.template_source,
+                )
+            messages = merge_system_turns(messages)
+        return messages
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The template's text for prepared `messages`; any failure of the template is a `ChatTemplateError`."""
+        try:
+            return self._apply(messages)
+        except Exception as error:  # templates fail in many ways: raise_exception, KeyError, TypeError, ...
+            hint = CHAT_TEMPLATE_FIX
+            if any(m["role"] == "system" for m in messages):
+                hint = "The conversation has a system turn: pass --system_turns merge to merge it into the user turn."
+            raise ChatTemplateError(
+                f"{self.name}: {self.template_source} fails on this conversation "
+                f"({type(error).__name__}: {error}). {hint}"
+            ) from error
+
+    # ------------------------------------------------------------------ rendering
+
+    def _apply(self, messages: Sequence[Message]) -> str:
+        if self.content_as_parts:
+            messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False)
+
+    def _probe_content_shape(self) -> bool:
+        """True when the template renders content only given as a list of text parts."""
+        marks = _Markers()
+        probe = [{"role": "user", "content": marks.new()}, {"role": "assistant", "content": marks.new()}]
+        for parts in (False, True):
+            self.content_as_parts = parts
+            try:
+                text = self._apply(probe)
+            except Exception:  # a template expecting the other shape fails in its own way
+                continue
+            if all(text.count(m["content"]) == 1 for m in probe):
+                return parts
+        raise self._guard_error(
+            None, "the template renders assistant content unchanged neither as text nor as text parts"
         )
 
-    def _encode_by_prefixes(self, messages: list[Message]) -> tuple[list[int], list[int]]:
-        """Assistant turn i spans from the end of render(turns < i, generation prompt) to the end of render(turns <= i).
-
-        Trailing whitespace after the end-of-turn token is left out: a model stops at that token and never
-        generates what follows it.
-        """
-        full = self._render(messages)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self._render(messages[:i], add_generation_prompt=True)
-            through = self._render(messages[: i + 1])
-            if not (through.startswith(before) and full.startswith(through)):
-                raise ChatTemplateError(
-                    f"{self.name}: the chat template renders earlier turns differently once later turns are "
-                    f"added (turn {i}), so the assistant tokens cannot be located. Use a template with "
-                    "{% generation %} markers via --chat_template."
-                )
-            spans.append((len(before), len(through.rstrip())))
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        mask = [
-            int(any(start < span_end and end > span_start for span_start, span_end in spans))
-            for start, end in enc["offset_mapping"]
+    def _probe_system_turns(self) -> bool:
+        marks = _Markers()
+        system = marks.new()
+        probe = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": marks.new()},
+            {"role": "assistant", "content": marks.new()},
         ]
-        return list(enc["input_ids"]), mask
+        try:
+            return system in self._apply(probe)
+        except Exception:  # e.g. Gemma's raise_exception('System role not supported')
+            return False
+
+    def _locate_contents(self, messages: list[Message]) -> tuple[str, list[tuple[int, str, int]]]:
+        """The rendered text and, per assistant turn, (turn index, content as rendered, its start character)."""
+        full = self.render(messages)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            return full, []
+        marks = _Markers(avoid=full)
+        marked = [dict(m) for m in messages]
+        for i in turns:
+            marked[i]["content"] = marks.new()
+        pieces = self._split_at_markers(self.render(marked), [marked[i]["content"] for i in turns])
+        if not full.startswith(pieces[0]):
+            raise self._guard_error(turns[0], "the text before it changes with the content")
+        contents, cursor = [], len(pieces[0])
+        for k, i in enumerate(turns):
+            after, last = pieces[k + 1], k + 1 == len(turns)
+            content = messages[i]["content"]
+            for text in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+                end = cursor + len(text)
+                if full.startswith(text, cursor) and (full[end:] == after if last else full.startswith(after, end)):
+                    contents.append((i, text, cursor))
+                    cursor = end + len(after)
+                    break
+            else:
+                raise self._guard_error(i, "the template rewrites this content or the text around it")
+        return full, contents
+
+    def _split_at_markers(self, text: str, markers: list[str]) -> list[str]:
+        pieces, cursor = [], 0
+        for k, marker in enumerate(markers):
+            at = text.find(marker, cursor)
+            if at < 0 or text.count(marker) != 1:
+                how = "drops" if marker not in text else ("repeats" if text.count(marker) > 1 else "reorders")
+                raise self._guard_error(None, f"the template {how} the content of assistant turn {k + 1}")
+            pieces.append(text[cursor:at])
+            cursor = at + len(marker)
+        pieces.append(text[cursor:])
+        return pieces
+
+    # ------------------------------------------------------------------ tokens
+
+    def _response_span(
+        self, turn: int, text: str, start: int, full: str, input_ids: list[int], offsets: list[tuple[int, int]]
+    ) -> ResponseSpan:
+        end = start + len(text)
+        # offsets are sorted, so the tokens overlapping [start, end) are found by bisection (long conversations)
+        first = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
+        last = bisect.bisect_left(offsets, end, key=lambda offset: offset[0]) - 1
+        if first > last:
+            raise self._guard_error(turn, "no token covers its content")
+        closing = last + 1
+        while (  # whitespace between the content and the closing token is generated too (Llama 2's ' </s>')
+            closing < len(input_ids)
+            and input_ids[closing] not in self.closing_ids
+            and not full[offsets[closing][0] : offsets[closing][1]].strip()
+        ):
+            closing += 1
+        if closing < len(input_ids) and input_ids[closing] in self.closing_ids:
+            return ResponseSpan(turn, text, first, closing + 1, closing)
+        self._warn_once(
+            "closing",
+            "%s: %s writes no special token right after an assistant turn's content, so that turn is scored on its "
+            "content alone (the model learns no stop token there).",
+            self.name,
+            self.template_source,
+        )
+        return ResponseSpan(turn, text, first, last + 1, None)
+
+    def _check(self, span: ResponseSpan, input_ids: list[int]) -> None:
+        """The guard: the masked tokens must decode to the turn's content and then its closing token. Whitespace is
+        not compared (a space glued to the first token, decoders that drop spaces in a slice); every other
+        character is, so dropped, rewritten, repeated or added text stops the run."""
+        body_end = span.end_token if span.closing_token is None else span.closing_token
+        body = self.tokenizer.decode(input_ids[span.first_token : body_end])
+        closing = "" if span.closing_token is None else self.tokenizer.decode([input_ids[span.closing_token]])
+        if not self._decodes_to(body, span.content) or (span.closing_token is not None and not closing):
+            raise self._guard_error(
+                span.turn, f"its masked tokens decode to {body + closing!r}, not to the content and its closing token"
+            )
+
+    def _decodes_to(self, decoded: str, content: str) -> bool:
+        """Equal up to whitespace, which decoders do not all restore inside a slice of a sequence (sentencepiece's
+        metaspace); an unknown-token marker stands for the characters it replaced."""
+        decoded, content = "".join(decoded.split()), "".join(content.split())
+        unknown = self.tokenizer.unk_token
+        if unknown and unknown in decoded and unknown not in content:
+            pattern = ".+?".join(re.escape(piece) for piece in decoded.split(unknown))
+            return re.fullmatch(pattern, content, flags=re.DOTALL) is not None
+        return decoded == content
+
+    def _guard_error(self, turn: int | None, why: str) -> ChatTemplateError:
+        where = f"assistant turn at position {turn + 1}" if turn is not None else "an assistant turn"
+        return ChatTemplateError(
+            f"{self.name}: cannot locate the response of {where} in {self.template_source}: {why}. "
+            "Use a template that renders each assistant content unchanged (--chat_template)."
+        )
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+
+class _Markers:
+    """Unique placeholder strings that no template trims, escapes or finds in the conversation."""
+
+    def __init__(self, avoid: str = ""):
+        self.nonce = secrets.token_hex(4)
+        while self.nonce in avoid:
+            self.nonce = secrets.token_hex(4)
+        self.count = 0
+
+    def new(self) -> str:
+        self.count += 1
+        return f"POFTMARK{self.nonce}N{self.count}"

@@ -102,8 +102,10 @@ COMMANDS: dict[str, Command] = {
     ),
     "report": Command(
         "markdown report with plots of scores, training runs and evals",
-        "A markdown report with plots: score distributions and reference agreement of a scored dataset, training "
-        "curves (loss, PoFT weight, win rate, margin) of runs, and a comparison table of eval results.",
+        "A markdown report with plots, and the same as one self-contained report.html: score distributions, "
+        "reference agreement and a data audit (lowest and highest ref_score rows, where references disagree, "
+        "shares below thresholds) of a scored dataset, training curves (loss, PoFT weight, win rate, margin) of "
+        "runs, and a comparison table of eval results.",
         ("poft.report:ReportConfig",),
         "poft.report:run_report",
         repeated=("--runs", "--eval"),

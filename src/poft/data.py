@@ -2,11 +2,16 @@
 
 Every source (JSONL, JSON, Parquet or CSV files, ``save_to_disk`` directories,
 Hub datasets) and every layout (chat ``messages``, ShareGPT ``conversations``,
-``prompt``/``completion``, Alpaca) becomes a ``messages`` column of
+``prompt``/``completion``, Alpaca, Dolly) becomes a ``messages`` column of
 ``{"role", "content"}`` turns plus ``poft_id``, a hash of the conversation's
 content, so later stages (reference scoring, caches, reports) can join rows
 across runs without trusting row order. A bad row is reported with the file and
 the line or row a person has to fix, or skipped into a report on request.
+
+Content given as a list of parts (the OpenAI / multimodal shape ``[{"type": "text", "text": ...}]``) is
+joined into one string when every part is text; chat templates that expect parts get them back from
+`poft.chat`. A ``messages`` or ``conversations`` cell holding a JSON string (a chat dataset saved as CSV)
+is parsed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ FORMAT_COLUMNS = {
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
+    "dolly": ("instruction", "response"),
 }
 # Columns each format turns into `messages`; they are not carried into the output.
 SOURCE_COLUMNS = {
@@ -54,11 +60,13 @@ SOURCE_COLUMNS = {
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output", "system"),
+    "dolly": ("instruction", "context", "response"),
 }
 ACCEPTED_FORMATS = (
     "messages (column 'messages'), sharegpt ('conversations'), "
     "prompt_completion ('prompt' + 'completion'), "
-    "alpaca ('instruction' + 'output', optional 'input' and 'system')"
+    "alpaca ('instruction' + 'output', optional 'input' and 'system'), "
+    "dolly ('instruction' + 'response', optional 'context')"
 )
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SKIP_HINT = "Fix the row, or pass --skip-invalid to skip bad rows and write them to a report."
@@ -169,6 +177,13 @@ def _turn_list(example: dict, key: str) -> list:
     value = example.get(key)
     if value is None:
         raise ValueError(f"missing '{key}'")
+    if isinstance(value, str):  # a chat dataset saved as CSV holds each conversation as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"'{key}' is text but not a JSON list of turns ({exc.msg} at column {exc.colno})"
+            ) from None
     if not isinstance(value, list):
         raise ValueError(f"'{key}' must be a list of turns, found {type_name(value)}")
     return value
@@ -220,6 +235,18 @@ def _from_alpaca(example: dict) -> list[dict]:
     ]
 
 
+def _from_dolly(example: dict) -> list[dict]:
+    """databricks-dolly-15k: the optional reference text follows the instruction, as Alpaca's input does."""
+    user = _text(example, "instruction", required=True)
+    context = _text(example, "context")
+    if context.strip():
+        user += "\n\n" + context
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(example, "response", required=True)},
+    ]
+
+
 def _text(example: dict, key: str, *, required: bool = False) -> str:
     """A string field; optional ones may be missing or null (CSV leaves empty cells null)."""
     value = example.get(key)
@@ -237,6 +264,7 @@ _TO_TURNS: dict[str, Callable[[dict], list]] = {
     "sharegpt": _from_sharegpt,
     "prompt_completion": _from_prompt_completion,
     "alpaca": _from_alpaca,
+    "dolly": _from_dolly,
 }
 
 
@@ -256,11 +284,33 @@ def clean_turn(turn: Any, index: int) -> dict:
         raise ValueError(f"turn {index} has no string 'role' (found {type_name(role)})")
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} in turn {index} (allowed: {', '.join(ROLES)})")
+    if turn.get("tool_calls"):
+        raise ValueError(
+            f"turn {index} is an assistant tool call ('tool_calls'), which poft cannot score as a text response; "
+            "remove tool-call turns and their tool results, or write the call as text in 'content'"
+        )
+    if isinstance(content, list):
+        content = _join_text_parts(content, index)
     if not isinstance(content, str):
         raise ValueError(f"non-string content in turn {index} (found {type_name(content)}); content must be text")
     if not content.strip():
         raise ValueError(f"empty content in turn {index}")
     return {"role": role, "content": content}
+
+
+def _join_text_parts(parts: list, index: int) -> str:
+    """The text of OpenAI-style content parts; any other part (an image, audio) is an error, since poft scores text."""
+    texts = []
+    for number, part in enumerate(parts, start=1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            found = f"type {kind!r}" if isinstance(part, dict) else type_name(part)
+            raise ValueError(
+                f"content part {number} of turn {index} is not text ({found}); poft scores text only: "
+                'keep only {"type": "text", "text": ...} parts, or drop the row'
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 # --------------------------------------------------------------------------- reading files

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from poft.data import (
     MESSAGES_FEATURE,
@@ -30,7 +30,7 @@ from poft.data import (
     open_source,
     type_name,
 )
-from poft.runtime import default_bf16, model_init_kwargs, train_and_save
+from poft.runtime import default_bf16, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +219,6 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
-    trainer = DPOTrainer(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
     logger.info(
         "DPO of %s on %d preference pairs (beta=%g, loss_type=%s)",
         model_args.model_name_or_path,
@@ -234,4 +226,4 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
         training_args.beta,
         ",".join(training_args.loss_type),
     )
-    return train_and_save(trainer, training_args.resume_from_checkpoint)
+    return train_and_save(DPOTrainer, model_args, training_args, train_dataset, eval_dataset)

@@ -3,16 +3,20 @@
 `poft report` covers a scored dataset (per-reference and aggregate score distributions as in the
 paper's Figure 2, agreement between references, clean vs noisy where `poft_noise` exists), training
 runs (loss, PoFT weight, win rate and margin curves from the trainer's logs) and `poft eval` results
-(a comparison table). `write_demo_report` turns the demo's results into its report.md and plots.
+(a comparison table), and audits the scored rows (`poft.audit`: the lowest and highest ref_score, where
+the references disagree, the share below thresholds). report.html is the same report as one self-contained
+page. `write_demo_report` turns the demo's results into its report.md and plots.
 `auc` is the rank statistic of how well scores separate clean from noisy rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +25,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from poft import audit  # noqa: E402
+from poft.report_html import escape_markdown, render_html  # noqa: E402
+
 
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """P(a positive scores above a negative), ties counted half: the Mann-Whitney AUC."""
     if not positives or not negatives:
         raise ValueError("auc needs at least one positive and one negative score")
-    ranks = _ranks(list(positives) + list(negatives))
+    ranks = audit.ranks(list(positives) + list(negatives))
     n_pos, n_neg = len(positives), len(negatives)
     return (sum(ranks[:n_pos]) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
@@ -202,21 +209,6 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j < len(order) and values[order[j]] == values[order[i]]:
-            j += 1
-        for k in order[i:j]:
-            ranks[k] = (i + j + 1) / 2
-        i = j
-    return ranks
-
-
 def agreement_table(columns: dict[str, list[float]]) -> str:
     """Markdown: Pearson / Spearman correlation between every pair of score columns (rows scored by all)."""
     names = list(columns)
@@ -226,7 +218,7 @@ def agreement_table(columns: dict[str, list[float]]) -> str:
         cells = []
         for b in names:
             x, y = [columns[a][i] for i in rows], [columns[b][i] for i in rows]
-            cells.append(f"{_pearson(x, y):.3f} / {_pearson(_ranks(x), _ranks(y)):.3f}")
+            cells.append(f"{_pearson(x, y):.3f} / {_pearson(audit.ranks(x), audit.ranks(y)):.3f}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -297,6 +289,123 @@ def scored_data_section(dataset, output: Path) -> list[str]:
     return lines
 
 
+def _score(value: float | None) -> str:
+    return "-" if audit.is_missing(value) else f"{value:.3f}"
+
+
+def _rows_table(dataset, rows: Sequence[int], columns: dict[str, Callable[[int], str]], text_chars: int) -> list[str]:
+    """Markdown table of `rows`: index, poft_id, a cell per column, first user and assistant text (escaped)."""
+    header = ["row", "poft_id", *columns, "first user turn", "first reply"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    has_ids, has_messages = "poft_id" in dataset.column_names, "messages" in dataset.column_names
+    for row in rows:
+        record = dataset[int(row)]
+        messages = record["messages"] if has_messages else None
+        cells = [
+            str(row),
+            escape_markdown(str(record["poft_id"])) if has_ids else "-",
+            *(cells_of(row) for cells_of in columns.values()),
+            *(
+                escape_markdown(audit.shorten(audit.first_text(messages, r), text_chars))
+                for r in ("user", "assistant")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
+    """Which rows the references think are worst and best, where they disagree, and how many fall below thresholds."""
+    references = [c for c in dataset.column_names if c.startswith("score_")]
+    lines = ["## Data audit", ""]
+    if "ref_score" not in dataset.column_names:
+        return lines + ["No ref_score column (the references' mean that `poft score` writes): nothing to audit.", ""]
+    names = [*references, "ref_score"]
+    columns = {n: dataset[n] for n in names}
+    found = audit.extremes(columns["ref_score"], rows)
+    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in ["ref_score", *references]}
+    noise = {}
+    if "poft_noise" in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
+        flags = dataset["poft_noise"]
+        noise = {"noisy": lambda row: "yes" if flags[row] else "no"}
+    scores.update(noise)
+    lines += [
+        "Rows are numbered from 0 in the scored dataset's order (`datasets.load_from_disk(DIR)[row]`); "
+        "text is the first user turn and the first assistant turn, shortened.",
+        "",
+        f"### Lowest ref_score ({len(found.lowest)} rows)",
+        "",
+        *_rows_table(dataset, found.lowest, scores, text_chars),
+        "",
+        f"### Highest ref_score ({len(found.highest)} rows)",
+        "",
+        *_rows_table(dataset, found.highest, scores, text_chars),
+        "",
+    ]
+    if found.missing:
+        lines += [
+            f"### Rows without a ref_score ({len(found.missing)})",
+            "",
+            "At least one reference gave no score (usually: no response token survived its truncation; see the "
+            "score columns). `poft filter` drops these rows; PoFT training refuses data that still holds them."
+            + (f" The first {rows}:" if len(found.missing) > rows else ""),
+            "",
+            *_rows_table(dataset, found.missing[:rows], scores, text_chars),
+            "",
+        ]
+    lines += ["### Where the references disagree", ""]
+    disputed = audit.disagreements({n: columns[n] for n in references}, rows)
+    if len(references) < 2:
+        lines += ["One reference: nothing to compare.", ""]
+    elif disputed:
+        by_row = {d.row: d for d in disputed}
+        cells = {
+            n: (lambda row, n=n: f"{_score(columns[n][row])} ({by_row[row].percentiles[n]:.0f})") for n in references
+        }
+        lines += [
+            "Each reference's scores as percentiles among the rows all references scored (0: its lowest row, "
+            "100: its highest; in brackets), since references' log-prob scales differ; spread is the largest "
+            "minus the smallest percentile.",
+            "",
+            *_rows_table(
+                dataset,
+                [d.row for d in disputed],
+                {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **noise},
+                text_chars,
+            ),
+            "",
+        ]
+    else:
+        lines += ["No row was scored by every reference.", ""]
+    lines += [
+        "### Rows below thresholds",
+        "",
+        "exp(score) is the geometric-mean probability a reference gives a response token, so each threshold is "
+        "ln(p) for a token probability p. Shares are of the rows with a score in that column.",
+        "",
+        "| score below | token probability | " + " | ".join(names) + " |",
+        "| --- | --- |" + " --- |" * len(names),
+    ]
+    for p in audit.TOKEN_PROBABILITIES:
+        threshold = math.log(p)
+        shares = []
+        for name in names:
+            below, scored = audit.count_below(columns[name], threshold)
+            shares.append(f"{100 * below / scored:.1f}% ({below} of {scored})" if scored else "-")
+        lines.append(f"| {threshold:.3f} | {p:g} | " + " | ".join(shares) + " |")
+    lines += [
+        "",
+        "What `poft filter --top_fraction F` keeps (the paper keeps the top 40% by ref_score):",
+        "",
+        "| F | rows kept | lowest ref_score kept |",
+        "| --- | --- | --- |",
+    ]
+    for fraction in audit.TOP_FRACTIONS:
+        cutoff, kept = audit.top_fraction_cutoff(columns["ref_score"], fraction)
+        lines.append(f"| {fraction:g} | {kept} of {len(dataset)} | {_score(cutoff)} |")
+    return lines + [""]
+
+
 TRAINING_CURVES = ("loss", "poft/weight", "poft/win_rate", "poft/margin")
 
 
@@ -344,11 +453,38 @@ class ReportConfig:
         default_factory=list, metadata={"help": "Training output directories (or trainer_state.json files) to plot."}
     )
     eval: list[str] = field(default_factory=list, metadata={"help": "`poft eval` eval_results.json files to compare."})
-    output: str = field(default="poft-report", metadata={"help": "Directory for report.md and its plots."})
+    output: str = field(
+        default="poft-report", metadata={"help": "Directory for report.md, its plots and report.html."}
+    )
+    audit_rows: int = field(
+        default=10,
+        metadata={"help": "Rows in each list of the data audit (lowest, highest, most disputed ref_score)."},
+    )
+    audit_text_chars: int = field(
+        default=120, metadata={"help": "The data audit shortens each quoted turn to this many characters."}
+    )
+
+    def __post_init__(self):
+        if self.audit_rows < 1 or self.audit_text_chars < 10:
+            raise ValueError(
+                f"--audit_rows must be at least 1 and --audit_text_chars at least 10 "
+                f"(got {self.audit_rows} and {self.audit_text_chars})."
+            )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `path`: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def run_report(config: ReportConfig) -> Path:
-    """`poft report`: one markdown report over whatever was given."""
+    """`poft report`: report.md over whatever was given, and report.html, the same page self-contained."""
     from datasets import load_from_disk
 
     if not (config.scored or config.runs or config.eval):
@@ -357,12 +493,16 @@ def run_report(config: ReportConfig) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     lines = ["# poft report", ""]
     if config.scored:
-        lines += scored_data_section(load_from_disk(config.scored), output)
+        scored = load_from_disk(config.scored)
+        lines += scored_data_section(scored, output)
+        lines += audit_section(scored, config.audit_rows, config.audit_text_chars)
     if config.runs:
         lines += training_section(config.runs, output)
     if config.eval:
         payloads = [json.loads(Path(p).read_text()) for p in config.eval]
         lines += ["## Evaluation", "", eval_table(payloads), ""]
-    (output / "report.md").write_text("\n".join(lines))
-    print(f"Wrote {output / 'report.md'}")
+    markdown = "\n".join(lines)
+    _write_atomic(output / "report.md", markdown)
+    _write_atomic(output / "report.html", render_html(markdown, output, title="poft report"))
+    print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"

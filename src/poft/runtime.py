@@ -48,20 +48,26 @@ def default_bf16(bf16: bool | None, fp16: bool) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def model_init_kwargs(model_args, configured: dict | None) -> dict:
-    """What `poft train` / `poft dpo` pass to from_pretrained: TRL's ModelConfig, then the config's own kwargs."""
-    return {
+def train_and_save(trainer_class, model_args, training_args, train_dataset, eval_dataset=None) -> str:
+    """Build a TRL trainer for `model_args` (PEFT included), train, then save the model and trainer_state.json
+    (the logged curves `poft report --runs` plots). `poft train` and `poft dpo` differ only in what they pass."""
+    from trl import get_peft_config
+
+    training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
-        **(configured or {}),
+        **(training_args.model_init_kwargs or {}),
     }
-
-
-def train_and_save(trainer, resume_from_checkpoint: str | bool | None) -> str:
-    """Train, then save the model and trainer_state.json (the logged curves `poft report --runs` plots)."""
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    trainer.save_model(trainer.args.output_dir)
+    trainer = trainer_class(
+        model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
     trainer.save_state()
-    logger.info("Saved the model to %s", trainer.args.output_dir)
-    return trainer.args.output_dir
+    logger.info("Saved the model to %s", training_args.output_dir)
+    return training_args.output_dir

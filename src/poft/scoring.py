@@ -30,7 +30,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from poft.attention import default_attn_implementation
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
-from poft.chat import ConversationEncoder, EncodedConversation
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 
@@ -63,6 +63,7 @@ class ScoringOptions:
         default=None,
         metadata={"help": "Chat template (.jinja file or text) for models whose tokenizer has none."},
     )
+    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
     # loading
     device: str = field(
         default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."}
@@ -101,6 +102,8 @@ class ScoringOptions:
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.system_turns not in SYSTEM_TURNS:
+            raise ValueError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         if self.batch_tokens <= 0:
             raise ValueError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
@@ -191,12 +194,14 @@ def score_reference(
         fallback_template=config.chat_template,
         max_length=config.max_length,
         truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
+        system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
     )
     meta = {
         "model": reference.path,
         "chat_template": encoder.template,
-        "masking": encoder.method,
+        "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
+        "system_turns": config.system_turns,
         "max_length": config.max_length,
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
@@ -213,7 +218,10 @@ def score_reference(
     todo: dict[str, EncodedConversation] = {}
     for poft_id, messages in zip(ids, dataset["messages"], strict=True):
         if poft_id in mine and poft_id not in todo:
-            todo[poft_id] = encoder.encode(messages)
+            try:
+                todo[poft_id] = encoder.encode(messages)
+            except ChatTemplateError as error:
+                raise ChatTemplateError(f"conversation poft_id {poft_id}: {error}") from error
     unique = len(set(ids))
     logger.info(
         "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",

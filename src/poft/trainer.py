@@ -25,9 +25,9 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import ConversationEncoder
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.objectives import nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
-from poft.runtime import default_bf16, model_init_kwargs, train_and_save
+from poft.runtime import default_bf16, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,23 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template (.jinja file or text) for a target whose tokenizer has none, e.g. Zephyr's for "
+            "a base model; it is saved with the trained model. The same option as poft score's."
+        },
+    )
+    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.system_turns not in SYSTEM_TURNS:
+            raise ValueError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         self.bf16 = default_bf16(self.bf16, self.fp16)
-        poft_loss_type, self.loss_type = self.loss_type, "nll"  # SFTConfig only knows its own loss types
+        # Workaround (TRL 1.16): SFTConfig validates loss_type against its own list; restored after its checks.
+        poft_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
         self.loss_type = poft_loss_type
 
@@ -121,8 +132,9 @@ class PoFTTrainer(SFTTrainer):
             )
         if args.assistant_only_loss or args.completion_only_loss:
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
-        # SFTTrainer validates its own loss types, and refuses max_length with padding-free batches because it
-        # would not truncate them; the encoder truncates every conversation itself, so both are lifted meanwhile.
+        # Workaround (TRL 1.16, pinned <1.17): SFTTrainer accepts only its own loss types, and refuses max_length
+        # with padding-free batches because it would not truncate them; the encoder truncates every conversation
+        # itself, so both are lifted while TRL sets up. Revisit when TRL takes custom losses (compute_loss_func).
         self._truncate_to, self.loss_type = args.max_length, args.loss_type
         args.loss_type = "nll"
         if args.padding_free and not args.packing:
@@ -158,8 +170,14 @@ class PoFTTrainer(SFTTrainer):
                 "use loss_type='sft'."
             )
         encoder = ConversationEncoder(
-            self._tokenizer, max_length=self._truncate_to, truncation_mode=args.truncation_mode
+            self._tokenizer,
+            fallback_template=args.chat_template,
+            max_length=self._truncate_to,
+            truncation_mode=args.truncation_mode,
+            system_turns=args.system_turns,
         )
+        if not self._tokenizer.chat_template:  # the trained model is saved with the template it learned
+            self._tokenizer.chat_template = encoder.template
         dataset = dataset.map(
             _tokenize,
             with_indices=True,
@@ -281,7 +299,10 @@ class PoFTTrainer(SFTTrainer):
 
 
 def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
-    encoded = encoder.encode(example["messages"])
+    try:
+        encoded = encoder.encode(example["messages"])
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"row {index}: {error}") from error
     out = {
         "input_ids": encoded.input_ids,
         "labels": encoded.labels(),
@@ -309,8 +330,6 @@ def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str
 
 def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
     """`poft train`: load the (scored) data, train with PoFT or SFT, save."""
-    from trl import get_peft_config
-
     from poft.data import load_sft_dataset
 
     if not data_args.dataset_name or not model_args.model_name_or_path:
@@ -326,21 +345,13 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
     if training_args.eval_strategy != "no":
         eval_dataset = load_sft_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
     _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
-    trainer = PoFTTrainer(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
     logger.info(
         "Training %s with loss_type=%s on %d conversations",
         model_args.model_name_or_path,
         training_args.loss_type,
         len(train_dataset),
     )
-    return train_and_save(trainer, training_args.resume_from_checkpoint)
+    return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
 
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:

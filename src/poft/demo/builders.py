@@ -2,9 +2,9 @@
 
 The quickstart, the demo and the tests build their models here in seconds, with nothing downloaded,
 and hand the pipeline a path, so it cannot tell them from real checkpoints. Two tokenizer families
-with different chat templates exercise both masking methods of `poft.chat`: a character-level one
-with a ChatML template carrying `{% generation %}` markers, and a byte-level BPE one with a
-Zephyr-style template without them.
+with different chat templates, which `poft.chat` must mask alike: a character-level one with a
+ChatML template carrying `{% generation %}` markers, and a byte-level BPE one with a Zephyr-style
+template without them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,126 @@
+"""The data audit of a scored dataset: which rows the references think are worst, best, and disputed.
+
+Pure functions over score columns (lists of floats with None where a row could not be scored); `poft
+report` turns their results into tables. A score that is None or not finite is "missing": it is listed
+apart and never counted as an extreme, the same rule `poft filter` uses to drop rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Fixed ref_score thresholds, as the geometric-mean probability the references give a response token.
+# ref_score is a mean per-token log-prob, so ln(p) reads the same on any data and any tokenizer:
+# "below ln 0.1" means the references find a typical token of the response less than 10% likely.
+TOKEN_PROBABILITIES = (0.5, 0.25, 0.1, 0.01)
+# --top_fraction values of `poft filter` whose ref_score cutoffs the audit shows (0.4: the paper's filter).
+TOP_FRACTIONS = (0.9, 0.75, 0.5, 0.4)
+
+
+def is_missing(score: float | None) -> bool:
+    return score is None or not math.isfinite(score)
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and values[order[j]] == values[order[i]]:
+            j += 1
+        for k in order[i:j]:
+            result[k] = (i + j + 1) / 2
+        i = j
+    return result
+
+
+@dataclass
+class Extremes:
+    """Row indices: the k lowest (ascending), the k highest (descending), and every row with a missing score."""
+
+    lowest: list[int]
+    highest: list[int]
+    missing: list[int]
+
+
+def extremes(scores: Sequence[float | None], k: int) -> Extremes:
+    """The k lowest and k highest scored rows; ties go to the earlier row, so the lists are deterministic.
+
+    With fewer than 2k scored rows the two lists share rows: each is still the true top k of its end.
+    """
+    scored = [i for i, s in enumerate(scores) if not is_missing(s)]
+    lowest = sorted(scored, key=lambda i: (scores[i], i))[:k]
+    highest = sorted(scored, key=lambda i: (-scores[i], i))[:k]
+    return Extremes(lowest, highest, [i for i, s in enumerate(scores) if is_missing(s)])
+
+
+@dataclass
+class Disagreement:
+    """A row the references rank differently: its percentile under each reference and their spread."""
+
+    row: int
+    spread: float
+    percentiles: dict[str, float]
+
+
+def disagreements(columns: dict[str, Sequence[float | None]], k: int) -> list[Disagreement]:
+    """The k rows whose percentile ranks differ most between references (largest spread first, ties by row).
+
+    References' scales differ (a stronger or better-matched model gives every row higher log-probs, and
+    their spreads differ too), so raw scores cannot be compared across references. Each reference's scores
+    become percentile ranks among the rows every reference scored (0 = its lowest row, 100 = its highest,
+    ties averaged), and a row's disagreement is the largest minus the smallest of its percentiles: "one
+    reference puts it in its bottom 5%, another above the median". Ranks rather than z-scores because
+    log-prob distributions have long low tails (noisy rows), which would squash z-scores of ordinary rows.
+    """
+    if len(columns) < 2:
+        return []
+    names = list(columns)
+    rows = [i for i in range(len(columns[names[0]])) if not any(is_missing(columns[n][i]) for n in names)]
+    if not rows:
+        return []
+    row_ranks = {name: ranks([columns[name][i] for i in rows]) for name in names}
+    # Spreads are compared in ranks (exact half-integers), so equal spreads tie exactly and go by row.
+    rank_spreads = [
+        max(row_ranks[n][j] for n in names) - min(row_ranks[n][j] for n in names) for j in range(len(rows))
+    ]
+    top = sorted(range(len(rows)), key=lambda j: (-rank_spreads[j], rows[j]))[:k]
+    scale = 100 / (len(rows) - 1) if len(rows) > 1 else 0.0
+    return [
+        Disagreement(
+            rows[j],
+            scale * rank_spreads[j],
+            {n: scale * (row_ranks[n][j] - 1) if len(rows) > 1 else 50.0 for n in names},
+        )
+        for j in top
+    ]
+
+
+def count_below(scores: Sequence[float | None], threshold: float) -> tuple[int, int]:
+    """(scored rows with a score strictly below `threshold`, scored rows)."""
+    scored = [s for s in scores if not is_missing(s)]
+    return sum(s < threshold for s in scored), len(scored)
+
+
+def top_fraction_cutoff(scores: Sequence[float | None], fraction: float) -> tuple[float | None, int]:
+    """(lowest score kept, rows kept) by `poft filter --top_fraction fraction`: the top ceil(fraction * all rows).
+
+    The count is of all rows, missing ones included, as `poft filter` counts; None when nothing is kept.
+    """
+    ranked = sorted((s for s in scores if not is_missing(s)), reverse=True)[: math.ceil(fraction * len(scores))]
+    return (ranked[-1] if ranked else None), len(ranked)
+
+
+def first_text(messages: Sequence[dict] | None, role: str) -> str:
+    """The content of the conversation's first turn by `role`, or '' if it has none."""
+    return next((m["content"] for m in messages or () if m.get("role") == role and m.get("content")), "")
+
+
+def shorten(text: str, width: int) -> str:
+    """Whitespace collapsed to single spaces, cut to at most `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: max(width - 1, 0)].rstrip() + "…"
