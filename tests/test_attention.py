@@ -163,7 +163,18 @@ def test_packing_pays_only_where_attention_skips_other_conversations():
     assert not attention.packing_pays("sdpa", cuda)  # correct, but a dense mask over the whole row
     assert not attention.packing_pays("eager", cuda)
     assert not attention.packing_pays(attention.VARLEN, cpu)
-    assert attention.default_attn_implementation(cpu) is None
+
+
+def test_varlen_is_the_default_only_for_plain_causal_attention(model):
+    assert attention.plain_causal(model.config)
+    assert not attention.use_varlen_by_default(model, torch.device("cpu"))  # the kernel is CUDA-only
+    windowed = LlamaConfig(sliding_window=4096)  # as Mistral v0.1
+    assert not attention.plain_causal(windowed)
+    assert attention.plain_causal(LlamaConfig(sliding_window=4096, use_sliding_window=False))  # as Qwen2
+    assert not attention.plain_causal(
+        LlamaConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    )
+    assert not attention.plain_causal(LlamaConfig(attn_logit_softcapping=50.0))  # as Gemma 2
 
 
 def test_models_with_their_own_attention_code_are_not_packed_by_default(model):

@@ -54,7 +54,7 @@ STAGES = {
 def environment() -> dict:
     import torch
 
-    from poft.attention import default_attn_implementation, torch_varlen_kernel
+    from poft.attention import torch_varlen_kernel, torch_varlen_supported
 
     versions = {}
     for name in PACKAGES:
@@ -73,7 +73,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
         "torch_varlen_kernel": torch_varlen_kernel() is not None,
-        "scoring_attention": default_attn_implementation(device),
+        "torch_varlen_runs_here": torch_varlen_supported(device),
         "pip_check": (check.stdout + check.stderr).strip()[-2000:],
     }
 

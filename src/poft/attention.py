@@ -65,9 +65,17 @@ def routes_attention(model) -> bool:
     return bool(getattr(model, "_supports_attention_backend", False))
 
 
-def default_attn_implementation(device: torch.device) -> str | None:
-    """What to load a model with when the user names nothing: `VARLEN` where it runs, else transformers' choice."""
-    return VARLEN if torch_varlen_supported(device) else None
+def plain_causal(config) -> bool:
+    """Full causal softmax attention: no sliding window, logit softcapping or attention sinks, which `VARLEN` lacks."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    windowed = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    layered = "sliding_attention" in (getattr(text, "layer_types", None) or [])
+    return not (windowed or layered or getattr(text, "attn_logit_softcapping", None))
+
+
+def use_varlen_by_default(model, device: torch.device) -> bool:
+    """Whether a model loaded with transformers' default attention should switch to `VARLEN`."""
+    return torch_varlen_supported(device) and routes_attention(model) and plain_causal(model.config)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -112,8 +120,12 @@ def varlen_attention_forward(
         cu, max_length = cu_seqlens_from_position_ids(position_ids)
     if cu is None or not unpadded:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if dropout or not getattr(module, "is_causal", True):
-        raise ValueError(f"attn_implementation={VARLEN!r} runs causal attention without dropout only")
+    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    if dropout or not getattr(module, "is_causal", True) or unsupported:
+        raise ValueError(
+            f"attn_implementation={VARLEN!r} runs plain causal attention only, not {unsupported or 'dropout'}: "
+            "load this model with flex_attention or sdpa instead"
+        )
     kernel = torch_varlen_kernel()
     if kernel is None:
         raise RuntimeError(
@@ -138,10 +150,11 @@ __all__ = [
     "FLEX",
     "VARLEN",
     "cu_seqlens_from_position_ids",
-    "default_attn_implementation",
+    "plain_causal",
     "packing_pays",
     "routes_attention",
     "torch_varlen_kernel",
     "torch_varlen_supported",
+    "use_varlen_by_default",
     "varlen_attention_forward",
 ]

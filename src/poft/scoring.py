@@ -28,7 +28,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from poft.attention import default_attn_implementation
+from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.runtime import resolve_device, resolve_dtype
@@ -168,8 +168,10 @@ def load_reference_model(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
-        attn_implementation=attn_implementation or default_attn_implementation(device),
+        attn_implementation=attn_implementation,
     ).to(device)
+    if attn_implementation is None and use_varlen_by_default(model, device):
+        model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     return model
