@@ -88,9 +88,14 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, int(cu.diff().max())
 
 
+@cache
+def _parameters(kernel: Callable):
+    return inspect.signature(kernel).parameters
+
+
 def _call_kernel(kernel: Callable, query, key, value, cu, max_length: int, scaling: float | None) -> torch.Tensor:
     """Causal varlen attention on (tokens, heads, dim) tensors, across the argument names torch releases used."""
-    parameters = inspect.signature(kernel).parameters
+    parameters = _parameters(kernel)
     kwargs: dict = {"scale": scaling} if "scale" in parameters else {}
     kwargs.update({"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True})
     if query.shape[1] != key.shape[1]:
