@@ -143,6 +143,7 @@ def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "o2"), "--skip-invalid"]) == 0
     report = [json.loads(line) for line in (tmp_path / "o2" / "invalid_rows.jsonl").read_text().splitlines()]
     assert report[0]["line"] == 2 and len(load_from_disk(str(tmp_path / "o2"))) == 1
+    assert report[0]["record"] == {"messages": [{"role": "bot", "content": "x"}]}  # the bad row itself
 
 
 def test_train_without_scores_explains_the_fix(tiny_models, conversations, tmp_path, capsys):

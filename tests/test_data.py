@@ -86,8 +86,8 @@ def test_sharegpt_format(tmp_path):
     ],
 )
 def test_sharegpt_speaker_mapping(speaker, role):
-    convo = [{"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
-    assert normalize_example({"conversations": convo}, "sharegpt")[0]["role"] == role
+    convo = [{"from": "human", "value": "q"}, {"from": speaker, "value": "x"}, {"from": "gpt", "value": "y"}]
+    assert normalize_example({"conversations": convo}, "sharegpt")[1]["role"] == role
 
 
 def test_prompt_completion_format(tmp_path):
@@ -219,7 +219,10 @@ def test_poft_id_is_a_content_hash(tmp_path):
     plain = {"messages": CHAT, "poft_id": "stale"}
     reordered = {"other": 1, "messages": [{"content": m["content"], "role": m["role"], "x": 0} for m in CHAT]}
     changed = {"messages": [CHAT[0], {"role": "assistant", "content": "Hello"}]}
-    ids = load_rows(tmp_path, [plain, reordered, changed])["poft_id"]
+    with pytest.raises(DataError, match=r"data.jsonl: line 1: the column 'poft_id' holds 'stale', not poft's id"):
+        load_rows(tmp_path, [plain, reordered, changed])
+    ids = load_rows(tmp_path, [plain, reordered, changed], replace_poft_id=True)["poft_id"]
+    assert load_rows(tmp_path, [{**plain, "poft_id": ids[0]}])["poft_id"] == [ids[0]]  # poft's own id is kept
     canonical = json.dumps(CHAT, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     assert ids[0] == ids[1] == conversation_id(CHAT) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert ids[2] != ids[0] and len(ids[2]) == 16
@@ -335,6 +338,7 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
     entries = [json.loads(line) for line in report.read_text().splitlines()]
     assert [e["line"] for e in entries] == [2, 5]
     assert "no assistant turn" in entries[0]["error"] and "unreadable JSON" in entries[1]["error"]
+    assert entries[0]["record"] == lines[1] and entries[1]["record"] == "not json"  # the bad row itself
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "Skipped 2 of 5 rows" in warning and str(report) in warning
     assert any(
@@ -345,6 +349,17 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
 
 def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):
     report = tmp_path / "bad.jsonl"
-    with pytest.raises(DataError, match="all 2 rows are invalid"):
+    with pytest.raises(DataError, match=r"all 2 rows are invalid, so there is nothing to train on \(first: line 1: "):
         load_rows(tmp_path, ["{", {"messages": [CHAT[0]]}], skip_invalid=True, invalid_report=report)
-    assert len(report.read_text().splitlines()) == 2
+    assert not report.exists()  # no output is written, so no report beside it
+
+
+def test_assistant_only_rows_are_rejected_at_load_with_their_line(tmp_path):
+    only_assistant = {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]}
+    with pytest.raises(DataError, match=r"data.jsonl: line 2: only assistant turns, no user turn"):
+        load_rows(tmp_path, [{"messages": CHAT}, only_assistant])
+    report = tmp_path / "bad.jsonl"
+    assert load_rows(tmp_path, [{"messages": CHAT}, only_assistant], skip_invalid=True, invalid_report=report)[
+        "messages"
+    ] == [CHAT]
+    assert json.loads(report.read_text())["record"] == only_assistant

@@ -72,3 +72,28 @@ def test_cli(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_conversations(20))
     assert main(["noise", "--data", data, "--rate", "0.3", "--output", str(tmp_path / "n"), "--kind", "subtle"]) == 0
     assert sum(load_from_disk(str(tmp_path / "n"))["poft_noise"]) == 6
+
+
+@pytest.mark.parametrize("kind", ["paper", "subtle"])
+def test_noise_marks_exactly_the_changed_rows(kind):
+    """Rows sharing one response: a donor's answer can equal a row's own, which must not count as noise."""
+    answers = ["yes", "yes", "yes", "no"] * 6
+    conversations = [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]
+        for i, a in enumerate(answers)
+    ]
+    for seed in range(5):
+        noised = add_noise(as_dataset(conversations), 0.5, kind=kind, seed=seed, char_rate=0.0)
+        changed = [new != old for new, old in zip(noised["messages"], conversations, strict=True)]
+        assert noised["poft_noise"] == changed
+        # a chosen row is drawn again until it changes (subtle edits always change it; a paper draw may, rarely,
+        # find only donors with the same answer)
+        assert sum(changed) == 12 if kind == "subtle" else sum(changed) >= 10
+
+
+def test_noise_leaves_unchangeable_rows_unmarked():
+    conversations = [
+        [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "same"}] for i in range(6)
+    ]
+    noised = add_noise(as_dataset(conversations), 1.0, kind="paper", char_rate=0.0)
+    assert noised["messages"] == conversations and noised["poft_noise"] == [False] * 6

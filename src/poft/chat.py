@@ -48,6 +48,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from poft.errors import ChatTemplateError, OptionError
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -66,10 +68,6 @@ SYSTEM_TURNS_HELP = (
     "System turns for templates that reject them: auto (keep them where the template renders them, else merge "
     "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user turn)."
 )
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot produce a response mask for this conversation."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +147,9 @@ class ConversationEncoder:
         name: str | None = None,
     ):
         if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+            raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
         if system_turns not in SYSTEM_TURNS:
-            raise ValueError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
         self.name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not tokenizer.is_fast:
             raise ChatTemplateError(

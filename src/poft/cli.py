@@ -1,9 +1,10 @@
 """`poft <stage>`: each stage's config from a YAML file (`--config`) plus flag overrides, TRL-style.
 
 One table names every command: its config classes, the function that runs it and its help. Flags use
-the config fields' names, with underscores or dashes. User errors (bad data, a missing column, an
-unusable chat template, a bad option) end with one readable message and exit code 2; set POFT_DEBUG=1
-for the traceback.
+the config fields' names, with underscores or dashes. User errors, poft's own `PoftError` types raised
+where input is validated (bad data, a missing column, an unusable chat template or model, a bad option,
+an output that must not be written, a full disk), end with one readable line and exit code 2; set
+POFT_DEBUG=1 for the traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from poft.chat import ChatTemplateError
-from poft.data import DataError
-from poft.score_cache import CacheError
-from poft.scoring import ScoringError
-
-USER_ERRORS = (DataError, ChatTemplateError, ScoringError, CacheError, ValueError, FileNotFoundError, ImportError)
+from poft.errors import OptionError, PoftError
 
 
 @dataclass(frozen=True)
@@ -150,7 +146,14 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
     parser = TrlParser(
         tuple(command.load(c) for c in command.configs), prog=f"poft {name}", description=command.description
     )
-    return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
+    try:
+        return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
+    except FileNotFoundError as error:  # --config FILE that does not exist
+        raise OptionError(f"--config {error.filename}: no such file. Check the path.") from error
+    except ValueError as error:  # a config class (ours, TRL's or transformers') refusing an option value
+        if isinstance(error, PoftError):
+            raise
+        raise OptionError(" ".join(str(error).split())) from error
 
 
 def usage() -> str:
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         COMMANDS[name].load(COMMANDS[name].run)(*parse(name, rest))
-    except USER_ERRORS as error:
+    except PoftError as error:
         if os.environ.get("POFT_DEBUG"):
             raise
         print(f"poft {name}: error: {error}", file=sys.stderr)

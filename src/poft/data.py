@@ -30,6 +30,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from poft.errors import DataError
+from poft.outputs import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -74,10 +77,6 @@ MESSAGES_FEATURE = datasets.List({"role": datasets.Value("string"), "content": d
 _ERROR_COLUMN = "__poft_error__"
 
 
-class DataError(ValueError):
-    """Data the user has to fix; the message names the file, the row, the problem and the fix."""
-
-
 @dataclass
 class Row:
     """One input row (or why it could not be read), located the way the user will look for it."""
@@ -86,6 +85,7 @@ class Row:
     number: int  # 1-based
     record: dict[str, Any] | None = None
     error: str | None = None
+    raw: str | None = None  # the text of a line that is not a JSON object, for the invalid-rows report
 
     @property
     def where(self) -> str:
@@ -101,15 +101,20 @@ def load_sft_dataset(
     split: str = "train",
     skip_invalid: bool = False,
     invalid_report: str | os.PathLike | None = None,
+    replace_poft_id: bool = False,
 ) -> datasets.Dataset:
     """Load ``source`` (see `open_source`) as a dataset of normalised conversations (``messages``, ``poft_id``,
-    extra columns)."""
+    extra columns).
+
+    A ``poft_id`` column in the source that is not poft's content hash is someone else's id: refused
+    (``DataError``) unless ``replace_poft_id``, rather than silently replaced.
+    """
     source = os.fspath(source)
     loaded = open_source(source, split)
     if isinstance(loaded, list):
-        dataset, fmt = _convert_rows(loaded, source, skip_invalid, invalid_report)
+        dataset, fmt = _convert_rows(loaded, source, skip_invalid, invalid_report, replace_poft_id)
     else:
-        dataset, fmt = _convert_dataset(loaded, source, skip_invalid, invalid_report)
+        dataset, fmt = _convert_dataset(loaded, source, skip_invalid, invalid_report, replace_poft_id)
     logger.info("Loaded %d conversations from %s (format: %s)", len(dataset), source, fmt)
     return dataset
 
@@ -270,8 +275,13 @@ _TO_TURNS: dict[str, Callable[[dict], list]] = {
 
 def _validate(turns: list) -> list[dict]:
     clean = [clean_turn(turn, i) for i, turn in enumerate(turns, start=1)]
-    if not any(turn["role"] == "assistant" for turn in clean):
+    roles = [turn["role"] for turn in clean]
+    if "assistant" not in roles:
         raise ValueError("no assistant turn (a conversation needs at least one assistant reply to learn from)")
+    if not set(roles) - {"system", "assistant"}:
+        # PoFT scores a response given its prompt, and chat templates often refuse a conversation without a user
+        # turn, so such a row is rejected here, where its row number is known
+        raise ValueError("only assistant turns, no user turn (a response needs the prompt it answers)")
     return clean
 
 
@@ -346,11 +356,12 @@ def _parse_jsonl_line(raw: bytes, number: int) -> Row:
     try:
         record = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
-        return Row("line", number, error="not valid UTF-8")
+        return Row("line", number, error="not valid UTF-8", raw=raw.decode("utf-8", "replace").rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        return Row("line", number, error=f"unreadable JSON ({exc.msg} at column {exc.colno})")
+        text = raw.decode("utf-8-sig").rstrip("\r\n")
+        return Row("line", number, error=f"unreadable JSON ({exc.msg} at column {exc.colno})", raw=text)
     if not isinstance(record, dict):
-        return Row("line", number, error=f"not a JSON object (found {type_name(record)})")
+        return Row("line", number, error=f"not a JSON object (found {type_name(record)})", raw=json.dumps(record))
     return Row("line", number, record)
 
 
@@ -469,6 +480,16 @@ def _row_error(source: str, row: Row) -> DataError:
     return DataError(f"{source}: {row.where}: {row.error}. {SKIP_HINT}")
 
 
+def _check_poft_id(source: str, row: Row, given: Any, computed: str) -> None:
+    """A source ``poft_id`` must be poft's content hash (as in poft's own outputs); anything else is refused."""
+    if given is not None and given != computed:
+        raise DataError(
+            f"{source}: {row.where}: the column 'poft_id' holds {given!r}, not poft's id of this conversation "
+            f"({computed}); poft would replace it. Rename that column (e.g. to 'id'), or pass --overwrite to "
+            "replace it."
+        )
+
+
 def _extra_columns(fmt: str, columns: Iterable[str]) -> list[str]:
     """Columns carried through untouched; ``poft_id`` is always recomputed from content."""
     return [c for c in columns if c not in SOURCE_COLUMNS[fmt] and c != "poft_id"]
@@ -490,7 +511,11 @@ def _normalize_row(row: Row, fmt: str | None) -> list[dict] | None:
 
 
 def _convert_rows(
-    rows: list[Row], source: str, skip_invalid: bool, invalid_report: str | os.PathLike | None
+    rows: list[Row],
+    source: str,
+    skip_invalid: bool,
+    invalid_report: str | os.PathLike | None,
+    replace_poft_id: bool = False,
 ) -> tuple[datasets.Dataset, str | None]:
     """Normalise rows read from a file, in memory, stopping at the first bad row unless skipping."""
     readable = [row.record for row in rows if row.record is not None]
@@ -507,7 +532,12 @@ def _convert_rows(
         else:
             raise _row_error(source, row)
     _handle_invalid(bad, len(rows), source, invalid_report)
-    data = {"messages": [m for _, m in good], "poft_id": [conversation_id(m) for _, m in good]}
+    ids = [conversation_id(m) for _, m in good]
+    if not replace_poft_id:
+        located = [row for row in rows if row.record is not None and row.error is None]
+        for row, (record, _), poft_id in zip(located, good, ids, strict=True):
+            _check_poft_id(source, row, record.get("poft_id"), poft_id)
+    data = {"messages": [m for _, m in good], "poft_id": ids}
     data |= {c: [record.get(c) for record, _ in good] for c in _extra_columns(fmt, columns)}
     try:
         return datasets.Dataset.from_dict(data), fmt
@@ -519,7 +549,11 @@ def _convert_rows(
 
 
 def _convert_dataset(
-    dataset: datasets.Dataset, source: str, skip_invalid: bool, invalid_report: str | os.PathLike | None
+    dataset: datasets.Dataset,
+    source: str,
+    skip_invalid: bool,
+    invalid_report: str | os.PathLike | None,
+    replace_poft_id: bool = False,
 ) -> tuple[datasets.Dataset, str]:
     """Normalise a ``datasets`` dataset with ``map`` so large saved or Hub data need not pass through Python lists."""
     if len(dataset) == 0:
@@ -540,9 +574,12 @@ def _convert_dataset(
         messages = _normalize_row(row, fmt)
         if messages is None and not skip_invalid:
             raise _row_error(source, row)
+        poft_id = conversation_id(messages) if messages else ""
+        if messages and not replace_poft_id:
+            _check_poft_id(source, row, example.get("poft_id"), poft_id)
         return {
             "messages": messages or [],
-            "poft_id": conversation_id(messages) if messages else "",
+            "poft_id": poft_id,
             _ERROR_COLUMN: row.error or "",
         }
 
@@ -555,7 +592,7 @@ def _convert_dataset(
         desc="Normalising conversations",
     )
     errors = list(converted[_ERROR_COLUMN])
-    bad = [Row("row", i, error=error) for i, error in enumerate(errors, start=1) if error]
+    bad = [Row("row", i, dataset[i - 1], error) for i, error in enumerate(errors, start=1) if error]
     _handle_invalid(bad, len(errors), source, invalid_report)
     if bad:
         converted = converted.select([i for i, error in enumerate(errors) if not error])
@@ -566,22 +603,29 @@ def _handle_invalid(bad: list[Row], total: int, source: str, invalid_report: str
     """Report skipped rows, and refuse to go on when none are left."""
     if not bad:
         return
+    first = f"{bad[0].where}: {bad[0].error}"
+    if len(bad) == total:  # nothing would be written, so neither is a report
+        raise DataError(
+            f"{source}: all {total} rows are invalid, so there is nothing to train on (first: {first}). "
+            "Fix the data, or check that this is the right file."
+        )
     if invalid_report is not None:
         _write_report(bad, Path(invalid_report).expanduser())
         details = f"report written to {os.fspath(invalid_report)}"
     else:
         details = "no report written (pass invalid_report to list them all)"
-    first = f"{bad[0].where}: {bad[0].error}"
-    if len(bad) == total:
-        raise DataError(
-            f"{source}: all {total} rows are invalid, so there is nothing to train on (first: {first}); "
-            f"{details}. Fix the data, or check that this is the right file."
-        )
     logger.warning("Skipped %d of %d rows of %s as invalid (first: %s); %s", len(bad), total, source, first, details)
 
 
 def _write_report(bad: list[Row], report: Path) -> None:
+    """One JSON line per skipped row: where it was, what is wrong, and the row itself (its text if unreadable)."""
     report.parent.mkdir(parents=True, exist_ok=True)
-    with report.open("w", encoding="utf-8") as out:
-        for row in bad:
-            out.write(json.dumps({row.kind: row.number, "error": row.error}, ensure_ascii=False) + "\n")
+    lines = [
+        json.dumps(
+            {row.kind: row.number, "error": row.error, "record": row.record if row.record is not None else row.raw},
+            ensure_ascii=False,
+            default=str,  # dates, bytes and the like from Parquet or Arrow
+        )
+        for row in bad
+    ]
+    atomic_write_text(report, "".join(line + "\n" for line in lines))

@@ -30,7 +30,9 @@ from poft.data import (
     open_source,
     type_name,
 )
-from poft.runtime import default_bf16, train_and_save
+from poft.errors import OptionError
+from poft.runtime import check_writable, default_bf16, train_and_save
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +216,9 @@ def _pairs_from_dataset(dataset: datasets.Dataset, source: str) -> datasets.Data
 def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: ModelConfig) -> str:
     """Train with DPOTrainer and save the model, plus the log history (trainer_state.json), to ``output_dir``."""
     if not data_args.dataset_name or not model_args.model_name_or_path:
-        raise ValueError("poft dpo needs dataset_name and model_name_or_path (in the YAML config or as flags)")
+        raise OptionError("poft dpo needs dataset_name and model_name_or_path (in the YAML config or as flags)")
+    check_model_source(model_args.model_name_or_path, "--model_name_or_path")
+    check_writable(training_args.output_dir, "--output_dir")
     train_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_train_split)
     eval_dataset = None
     if training_args.eval_strategy != "no":

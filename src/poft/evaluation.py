@@ -19,7 +19,10 @@ import torch
 from datasets import Dataset
 
 from poft.chat import ConversationEncoder
+from poft.errors import DataError, DependencyError, OptionError
+from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def exact_match_accuracy(
 ) -> tuple[float, list[str]]:
     """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
     if answer_column not in dataset.column_names:
-        raise ValueError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
+        raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
     prompts = [prompt_messages(m) for m in dataset["messages"]]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = sum(exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True))
@@ -140,7 +143,7 @@ class EvalConfig:
         for task in self.tasks:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
-                raise ValueError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
+                raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
 
 
 def parse_task(task: str) -> tuple[str, int | None]:
@@ -155,11 +158,11 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as error:
-        raise ImportError("Benchmark tasks need lm-eval-harness: pip install 'poft[eval]'.") from error
+        raise DependencyError("Benchmark tasks need lm-eval-harness: pip install 'poft[eval]'.") from error
     manager = TaskManager(include_path=config.task_dir)
     unknown = [name for name, _ in map(parse_task, tasks) if name not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task YAML in a "
             "directory and pass it with --task_dir."
         )
@@ -171,9 +174,15 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
     )
     scores: dict[str, dict[str, float]] = {}
     for name, shots in map(parse_task, tasks):
-        out = simple_evaluate(
-            model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False
-        )
+        try:
+            out = simple_evaluate(
+                model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False
+            )
+        except ConnectionError as error:  # hub tasks download their data on first use
+            raise DataError(
+                f"lm-eval task {name}: its data could not be downloaded ({error}). Connect to the network once so "
+                "the data lands in the Hugging Face cache, or use a local task YAML (--task_dir)."
+            ) from error
         for task_name, metrics in out["results"].items():
             scores[task_name] = {
                 key.replace(",none", ""): float(value)
@@ -193,15 +202,16 @@ def run_eval(config: EvalConfig) -> dict:
     from poft.scoring import parse_references
 
     if not config.model:
-        raise ValueError("poft eval needs at least one --model.")
+        raise OptionError("poft eval needs at least one --model.")
     if not config.tasks and not config.data:
-        raise ValueError("Nothing to evaluate: give --tasks and/or --data.")
+        raise OptionError("Nothing to evaluate: give --tasks and/or --data.")
     data = load_sft_dataset(config.data) if config.data else None
     device = resolve_device(config.device)
     references = parse_references(config.model)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for reference in references:
         logger.info("Evaluating %s", reference.path)
+        check_model_source(reference.path, "--model")
         tokenizer = AutoTokenizer.from_pretrained(reference.path)
         model = (
             AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device))
@@ -226,8 +236,8 @@ def run_eval(config: EvalConfig) -> dict:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     payload = {"models": {r.name: r.path for r in references}, "results": results}
-    (output / "eval_results.json").write_text(json.dumps(payload, indent=2))
+    atomic_write_text(output / "eval_results.json", json.dumps(payload, indent=2))
     table = eval_table([payload])
-    (output / "eval_table.md").write_text(table + "\n")
+    atomic_write_text(output / "eval_table.md", table + "\n")
     print(table)
     return payload

@@ -18,15 +18,19 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, Value
 
 from poft.data import conversation_id
+from poft.errors import DataError, OptionError
+from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
 from poft.scoring import ScoringOptions, parse_references, score_dataset
 
 logger = logging.getLogger(__name__)
 
 FILTERS_COLUMN = "poft_filters"
 IFD_COLUMN = "ifd"
+FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; keeping none is an error
+NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 
 
 @dataclass
@@ -55,6 +59,10 @@ class FilterConfig(ScoringOptions):
         default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
     )
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,9 +73,9 @@ class FilterConfig(ScoringOptions):
 
 def check_selection(top_fraction: float | None, threshold: float | None) -> None:
     if top_fraction is None and threshold is None:
-        raise ValueError("Say what to keep: --top_fraction F (in (0, 1]) and/or --threshold T.")
+        raise OptionError("Say what to keep: --top_fraction F (in (0, 1]) and/or --threshold T.")
     if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
-        raise ValueError(
+        raise OptionError(
             f"--top_fraction must be in (0, 1], got {top_fraction}; e.g. --top_fraction 0.4 keeps the top 40%."
         )
 
@@ -84,14 +92,22 @@ def filter_by_score(
 
     Rows with a missing or non-finite score are dropped, and so are rows whose score is at least
     `drop_at_or_above` (IFD's rule). Kept rows stay in their original order. Returns the kept rows and
-    a summary of what was kept and why.
+    a summary of what was kept and why. Keeping no row is an error (`DataError`, with the highest score
+    for a threshold to compare with); keeping under 1% of the rows is warned about.
     """
     check_selection(top_fraction, threshold)
     if column not in dataset.column_names:
-        raise ValueError(
+        raise DataError(
             f"The data has no {column!r} column (columns: {', '.join(dataset.column_names)}). Score it first "
             "(`poft score` writes ref_score and score_<name>), filter by an existing column with --by, or use "
             "--ifd_model to compute IFD."
+        )
+    feature = dataset.features[column]
+    if not (isinstance(feature, Value) and feature.dtype.startswith(NUMERIC_DTYPES) or feature == Value("null")):
+        raise DataError(
+            f"The column {column!r} holds {feature.dtype if isinstance(feature, Value) else type(feature).__name__} "
+            "values, not numbers, so it cannot rank rows. Filter by a score column (--by ref_score, --by "
+            "score_<name>) or convert the column to numbers."
         )
     scores = dataset[column]
     valid = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
@@ -116,6 +132,21 @@ def filter_by_score(
         "dropped_by_rule": len(valid) - len(kept),
         "kept_min_score": cutoff,
     }
+    if not kept:
+        best = max((scores[i] for i in eligible), default=None)
+        raise DataError(
+            f"{rule} keeps none of the {len(dataset)} rows ("
+            + (f"the highest eligible score is {best:.4g}" if best is not None else f"no row has a usable {column}")
+            + "); nothing was written. Lower --threshold or raise --top_fraction."
+        )
+    if len(kept) < FEW_KEPT * len(dataset):
+        logger.warning(
+            "%s keeps only %d of %d rows (under %g%%); check --threshold / --top_fraction.",
+            rule,
+            len(kept),
+            len(dataset),
+            100 * FEW_KEPT,
+        )
     note = f"{rule} (kept score >= {cutoff:.4g})" if cutoff is not None else rule
     previous = dataset[FILTERS_COLUMN] if FILTERS_COLUMN in dataset.column_names else [[] for _ in range(len(dataset))]
     kept_dataset = dataset.select(kept)
@@ -148,16 +179,17 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
 
 
 def run_filter(config: FilterConfig) -> Dataset:
-    """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json."""
+    """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
     from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
-        raise ValueError("poft filter needs --data and --output.")
-    dataset = load_sft_dataset(config.data, split=config.split)
+        raise OptionError("poft filter needs --data and --output.")
+    check_output(config.output, [config.data], config.overwrite)
+    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     drop = None
     if config.by == IFD_COLUMN:
         if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
-            raise ValueError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
+            raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
         if config.ifd_model is not None:
             values = ifd_scores(dataset, config.ifd_model, config)
             dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(
@@ -167,13 +199,15 @@ def run_filter(config: FilterConfig) -> Dataset:
     kept, summary = filter_by_score(
         dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
     )
-    output = Path(config.output)
-    kept.save_to_disk(str(output))
     history = []
     source_summary = Path(config.data) / "filter_summary.json"
     if source_summary.is_file():
         history = json.loads(source_summary.read_text())
     history.append({**summary, "source": config.data, "config": asdict(config)})
-    (output / "filter_summary.json").write_text(json.dumps(history, indent=2))
+    columns = [*poft_columns(config.data), FILTERS_COLUMN]
+    columns += [IFD_COLUMN] if config.ifd_model is not None else []
+    with atomic_output(config.output, "filter", columns) as tmp:
+        kept.save_to_disk(str(tmp))
+        atomic_write_text(tmp / "filter_summary.json", json.dumps(history, indent=2))
     print(json.dumps(summary, indent=2))
     return kept

@@ -8,8 +8,9 @@ insertion, deletion and substitution. References separate such rows from clean o
 words swapped, or one letter changed. References cannot separate these perfectly, which is where PoFT
 has to be more than a data filter.
 
-Only assistant turns change; prompts stay as they are. `poft_noise` marks changed rows and `poft_id`
-is recomputed, since the content changed.
+Only assistant turns change; prompts stay as they are. `poft_noise` is true exactly for the rows whose
+content changed (a chosen row whose draw left it as it was is drawn again, a few times) and `poft_id` is
+recomputed, since the content changed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 from poft.data import conversation_id
+from poft.errors import OptionError
+from poft.outputs import atomic_output, check_output, poft_columns
 
 logger = logging.getLogger(__name__)
 
 NOISE_KINDS = ("paper", "subtle")
 NOISE_COLUMN = "poft_noise"
+SCORE_COLUMNS = ("ref_score", "score_", "n_tokens_", "ifd")  # prefixes of the columns that score content
+ATTEMPTS = 10  # draws per chosen row before it is left clean (a row whose every donor and edit reproduce it)
 
 
 @dataclass
@@ -51,14 +56,18 @@ class NoiseConfig:
     )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
     split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"--rate must be in [0, 1], got {self.rate}")
+            raise OptionError(f"--rate must be in [0, 1], got {self.rate}")
         if self.kind not in NOISE_KINDS:
-            raise ValueError(f"--kind must be one of {NOISE_KINDS}, got {self.kind!r}")
+            raise OptionError(f"--kind must be one of {NOISE_KINDS}, got {self.kind!r}")
         if not 0.0 <= self.char_rate <= 1.0:
-            raise ValueError(f"--char_rate must be in [0, 1], got {self.char_rate}")
+            raise OptionError(f"--char_rate must be in [0, 1], got {self.char_rate}")
 
 
 ALPHABET = string.ascii_letters + string.digits + " "
@@ -110,8 +119,27 @@ def _with_responses(messages: list[dict], responses: list[str]) -> list[dict]:
     return [{**m, "content": next(replaced)} if m["role"] == "assistant" else m for m in messages]
 
 
+def _noised_responses(
+    conversations: list[list[dict]], row: int, kind: str, char_rate: float, rng: random.Random
+) -> list[str]:
+    own = _responses(conversations[row])
+    if kind == "paper":
+        n = len(conversations)
+        donor = rng.choice([i for i in range(n) if i != row]) if n > 1 else row
+        donated = _responses(conversations[donor])
+        return [corrupt_characters(donated[i % len(donated)], char_rate, rng) for i in range(len(own))]
+    responses = list(own)
+    turn = rng.randrange(len(own))
+    responses[turn] = subtle_edit(own[turn], rng)
+    return responses
+
+
 def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int = 0, char_rate: float = 0.1) -> Dataset:
-    """Corrupt round(rate * rows) randomly chosen rows; the others are returned unchanged, in order."""
+    """Corrupt round(rate * rows) randomly chosen rows; the others are returned unchanged, in order.
+
+    A chosen row whose draw reproduces its own responses (a donor with the same answer, no character
+    edit) is drawn again; `poft_noise` is true exactly for the rows that changed.
+    """
     NoiseConfig(rate=rate, kind=kind, char_rate=char_rate)  # validates
     rng = random.Random(seed)
     n = len(dataset)
@@ -119,36 +147,52 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
     conversations = dataset["messages"]
     noised = []
     for row, messages in enumerate(conversations):
-        if row not in chosen:
-            noised.append(messages)
-            continue
-        own = _responses(messages)
-        if kind == "paper":
-            donor = rng.choice([i for i in range(n) if i != row]) if n > 1 else row
-            donated = _responses(conversations[donor])
-            responses = [corrupt_characters(donated[i % len(donated)], char_rate, rng) for i in range(len(own))]
-        else:
-            responses = list(own)
-            turn = rng.randrange(len(own))
-            responses[turn] = subtle_edit(own[turn], rng)
-        noised.append(_with_responses(messages, responses))
+        if row in chosen:
+            own = _responses(messages)
+            for _ in range(ATTEMPTS):
+                responses = _noised_responses(conversations, row, kind, char_rate, rng)
+                if responses != own:
+                    break
+            messages = _with_responses(messages, responses)
+        noised.append(messages)
+    changed = [new != old for new, old in zip(noised, conversations, strict=True)]
     dataset = dataset.map(
-        lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: row in chosen},
+        lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: changed[row]},
         with_indices=True,
         desc=f"Adding {kind} noise",
     )
-    logger.info("Corrupted %d of %d rows with %s noise (seed %d)", len(chosen), n, kind, seed)
+    unchanged = len(chosen) - sum(changed)
+    logger.info(
+        "Corrupted %d of %d rows with %s noise (seed %d)%s",
+        sum(changed),
+        n,
+        kind,
+        seed,
+        f"; {unchanged} chosen rows could not be changed and stay clean" if unchanged else "",
+    )
     return dataset
 
 
 def run_noise(config: NoiseConfig) -> Dataset:
-    """`poft noise`: load, corrupt, save."""
+    """`poft noise`: load, corrupt, save (atomically: see `poft.outputs`).
+
+    Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
+    the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
+    """
     from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
-        raise ValueError("poft noise needs --data and --output.")
-    dataset = load_sft_dataset(config.data, split=config.split)
+        raise OptionError("poft noise needs --data and --output.")
+    check_output(config.output, [config.data], config.overwrite)
+    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
+    ours = poft_columns(config.data)
+    stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
+    if stale:
+        logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
+        dataset = dataset.remove_columns(stale)
     noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-    noised.save_to_disk(config.output)
+    columns = [*(ours - set(stale)), NOISE_COLUMN]
+    with atomic_output(config.output, "noise", columns) as tmp:
+        noised.save_to_disk(str(tmp))
     logger.info("Saved the noised dataset to %s", config.output)
     return noised

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from poft import audit  # noqa: E402
+from poft.errors import DataError, OptionError  # noqa: E402
+from poft.outputs import atomic_write_text  # noqa: E402
 from poft.report_html import escape_markdown, render_html  # noqa: E402
 
 
@@ -203,6 +204,8 @@ def eval_table(payloads: Sequence[dict]) -> str:
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 2:
+        return float("nan")
     mx, my = statistics.mean(x), statistics.mean(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
@@ -223,14 +226,21 @@ def agreement_table(columns: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def scored_data_section(dataset, output: Path) -> list[str]:
-    """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy."""
+    """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy.
+
+    Null, NaN and infinite scores count as missing; a column with no finite score is reported as such.
+    """
     names = [c for c in dataset.column_names if c.startswith("score_")] + (
         ["ref_score"] if "ref_score" in dataset.column_names else []
     )
     if not names:
-        raise ValueError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
-    columns = {n: dataset[n] for n in names}
+        raise DataError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
+    columns = {n: [v if _finite(v) else None for v in dataset[n]] for n in names}
     noisy = dataset["poft_noise"] if "poft_noise" in dataset.column_names else None
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
@@ -253,6 +263,8 @@ def scored_data_section(dataset, output: Path) -> list[str]:
                 color="tab:red",
             )
             ax.legend()
+        if not values:
+            ax.text(0.5, 0.5, "no finite score", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
     fig.tight_layout()
@@ -268,10 +280,14 @@ def scored_data_section(dataset, output: Path) -> list[str]:
     ]
     for name in names:
         values = [v for v in columns[name] if v is not None]
+        if not values:
+            lines.append(f"| {name} | - | - | - | - | {len(columns[name])} (no finite score) |")
+            continue
         lines.append(
             f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | {min(values):.3f} | {max(values):.3f} | {len(columns[name]) - len(values)} |"
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
+    names = [n for n in names if any(v is not None for v in columns[n])]  # the rest has nothing to compare
     if len(names) > 2:
         lines += [
             "Agreement between references (Pearson / Spearman):",
@@ -284,7 +300,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         for name in names:
             clean = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and not n]
             bad = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and n]
-            lines.append(f"| {name} | {auc(clean, bad):.3f} |")
+            lines.append(f"| {name} | {auc(clean, bad):.3f} |" if clean and bad else f"| {name} | - |")
         lines.append("")
     return lines
 
@@ -415,7 +431,7 @@ def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
     for run in run_dirs:
         path = Path(run) / "trainer_state.json" if Path(run).is_dir() else Path(run)
         if not path.is_file():
-            raise ValueError(
+            raise OptionError(
                 f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory."
             )
         histories[Path(run).name] = [h for h in json.loads(path.read_text())["log_history"] if "loss" in h]
@@ -466,21 +482,10 @@ class ReportConfig:
 
     def __post_init__(self):
         if self.audit_rows < 1 or self.audit_text_chars < 10:
-            raise ValueError(
+            raise OptionError(
                 f"--audit_rows must be at least 1 and --audit_text_chars at least 10 "
                 f"(got {self.audit_rows} and {self.audit_text_chars})."
             )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path`: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_report(config: ReportConfig) -> Path:
@@ -488,12 +493,17 @@ def run_report(config: ReportConfig) -> Path:
     from datasets import load_from_disk
 
     if not (config.scored or config.runs or config.eval):
-        raise ValueError("Nothing to report: give --scored, --runs and/or --eval.")
+        raise OptionError("Nothing to report: give --scored, --runs and/or --eval.")
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     lines = ["# poft report", ""]
     if config.scored:
-        scored = load_from_disk(config.scored)
+        try:
+            scored = load_from_disk(config.scored)
+        except FileNotFoundError:
+            raise DataError(
+                f"--scored {config.scored} is not a dataset directory: give the --output folder of `poft score`."
+            ) from None
         lines += scored_data_section(scored, output)
         lines += audit_section(scored, config.audit_rows, config.audit_text_chars)
     if config.runs:
@@ -502,7 +512,7 @@ def run_report(config: ReportConfig) -> Path:
         payloads = [json.loads(Path(p).read_text()) for p in config.eval]
         lines += ["## Evaluation", "", eval_table(payloads), ""]
     markdown = "\n".join(lines)
-    _write_atomic(output / "report.md", markdown)
-    _write_atomic(output / "report.html", render_html(markdown, output, title="poft report"))
+    atomic_write_text(output / "report.md", markdown)
+    atomic_write_text(output / "report.html", render_html(markdown, output, title="poft report"))
     print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"

@@ -6,21 +6,43 @@ train`, `poft dpo` and the demo alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+from poft.errors import OptionError, OutputError
+from poft.outputs import disk_error
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a device this machine lacks (or a misspelt one) is an OptionError."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(resolved.type, True):
+        raise OptionError(
+            f"--device {device} is not available on this machine"
+            + (f" ({torch.cuda.device_count()} CUDA devices)" if resolved.type == "cuda" else "")
+            + "; use --device auto or cpu."
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -28,7 +50,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise OptionError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dtypes[dtype]
 
 
@@ -66,8 +88,49 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    logger.info("Saved the model to %s", training_args.output_dir)
-    return training_args.output_dir
+    output_dir = training_args.output_dir
+    before = set(_checkpoints(output_dir))
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model(output_dir)
+        trainer.save_state()
+    except OSError as error:  # a full or read-only disk while checkpointing or saving: one line, no half checkpoint
+        translated = disk_error(error, f"checkpoints or the model to {output_dir}")
+        if translated is None:
+            raise
+        for partial in set(_checkpoints(output_dir)) - before:
+            if not _complete_checkpoint(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(
+            f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
+        ) from error
+    logger.info("Saved the model to %s", output_dir)
+    return output_dir
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, d) for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+
+
+def _complete_checkpoint(path: str) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state does not parse was cut off."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_writable(directory: str, option: str) -> None:
+    """Create `directory` and write a probe file there, so a read-only folder fails before training, not after."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise disk_error(error, f"{option} {directory}") or OutputError(
+            f"cannot write {option} {directory}: {error.strerror or error}. Pick a writable folder."
+        ) from error

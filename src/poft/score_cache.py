@@ -7,23 +7,34 @@ share one cache directory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
+from poft.errors import CacheError
+from poft.outputs import atomic_write_text, disk_error
 from poft.runtime import cache_root
 
+NULL_REASONS = ("truncated", "no_response")  # why a cached score is null: cut off by max_length, or none marked
 
-class CacheError(RuntimeError):
-    """A score cache file cannot be read; deleting it rescores that reference."""
+
+class Entry(NamedTuple):
+    """One cached row: its mean response log-prob (None: nothing to score) and response-token count."""
+
+    score: float | None
+    n_tokens: int
+    null_reason: str | None = None  # one of NULL_REASONS when score is None
 
 
 SMALL_FILES = (
@@ -66,45 +77,103 @@ def default_cache_dir() -> Path:
 
 
 class ScoreCache:
-    """Append-only JSONL of {poft_id, score, n_tokens} for one reference fingerprint.
+    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason]} for one reference fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
     writes its own shard file (`shard`), and every process reads all of them; files are locked while
-    read or written, so separate runs can share one cache.
+    read or written, so separate runs can share one cache. A NaN or infinite score (never written by
+    poft) reads as missing, so that row is scored again; any other malformed line is a `CacheError`
+    naming the file. A read-only cache is read as it is; only writing to it is an error.
     """
 
     def __init__(self, directory: Path, fingerprint: str, meta: dict, shard: int | None = None):
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise CacheError(f"--cache_dir {directory} is a file; give a folder (or leave --cache_dir out).")
         self.directory, self.fingerprint = directory, fingerprint
         self.path = directory / (f"{fingerprint}.jsonl" if shard is None else f"{fingerprint}.shard{shard}.jsonl")
-        meta_path = directory / f"{fingerprint}.json"
-        if not meta_path.exists():
-            meta_path.write_text(json.dumps(meta, indent=2))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            meta_path = directory / f"{fingerprint}.json"
+            if not meta_path.exists():
+                atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        except OSError as error:  # a read-only cache can still serve what it holds; appending will say so
+            if disk_error(error, "") is None:
+                raise
 
-    def load(self) -> dict[str, tuple[float | None, int]]:
-        entries: dict[str, tuple[float | None, int]] = {}
-        for path in sorted(self.directory.glob(f"{self.fingerprint}*.jsonl")):
-            with open(path, "r+b") as f, _locked(f):  # writers hold the lock, so a torn tail is a killed writer's
-                text = f.read().decode("utf-8")
-                if text and not text.endswith("\n"):  # that batch is scored again
-                    text = text[: text.rfind("\n") + 1]
-                    f.truncate(len(text.encode("utf-8")))
-            for number, line in enumerate(text.splitlines(), start=1):
-                try:
-                    record = json.loads(line)
-                    entries[record["poft_id"]] = (record["score"], record["n_tokens"])
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise CacheError(
-                        f"{path}: line {number} is corrupt ({error}). Delete the file to rescore this reference."
-                    ) from error
+    def load(self) -> dict[str, Entry]:
+        entries: dict[str, Entry] = {}
+        for path in sorted(self.directory.glob(f"{self.fingerprint}*.jsonl")) if self.directory.is_dir() else []:
+            if not path.is_file():
+                raise CacheError(f"{path} is not a cache file (a folder?). Delete it to rescore this reference.")
+            for number, line in enumerate(_read_lines(path), start=1):
+                entry = _parse(line, path, number)
+                if entry is not None:
+                    entries[entry[0]] = entry[1]
         return entries
 
     def append(self, records: list[dict]) -> None:
-        with open(self.path, "ab") as f, _locked(f):
-            f.write("".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "ab") as f, _locked(f):
+                f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            translated = disk_error(error, f"the score cache file {self.path}")
+            if translated is None:
+                raise
+            hint = (
+                " Point --cache_dir to a writable folder (scores already cached there are read fine)."
+                if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+                else " Scores cached so far are kept; rerun to resume."
+            )
+            raise CacheError(f"{translated}{hint}") from error
+
+
+def _read_lines(path: Path) -> list[bytes]:
+    """Complete lines of a cache file; a torn last line (a killed writer's batch) is cut off where writable."""
+    try:
+        f = open(path, "r+b")
+    except PermissionError:
+        f = open(path, "rb")  # a read-only cache: the torn tail is only skipped
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise CacheError(f"{path}: cannot read this cache file ({error.strerror}).") from error
+        f = open(path, "rb")
+    with f, _locked(f):  # writers hold the lock, so a torn tail is a killed writer's
+        data = f.read()
+        if data and not data.endswith(b"\n"):  # that batch is scored again
+            data = data[: data.rfind(b"\n") + 1]
+            if f.writable():
+                f.truncate(len(data))
+    return data.splitlines()
+
+
+def _parse(line: bytes, path: Path, number: int) -> tuple[str, Entry] | None:
+    """(poft_id, entry) of one cache line; None for a non-finite score, which is scored again."""
+    fix = "Delete the file to rescore this reference."
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CacheError(f"{path}: line {number} is corrupt (not JSON text: {error}). {fix}") from error
+    if not isinstance(record, dict):
+        raise CacheError(f"{path}: line {number} is corrupt (not a JSON object). {fix}")
+    poft_id, score, n_tokens = record.get("poft_id"), record.get("score", ...), record.get("n_tokens")
+    number_types = (int, float)
+    if not (
+        isinstance(poft_id, str)
+        and (score is None or isinstance(score, number_types) and not isinstance(score, bool))
+        and isinstance(n_tokens, int)
+        and not isinstance(n_tokens, bool)
+    ):
+        raise CacheError(
+            f"{path}: line {number} is corrupt (wrong fields or types: poft_id {type(poft_id).__name__}, "
+            f"score {type(score).__name__}, n_tokens {type(n_tokens).__name__}). {fix}"
+        )
+    if score is not None and not math.isfinite(score):
+        return None
+    reason = record.get("null_reason") if score is None else None
+    return poft_id, Entry(None if score is None else float(score), n_tokens, reason)
 
 
 @contextmanager

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,16 +33,17 @@ from trl.trainer.utils import add_fused_lm_head
 from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.errors import DataError, ModelError, OptionError, ScoringError
+from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
 REF_SCORE = "ref_score"
-
-
-class ScoringError(RuntimeError):
-    """Scoring cannot go on; what was already computed stays in the cache."""
+SCORE_PREFIXES = ("score_", "n_tokens_")
+SHOWN_ROWS = 5  # rows named in an error
 
 
 @dataclass
@@ -101,13 +104,13 @@ class ScoringOptions:
 
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+            raise OptionError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
         if self.system_turns not in SYSTEM_TURNS:
-            raise ValueError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
+            raise OptionError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         if self.batch_tokens <= 0:
-            raise ValueError(f"--batch_tokens must be positive, got {self.batch_tokens}")
+            raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"--max_length must be at least 2, got {self.max_length}")
+            raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
 
 
 @dataclass
@@ -129,6 +132,13 @@ class ScoreConfig(ScoringOptions):
     skip_invalid: bool = field(
         default=False,
         metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous poft output at --output (even the input itself, atomically) and input "
+            "columns named poft_id, ref_score or score_<name> that poft did not write."
+        },
     )
 
 
@@ -163,13 +173,22 @@ def load_reference_model(
     trust_remote_code: bool,
     attn_implementation: str | None = None,
 ):
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        attn_implementation=attn_implementation,
-    ).to(device)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, SafetensorError) as error:
+        raise ModelError(
+            f"--model {path}: the weights cannot be loaded ({str(error).splitlines()[0]}). Save or download the "
+            "model again (poft loads safetensors weights)."
+        ) from error
+    model = model.to(device)
     if attn_implementation is None and use_varlen_by_default(model, device):
         model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
     model.eval()
@@ -180,16 +199,21 @@ def load_reference_model(
 def score_reference(
     dataset: Dataset, reference: Reference, config: ScoringOptions
 ) -> tuple[list[float | None], list[int]]:
-    """Scores and response-token counts of every row for one reference, through its cache."""
+    """Scores and response-token counts of every row for one reference, through its cache.
+
+    Stops with `ScoringError` on a non-finite score (naming the reference and the first rows; nothing
+    non-finite is cached) and when no row at all could be scored; warns, with the cause, about rows
+    with a null score (cut off by truncation, or no response token marked by the template).
+    """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(reference.path, trust_remote_code=config.trust_remote_code)
         model_id = model_fingerprint(reference.path)
     except (OSError, ValueError) as error:
-        raise ScoringError(
-            f"Cannot load reference {reference.name!r} from {reference.path!r}: {error}. Give a local model "
-            "directory or a hub id that is reachable (or already in the Hugging Face cache)."
+        raise ModelError(
+            f"Cannot load reference {reference.name!r} from {reference.path!r}: {str(error).splitlines()[0]} Give "
+            "a local model directory or a hub id that is reachable (or already in the Hugging Face cache)."
         ) from error
     encoder = ConversationEncoder(
         tokenizer,
@@ -218,12 +242,14 @@ def score_reference(
     pending = sorted({i for i in ids if i not in scored})
     mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
     todo: dict[str, EncodedConversation] = {}
-    for poft_id, messages in zip(ids, dataset["messages"], strict=True):
+    for row, (poft_id, messages) in enumerate(zip(ids, dataset["messages"], strict=True), start=1):
         if poft_id in mine and poft_id not in todo:
             try:
                 todo[poft_id] = encoder.encode(messages)
             except ChatTemplateError as error:
-                raise ChatTemplateError(f"conversation poft_id {poft_id}: {error}") from error
+                raise ChatTemplateError(
+                    f"reference {reference.name!r}, conversation {row} of the data, poft_id {poft_id}: {error}"
+                ) from error
     unique = len(set(ids))
     logger.info(
         "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
@@ -238,15 +264,56 @@ def score_reference(
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
     if unscorable:
-        cache.append([{"poft_id": i, "score": None, "n_tokens": 0} for i in unscorable])
+        cache.append(
+            [
+                {
+                    "poft_id": i,
+                    "score": None,
+                    "n_tokens": 0,
+                    "null_reason": "truncated" if todo[i].truncated else "no_response",
+                }
+                for i in unscorable
+            ]
+        )
         for i in unscorable:
             todo.pop(i)
     if todo:
         device = state.device if shard is not None and config.device == "auto" else device
-        _score_into_cache(todo, tokenizer, reference, config, device, dtype, cache)
+        rows = {}
+        for row, poft_id in enumerate(ids, start=1):
+            rows.setdefault(poft_id, row)
+        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache)
     state.wait_for_everyone()
     scored = cache.load()
-    return [scored[i][0] for i in ids], [scored[i][1] for i in ids]
+    entries = [scored[i] for i in ids]
+    _report_null_scores(entries, ids, reference, config)
+    return [e.score for e in entries], [e.n_tokens for e in entries]
+
+
+def _report_null_scores(entries, ids: Sequence[str], reference: Reference, config: ScoringOptions) -> None:
+    """Say why rows have no score (truncation, or a template that marks no response token); none scored stops."""
+    null = [(row, e.null_reason) for row, e in enumerate(entries, start=1) if e.score is None]
+    if not null:
+        return
+    no_response = [row for row, reason in null if reason == "no_response"]
+    truncated = len(null) - len(no_response)
+    causes = []
+    if no_response:
+        causes.append(
+            f"{len(no_response)} have no response token in this reference's chat template (first: conversation "
+            f"{no_response[0]}); the template may drop assistant content, so check it or pass --chat_template"
+        )
+    if truncated:
+        causes.append(
+            f"{truncated} have no response token left after truncation to {config.max_length} tokens; raise "
+            "--max_length to keep them"
+        )
+    message = f"reference {reference.name!r}: {len(null)} of {len(ids)} conversations have a null score: " + "; ".join(
+        causes
+    )
+    if len(null) == len(ids):
+        raise ScoringError(f"{message}. No row could be scored, so this reference cannot be used.")
+    logger.warning("%s. Training skips rows with a null ref_score.", message)
 
 
 def model_scores(
@@ -272,6 +339,7 @@ def model_scores(
 
 def _score_into_cache(
     todo: dict[str, EncodedConversation],
+    rows: dict[str, int],
     tokenizer,
     reference: Reference,
     config: ScoringOptions,
@@ -285,9 +353,16 @@ def _score_into_cache(
     for batch, means, counts in iter_scores(
         model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
     ):
-        cache.append(
-            [{"poft_id": keys[i], "score": m, "n_tokens": c} for i, m, c in zip(batch, means, counts, strict=True)]
-        )
+        finite = [k for k, m in enumerate(means) if math.isfinite(m)]
+        cache.append([{"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]} for k in finite])
+        if len(finite) < len(batch):
+            bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
+            raise ScoringError(
+                f"reference {reference.name!r} ({reference.path}) gives non-finite log-probs (NaN or inf) for "
+                f"conversations {', '.join(map(str, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
+                "nothing non-finite was cached or written. Check the model's weights (NaN weights, an overflow in "
+                "--dtype float16: try --dtype float32)."
+            )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -298,73 +373,129 @@ def score_dataset(
 ) -> Dataset:
     """Add `score_<name>` and `n_tokens_<name>` per reference and their mean `ref_score` to `dataset`.
 
-    `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). A row whose response is
-    truncated away entirely gets null scores and is reported, never NaN.
+    `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). `ref_score` is the mean of
+    exactly these references; the same model given twice is refused. A row whose response is truncated
+    away entirely (or that the template marks no response in) gets null scores and is reported, never NaN.
     """
     config = config or ScoringOptions()
     if not models:
-        raise ValueError("Give at least one reference model (--model PATH_OR_HUB_ID).")
+        raise OptionError("Give at least one reference model (--model PATH_OR_HUB_ID).")
     missing = {"messages", "poft_id"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"The dataset lacks {sorted(missing)}; load it with poft.load_sft_dataset first.")
+        raise DataError(f"The dataset lacks {sorted(missing)}; load it with poft.load_sft_dataset first.")
     references = [m if isinstance(m, Reference) else parse_references([m])[0] for m in models]
     if len({r.name for r in references}) < len(references):
         references = parse_references([r.path for r in references])
+    _check_references(references)
     columns: dict[str, list] = {}
     for reference in references:
         scores, counts = score_reference(dataset, reference, config)
         columns[f"score_{reference.name}"], columns[f"n_tokens_{reference.name}"] = scores, counts
     per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
-    unscorable = sum(s is None for s in columns[REF_SCORE])
-    if unscorable:
-        logger.warning(
-            "%d of %d conversations have no response token left after truncation to %s tokens; their scores "
-            "are null and training skips them. Raise --max_length to keep them.",
-            unscorable,
-            len(dataset),
-            config.max_length,
-        )
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():
         dataset = dataset.add_column(name, values)
     return dataset
 
 
+def _check_references(references: Sequence[Reference]) -> None:
+    """Each reference a loadable-looking model (`check_model_source`), and none twice: the same model (one
+    fingerprint) would count twice in ref_score."""
+    seen: dict[str, Reference] = {}
+    for reference in references:
+        check_model_source(reference.path, "--model", safetensors_only=True)
+        try:
+            key = model_fingerprint(reference.path)
+        except OSError:  # an unreachable hub id: loading it says so
+            key = reference.path
+        if key in seen:
+            raise OptionError(
+                f"--model {reference.path} is the same model as --model {seen[key].path} (same fingerprint: the "
+                "same config, tokenizer and weight files), so it would count twice in ref_score. Give each "
+                "reference once."
+            )
+        seen[key] = reference
+
+
+def reconcile_columns(
+    dataset: Dataset, references: Sequence[Reference], source: str, overwrite: bool
+) -> tuple[Dataset, list[str], list[str]]:
+    """Make room for this run's score columns, so that ref_score and the score_ columns agree.
+
+    A column this run writes (ref_score, score_<name>, n_tokens_<name>) that the input already has is
+    refused unless poft wrote it or `overwrite`. Score columns poft wrote for references not named in
+    this run are dropped (they are not part of the new ref_score); score columns poft did not write are
+    kept as they are. Returns the dataset and the dropped and kept columns.
+    """
+    ours = poft_columns(source)
+    new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
+    foreign = [c for c in dataset.column_names if c in new and c not in ours]
+    if foreign and not overwrite:
+        raise DataError(
+            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
+            "or pass --overwrite to replace it."
+        )
+    dropped = [c for c in dataset.column_names if c in ours and c not in new and c.startswith(SCORE_PREFIXES)]
+    kept = [c for c in dataset.column_names if c not in new and c not in ours and c.startswith(SCORE_PREFIXES)]
+    if dropped:
+        logger.warning(
+            "Dropped %s: scores of references not named in this run, which are not part of the new %s.",
+            ", ".join(dropped),
+            REF_SCORE,
+        )
+    if kept:
+        logger.info("Kept %s as they are: columns poft did not write, not part of %s.", ", ".join(kept), REF_SCORE)
+    return dataset.remove_columns(dropped), dropped, kept
+
+
 def run_score(config: ScoreConfig) -> Dataset:
-    """`poft score`: load, score with every reference, save to `config.output` with a metadata file."""
+    """`poft score`: load, score with every reference, save to `config.output` with its record, atomically.
+
+    The output is refused, before anything is scored, where it would replace the input or another
+    output (see `poft.outputs.check_output`); it is built in a temporary sibling directory and moved
+    into place only when complete.
+    """
     from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
-        raise ValueError("poft score needs --data and --output.")
+        raise OptionError("poft score needs --data and --output.")
     if not config.model:
-        raise ValueError("poft score needs at least one reference: --model PATH_OR_HUB_ID (repeat for several).")
-    output = Path(config.output)
-    dataset = load_sft_dataset(
-        config.data,
-        split=config.split,
-        skip_invalid=config.skip_invalid,
-        invalid_report=output / "invalid_rows.jsonl" if config.skip_invalid else None,
-    )
+        raise OptionError("poft score needs at least one reference: --model PATH_OR_HUB_ID (repeat for several).")
+    check_output(config.output, [config.data], config.overwrite)
     references = parse_references(config.model)
-    scored = score_dataset(dataset, references, config)
-    if not PartialState().is_main_process:
-        return scored
-    scored.save_to_disk(str(output))
-    unscorable = [i for i, s in zip(scored["poft_id"], scored[REF_SCORE], strict=True) if s is None]
-    (output / "poft_score.json").write_text(
-        json.dumps(
-            {
-                "config": asdict(config),
-                "references": [asdict(r) for r in references],
-                "rows": len(scored),
-                "unscorable_poft_ids": unscorable,
-            },
-            indent=2,
+    _check_references(references)  # before the data is read, so a typo fails in a second
+    device = resolve_device(config.device)
+    state = PartialState(cpu=device.type == "cpu")
+    inherited = poft_columns(config.data)
+    new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
+    columns = {c for c in inherited if not c.startswith(SCORE_PREFIXES)} | new
+    writing = atomic_output(config.output, "score", columns) if state.is_main_process else nullcontext(None)
+    with writing as tmp:
+        dataset = load_sft_dataset(
+            config.data,
+            split=config.split,
+            skip_invalid=config.skip_invalid,
+            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid and tmp else None,
+            replace_poft_id=config.overwrite,
         )
-    )
-    filter_history = Path(config.data) / "filter_summary.json"
-    if filter_history.is_file():  # provenance of an earlier `poft filter` follows the data
-        shutil.copyfile(filter_history, output / "filter_summary.json")
-    logger.info("Saved %d scored conversations to %s", len(scored), output)
+        dataset, dropped, kept = reconcile_columns(dataset, references, config.data, config.overwrite)
+        scored = score_dataset(dataset, references, config)
+        if tmp is None:
+            return scored
+        scored.save_to_disk(str(tmp))
+        unscorable = [i for i, s in zip(scored["poft_id"], scored[REF_SCORE], strict=True) if s is None]
+        record = {
+            "config": asdict(config),
+            "references": [asdict(r) for r in references],
+            "rows": len(scored),
+            "dropped_columns": dropped,
+            "kept_columns": kept,
+            "unscorable_poft_ids": unscorable,
+        }
+        atomic_write_text(tmp / "poft_score.json", json.dumps(record, indent=2))
+        filter_history = Path(config.data) / "filter_summary.json"
+        if filter_history.is_file():  # provenance of an earlier `poft filter` follows the data
+            shutil.copyfile(filter_history, tmp / "filter_summary.json")
+    logger.info("Saved %d scored conversations to %s", len(scored), config.output)
     return scored

@@ -31,9 +31,11 @@ from poft.chat import ConversationEncoder
 from poft.data import conversation_id
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.tasks import alphabet, make_words, sample_examples
+from poft.errors import OptionError
 from poft.evaluation import exact_match_accuracy
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.objectives import poft_weights
+from poft.outputs import atomic_write_text
 from poft.report import auc, write_demo_report
 from poft.runtime import cache_root, resolve_device
 from poft.scoring import ScoreConfig, model_scores, score_dataset
@@ -99,9 +101,9 @@ class DemoConfig:
             if self.seeds == [0]:
                 self.seeds = [0, 1, 2]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
-            raise ValueError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
+            raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
 
     def world_key(self) -> str:
         settings = [
@@ -313,7 +315,7 @@ def run_demo(config: DemoConfig) -> dict:
         "runs": runs,
         "separation": separation,
     }
-    (output / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(output / "results.json", json.dumps(results, indent=2))
     table = write_demo_report(results, distributions, output)
     print(table)
     return results

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from poft.data import load_sft_dataset
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.outputs import atomic_output
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -50,7 +51,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     scored = score_dataset(
         dataset, references, ScoreConfig(device=config.device, max_length=256, cache_dir=str(output / "cache"))
     )
-    scored.save_to_disk(str(output / "scored"))
+    with atomic_output(output / "scored", "score", [c for c in scored.column_names if c != "messages"]) as tmp:
+        scored.save_to_disk(str(tmp))  # the quickstart's own folder: a rerun replaces it
     logger.info("Scored %d conversations; mean ref_score %.3f", len(scored), sum(scored["ref_score"]) / len(scored))
     args = PoFTConfig(
         output_dir=str(output / "poft-target"),

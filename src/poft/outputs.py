@@ -1,0 +1,255 @@
+"""Write every output so that a kill or a full disk at any moment leaves the old output or the new one, whole.
+
+A stage that writes a dataset directory (`poft score`, `filter`, `noise`) builds it in a temporary
+sibling directory (same parent, so same filesystem) and moves it into place only once it is complete.
+An existing output is swapped with the new one in one step (Linux `renameat2(RENAME_EXCHANGE)`) and
+then deleted; where that call is missing the old one is renamed aside, the new one renamed in, the old
+one deleted, and a later run restores an aside copy if a kill fell between the two renames. A failure
+(a full disk included) removes the temporary directory and leaves the old output as it was.
+
+Every poft dataset output carries `poft_output.json` (the stage and the columns poft computed). An
+existing non-empty folder without it is never replaced; one with it is replaced only with
+`--overwrite`, and so is an output that is, contains or lies inside an input (the input is read,
+memory-mapped, until the new output is complete).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from poft.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+MARKER = "poft_output.json"
+LEGACY_MARKERS = ("poft_score.json",)  # scored sets written before the marker existed
+TMP_TAG, OLD_TAG = ".poft-tmp-", ".poft-old-"
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def is_poft_output(path: Path) -> bool:
+    return any((path / name).is_file() for name in (MARKER, *LEGACY_MARKERS))
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id)."""
+    marker = Path(path).expanduser() / MARKER
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def poft_columns(source: str | os.PathLike) -> set[str]:
+    """Columns of `source` that poft computed (from its record): poft's to replace or drop in a later stage.
+
+    A scored set written before outputs carried `poft_output.json` is read from its `poft_score.json`.
+    """
+    columns = set(read_marker(source).get("columns", []))
+    record = Path(source).expanduser() / "poft_score.json"
+    if not columns and record.is_file():
+        try:
+            references = json.loads(record.read_text(encoding="utf-8")).get("references", [])
+        except (OSError, ValueError):
+            references = []
+        columns = {"ref_score"} | {f"{p}{r['name']}" for r in references for p in ("score_", "n_tokens_")}
+    return columns
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False):
+    """Refuse, before any work is done, an output that would destroy something; return its resolved path.
+
+    Refused: an existing file; a non-empty folder that is not a poft output (or the saved dataset being
+    read); without `overwrite`, a previous poft output and any output that is, contains or lies inside
+    a local input.
+    """
+    out = Path(output).expanduser().resolve()
+    fix = "Choose another --output"
+    overlapping = False
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue  # a hub id, or nothing to protect
+        path = Path(source).expanduser().resolve()
+        if out == path or out in path.parents or path in out.parents:
+            overlapping = True
+            if not overwrite:
+                relation = "is" if out == path else ("contains" if out in path.parents else "lies inside")
+                raise OutputError(
+                    f"--output {output} {relation} the input {source}: writing there would replace the data being "
+                    f"read. {fix}, or pass --overwrite to replace it once the new output is complete."
+                )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {output} is an existing file; poft writes a directory there. {fix}.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (is_poft_output(out) or (overlapping and _is_saved_dataset(out))):
+            raise OutputError(
+                f"--output {output} is a non-empty folder that is not a poft output; poft never replaces it. "
+                f"{fix} (a new or empty folder)."
+            )
+        if not overwrite:
+            raise OutputError(
+                f"--output {output} holds a previous poft output. Pass --overwrite to replace it, or {fix[0].lower()}"
+                f"{fix[1:]}."
+            )
+    return out
+
+
+def disk_error(error: OSError, what: str) -> OutputError | None:
+    """A one-line OutputError for a full, read-only or forbidden disk; None for any other OSError."""
+    reason = DISK_ERRORS.get(error.errno)
+    if reason is None and "No space left on device" in str(error):  # pyarrow drops the errno
+        reason = DISK_ERRORS[errno.ENOSPC]
+    if reason is None:
+        return None
+    code = f" (Errno {error.errno})" if error.errno else ""
+    return OutputError(f"cannot write {what}: {reason}{code}. Free space or pick a writable location, then rerun.")
+
+
+@contextmanager
+def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a temporary directory to write the whole output into; move it to `output` only on success.
+
+    Call `check_output` first. `columns` are the columns poft computed (recorded in the marker, so a
+    later stage knows which columns are its own to replace).
+    """
+    out = Path(output).expanduser().absolute()
+    if out.is_symlink():  # replace what the link points to, and keep the link
+        out = out.resolve()
+    _recover(out)
+    if out.is_dir() and any(out.iterdir()) and not (is_poft_output(out) or _is_saved_dataset(out)):
+        raise OutputError(
+            f"--output {output} is a non-empty folder that is not a poft output; poft never replaces it."
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+    except OSError as error:
+        raise disk_error(error, f"--output {output}") or error from error
+    try:
+        yield tmp
+        marker = {"stage": stage, "columns": sorted(set(columns))}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        _swap_in(tmp, out)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            translated = disk_error(error, f"--output {output}")
+            if translated is not None:
+                raise translated from error
+        raise
+    logger.info("Wrote %s", out)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write one file through a temporary sibling and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # now the old output
+    else:
+        aside = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
+        os.rename(out, aside)
+        os.rename(tmp, out)
+        shutil.rmtree(aside)
+    _fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed run left next to `out`: restore an aside old output, delete dead runs' temporaries."""
+    if not out.parent.is_dir():
+        return
+    for leftover in sorted(out.parent.glob(f".{out.name}{OLD_TAG}*")):
+        if not out.exists() and not _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
+            os.rename(leftover, out)
+            logger.warning("Restored %s from %s, left by a run killed while replacing it", out, leftover)
+        elif not _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out.parent.glob(f".{out.name}{TMP_TAG}*"):
+        if not _alive(leftover.name.rsplit(TMP_TAG, 1)[1].split("-", 1)[0]):
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.info("Removed %s, the unfinished output of a run that was killed", leftover)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True  # not ours to judge: leave it
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the new output's files before it becomes visible, so a power cut cannot expose empty files."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,76 @@
+"""Checks of a model given by path, before anything is loaded: a wrong path, a folder without tokenizer files,
+or missing or truncated weights each end in one line naming the folder and the fix, not in whatever
+transformers happens to say (a repo-id format error for a missing path, a sentencepiece hint for
+missing tokenizer files, a deserialisation error for a truncated file).
+
+A name that is not a local path is a hub id and is checked by loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from poft.errors import ModelError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, relative with ./ or ~, or more than two parts."""
+    return name.startswith(("/", "./", "../", "~", ".")) or os.path.isabs(name) or name.count("/") > 1
+
+
+def check_model_source(name: str, option: str = "--model", *, safetensors_only: bool = False) -> None:
+    """Raise `ModelError` for a local model folder that cannot load; hub ids pass (they fail at loading)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_local(name):
+            raise ModelError(f"{option} {name}: no such model folder. Check the path (hub ids look like org/name).")
+        return
+    if not path.is_dir():
+        raise ModelError(f"{option} {name} is a file; give the model's folder (with config.json and weights).")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{option} {name}: not a model folder (no config.json). Give the folder save_pretrained wrote."
+        )
+    if not any((path / file).is_file() for file in TOKENIZER_FILES):
+        raise ModelError(
+            f"{option} {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}). Save the tokenizer into the "
+            "model folder (tokenizer.save_pretrained(folder))."
+        )
+    weights = sorted(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern))
+    safetensors = [f for f in weights if f.suffix == ".safetensors"]
+    if not (safetensors if safetensors_only else weights):
+        kind = "*.safetensors weights" if safetensors_only else "weights (*.safetensors or *.bin)"
+        raise ModelError(
+            f"{option} {name} has no {kind}. Save the model there with model.save_pretrained(folder)"
+            + (" (poft loads safetensors only)." if safetensors_only else ".")
+        )
+    for file in safetensors:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{option} {name}: {file.name} is {problem}. Save or download the model again.")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file cannot load (truncated, not safetensors), read from its header alone; None if fine."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"truncated ({size} bytes, the header alone says {length + 8})"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "not a safetensors file (unreadable header)"
+    if size < 8 + length + end:
+        return f"truncated ({size} bytes of {8 + length + end})"
+    return None

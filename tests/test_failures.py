@@ -1,0 +1,561 @@
+"""Every failure a user meets ends in one line naming the thing and the fix (exit 2), and nothing is lost or silent.
+
+Each test runs `poft` in-process (`poft.cli.main`) on the tiny models of conftest and asserts the error's
+line, or checks the behaviour against values computed another way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+import poft.score_cache as score_cache
+from poft import cli
+from poft.cli import main
+from poft.errors import CacheError, ScoringError
+from poft.score_cache import ScoreCache
+from tests.conftest import write_jsonl
+
+
+def error_line(capsys) -> str:
+    """poft's error line on stderr (progress bars, which may close after it, aside)."""
+    errors = re.findall(r"poft \w+: error: .*", capsys.readouterr().err)
+    return errors[-1] if errors else ""
+
+
+def copy_model(source: str, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def with_template(source: str, target: Path, template: str) -> Path:
+    copy_model(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture
+def data(conversations, tmp_path) -> str:
+    return write_jsonl(tmp_path / "chats.jsonl", conversations[:4])
+
+
+def score(data: str, models: list[str], output: Path, cache: Path, *extra: str) -> int:
+    argv = ["score", "--data", data, "--output", str(output), "--cache_dir", str(cache), "--device", "cpu"]
+    return main(argv + [a for m in models for a in ("--model", m)] + list(extra))
+
+
+# --------------------------------------------------------------------------- models and devices
+
+
+def test_missing_model_path(data, tmp_path, capsys):
+    assert score(data, ["/no/such/model"], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys) == (
+        "poft score: error: --model /no/such/model: no such model folder. Check the path (hub ids look like org/name)."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_tokenizer_files(tiny_models, data, tmp_path, capsys):
+    model = copy_model(tiny_models["zephyr"], tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys).startswith(
+        f"poft score: error: --model {model} has no tokenizer files (tokenizer.json, tokenizer_config.json). Save the "
+        "tokenizer into the model folder"
+    )
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_weights(tiny_models, data, tmp_path, capsys, damage):
+    model = copy_model(tiny_models["zephyr"], tmp_path / "m")
+    weights = model / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+        expected = f"poft score: error: --model {model} has no *.safetensors weights."
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = f"poft score: error: --model {model}: model.safetensors is truncated ("
+    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cuda", "--device cuda is not available on this machine (0 CUDA devices); use --device auto or cpu."),
+        ("tpu9", "--device 'tpu9' is not a device; use auto, cpu, cuda, cuda:N or mps."),
+    ],
+)
+def test_unusable_device(tiny_models, data, tmp_path, capsys, device, expected):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["score", "--data", data, "--model", tiny_models["zephyr"], "--output", str(tmp_path / "o")]
+    assert main(argv + ["--device", device, "--cache_dir", str(tmp_path / "c")]) == 2
+    assert error_line(capsys) == f"poft score: error: {expected}"
+
+
+def test_same_reference_twice_is_refused(tiny_models, data, tmp_path, capsys):
+    same = tiny_models["zephyr"]
+    assert score(data, [same, f"again={same}"], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys) == (
+        f"poft score: error: --model {same} is the same model as --model {same} (same fingerprint: the same config, "
+        "tokenizer and weight files), so it would count twice in ref_score. Give each reference once."
+    )
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_template_that_raises_names_the_template_and_the_row(tiny_models, data, tmp_path, capsys):
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role allowed') }}{% endif %}"
+        "{{ '<|' + m.role + '|>' + m.content + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    model = with_template(tiny_models["zephyr"], tmp_path / "nosystem", template)
+    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache", "--system_turns", "keep") == 2
+    line = error_line(capsys)
+    assert line.startswith("poft score: error: reference 'nosystem', conversation 1 of the data, poft_id ")
+    assert (
+        f"{model}: " in line
+        and "no system role allowed" in line
+        and line.endswith(
+            "The conversation has a system turn: pass --system_turns merge to merge it into the user turn."
+        )
+    )
+    assert score(data, [str(model)], tmp_path / "merged", tmp_path / "cache") == 0  # merged by default, as said
+
+
+def test_template_that_drops_assistant_content_is_named_and_stops(tiny_models, data, tmp_path, capsys):
+    template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|assistant|>' }}"
+        "{% else %}{{ '<|' + m.role + '|>' + m.content + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    model = with_template(tiny_models["zephyr"], tmp_path / "dropper", template)
+    assert score(data, [str(model)], tmp_path / "out", tmp_path / "cache") == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft score: error: {model}: cannot locate the response of an assistant turn")
+    assert "the template renders assistant content unchanged neither as text nor as text parts" in line
+    assert "truncat" not in line and not (tmp_path / "out").exists()
+
+
+def test_rows_without_a_response_token_say_so_and_all_of_them_stop(tiny_models, conversations, tmp_path, caplog):
+    """The cause of a null score comes from the cache record: truncation, or no response token in the template."""
+    from poft.scoring import ScoreConfig, score_dataset
+    from tests.conftest import as_dataset
+
+    long_prompt = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    config = ScoreConfig(cache_dir=str(tmp_path / "c"), max_length=150, device="cpu")
+    score_dataset(as_dataset([conversations[0], long_prompt]), [tiny_models["chatml"]], config)
+    assert any(
+        "1 of 2 conversations have a null score: 1 have no response token left after truncation to 150 tokens"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(ScoringError, match=r"1 of 1 conversations have a null score: .*No row could be scored"):
+        score_dataset(as_dataset([long_prompt]), [tiny_models["chatml"]], config)
+
+
+# --------------------------------------------------------------------------- non-finite scores
+
+
+def nan_model(source: str, target: Path) -> Path:
+    copy_model(source, target)
+    weights = load_file(target / "model.safetensors")
+    save_file({k: torch.full_like(v, math.nan) for k, v in weights.items()}, target / "model.safetensors")
+    return target
+
+
+def cached_values(cache: Path) -> list:
+    """Every score in every cache file, parsed as written (json reads NaN and Infinity tokens back)."""
+    return [json.loads(line)["score"] for f in cache.glob("*.jsonl") for line in f.read_text().splitlines()]
+
+
+def test_nan_weights_stop_with_the_reference_and_rows_and_cache_nothing(tiny_models, data, tmp_path, capsys):
+    model = nan_model(tiny_models["zephyr"], tmp_path / "nanref")
+    cache = tmp_path / "cache"
+    assert score(data, [tiny_models["chatml"], str(model)], tmp_path / "out", cache) == 2
+    assert error_line(capsys).startswith(
+        f"poft score: error: reference 'nanref' ({model}) gives non-finite log-probs (NaN or inf) for conversations "
+        "1, 2, 3, 4; nothing non-finite was cached or written."
+    )
+    values = cached_values(cache)
+    assert len(values) == 4 and all(v is not None and math.isfinite(v) for v in values)  # the good reference's
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_in_the_cache_is_rescored(tiny_models, conversations, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", conversations[:3])
+    cache = tmp_path / "cache"
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "first", cache) == 0
+    expected = load_from_disk(str(tmp_path / "first"))["ref_score"]
+    (cache_file,) = cache.glob("*.jsonl")
+    lines = cache_file.read_text().splitlines()
+    record = json.loads(lines[0])
+    cache_file.write_text("\n".join([json.dumps({**record, "score": math.nan})] + lines[1:]) + "\n")
+    assert math.isnan(cached_values(cache)[0])
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "second", cache) == 0
+    assert load_from_disk(str(tmp_path / "second"))["ref_score"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- columns and rescoring
+
+
+def test_input_score_columns_are_refused_unless_overwrite(tiny_models, conversations, tmp_path, capsys):
+    rows = [{"messages": m, "ref_score": 0.5} for m in conversations[:3]]
+    data = tmp_path / "with_ref.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert score(str(data), [tiny_models["zephyr"]], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys) == (
+        f"poft score: error: {data}: the column 'ref_score' is not one poft wrote, and this run would replace it. "
+        "Rename it, or pass --overwrite to replace it."
+    )
+    assert score(str(data), [tiny_models["zephyr"]], tmp_path / "out", tmp_path / "cache", "--overwrite") == 0
+    scored = load_from_disk(str(tmp_path / "out"))
+    assert scored["ref_score"] == scored["score_zephyr"] != [0.5] * 3
+
+
+def test_rescoring_drops_other_references_and_averages_exactly_this_run(tiny_models, data, tmp_path, caplog):
+    chatml, zephyr, cache = tiny_models["chatml"], tiny_models["zephyr"], tmp_path / "cache"
+    assert score(data, [chatml], tmp_path / "a", cache) == 0
+    first = load_from_disk(str(tmp_path / "a"))
+    assert score(str(tmp_path / "a"), [zephyr], tmp_path / "a", cache, "--overwrite") == 0  # output = the scored set
+    rescored = load_from_disk(str(tmp_path / "a"))
+    assert not {"score_chatml", "n_tokens_chatml"} & set(rescored.column_names)
+    assert rescored["ref_score"] == rescored["score_zephyr"]
+    record = json.loads((tmp_path / "a" / "poft_score.json").read_text())
+    assert record["dropped_columns"] == ["score_chatml", "n_tokens_chatml"] and record["kept_columns"] == []
+    assert any("Dropped score_chatml, n_tokens_chatml" in r.getMessage() for r in caplog.records)
+    assert score(str(tmp_path / "a"), [chatml, zephyr], tmp_path / "both", cache) == 0
+    both = load_from_disk(str(tmp_path / "both"))
+    assert both["score_chatml"] == first["score_chatml"]
+    assert both["ref_score"] == pytest.approx(
+        [(a + b) / 2 for a, b in zip(first["score_chatml"], rescored["score_zephyr"], strict=True)]
+    )
+
+
+def test_a_previous_output_is_replaced_only_with_overwrite(tiny_models, data, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert score(data, [tiny_models["zephyr"]], out, cache) == 0
+    assert score(data, [tiny_models["zephyr"]], out, cache) == 2
+    assert error_line(capsys) == (
+        f"poft score: error: --output {out} holds a previous poft output. Pass --overwrite to replace it, or choose "
+        "another --output."
+    )
+    (tmp_path / "file").write_text("x")
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "file", cache) == 2
+    assert error_line(capsys).startswith(f"poft score: error: --output {tmp_path / 'file'} is an existing file")
+
+
+# --------------------------------------------------------------------------- the score cache
+
+
+def test_cache_path_of_the_wrong_kind(tiny_models, data, tmp_path, capsys):
+    (tmp_path / "cachefile").write_text("x")
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "o", tmp_path / "cachefile") == 2
+    assert error_line(capsys) == (
+        f"poft score: error: --cache_dir {tmp_path / 'cachefile'} is a file; give a folder (or leave --cache_dir out)."
+    )
+    cache = tmp_path / "cache"
+    ScoreCache(cache, "fp", {}).append([{"poft_id": "a", "score": -1.0, "n_tokens": 3}])
+    (cache / "fp.shard0.jsonl").mkdir()
+    with pytest.raises(CacheError, match=r"fp.shard0.jsonl is not a cache file \(a folder\?\). Delete it"):
+        ScoreCache(cache, "fp", {}).load()
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"poft_id": "a", "score": "high", "n_tokens": 3}\n', "wrong fields or types: poft_id str, score str"),
+        (b'{"poft_id": 7, "score": -1.0, "n_tokens": 3}\n', "wrong fields or types: poft_id int"),
+        (b"\x00\xff\xfe binary junk\n", "not JSON text"),
+    ],
+)
+def test_corrupt_cache_lines_name_the_file(tmp_path, line, problem):
+    cache = ScoreCache(tmp_path, "fp", {})
+    cache.append([{"poft_id": "ok", "score": -1.0, "n_tokens": 3}])
+    with open(cache.path, "ab") as f:
+        f.write(line)
+    with pytest.raises(CacheError, match=rf"^{tmp_path / 'fp.jsonl'}: line 2 is corrupt \({problem}"):
+        cache.load()
+
+
+def read_only(monkeypatch) -> None:
+    """Writes to the score cache fail as on a read-only file system (tests may run as root, so chmod cannot)."""
+    real_open = open
+
+    def refusing_open(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wa+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    def refusing_write(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(score_cache, "open", refusing_open, raising=False)
+    monkeypatch.setattr(score_cache, "atomic_write_text", refusing_write)
+
+
+def test_read_only_cache_serves_what_it_holds_and_names_itself_when_more_is_needed(
+    tiny_models, conversations, tmp_path, monkeypatch, capsys
+):
+    cache = tmp_path / "cache"
+    few = write_jsonl(tmp_path / "few.jsonl", conversations[:3])
+    assert score(few, [tiny_models["zephyr"]], tmp_path / "first", cache) == 0
+    read_only(monkeypatch)
+    assert score(few, [tiny_models["zephyr"]], tmp_path / "again", cache) == 0
+    assert load_from_disk(str(tmp_path / "again"))["ref_score"] == load_from_disk(str(tmp_path / "first"))["ref_score"]
+    more = write_jsonl(tmp_path / "more.jsonl", conversations[:5])
+    assert score(more, [tiny_models["zephyr"]], tmp_path / "more", cache) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft score: error: cannot write the score cache file {cache}")
+    assert "the file system is read-only (Errno 30)" in line and line.endswith(
+        "Point --cache_dir to a writable folder (scores already cached there are read fine)."
+    )
+
+
+def disk_full_open(path, mode="r", *args, **kwargs):
+    if any(flag in mode for flag in "wa+"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return open(path, mode, *args, **kwargs)
+
+
+def test_full_disk_while_scoring_keeps_the_cache_and_leaves_no_output(
+    tiny_models, data, tmp_path, monkeypatch, capsys
+):
+    real_append = ScoreCache.append
+
+    def append_then_fill_the_disk(self, records):
+        real_append(self, records)
+        monkeypatch.setattr(score_cache, "open", disk_full_open, raising=False)
+
+    monkeypatch.setattr(ScoreCache, "append", append_then_fill_the_disk)
+    cache = tmp_path / "cache"
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "out", cache, "--batch_tokens", "64") == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft score: error: cannot write the score cache file {cache}")
+    assert line.endswith(
+        "the disk is full (Errno 28). Free space or pick a writable location, then rerun. Scores "
+        "cached so far are kept; rerun to resume."
+    )
+    assert 0 < len(cached_values(cache)) < 4  # the first batch is kept for the resumed run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "chats.jsonl"]  # no output, no temporary folder
+
+
+def test_full_disk_in_cache_append_is_one_line(tmp_path, monkeypatch):
+    cache = ScoreCache(tmp_path / "cache", "fp", {})
+
+    monkeypatch.setattr(score_cache, "open", disk_full_open, raising=False)
+    with pytest.raises(CacheError, match=r"the disk is full \(Errno 28\).*Scores cached so far are kept; rerun"):
+        cache.append([{"poft_id": "a", "score": -1.0, "n_tokens": 2}])
+
+
+# --------------------------------------------------------------------------- filter, train, report, eval
+
+
+def scored_set(tmp_path: Path, values: list) -> str:
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "ref_score": v}
+        for i, v in enumerate(values)
+    ]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_filter_keeping_nothing_is_an_error_and_keeping_little_a_warning(tmp_path, capsys, caplog):
+    data = scored_set(tmp_path, [-1.0 - i for i in range(200)])
+    assert main(["filter", "--data", data, "--output", str(tmp_path / "none"), "--threshold", "100"]) == 2
+    assert error_line(capsys) == (
+        "poft filter: error: ref_score >= 100 keeps none of the 200 rows (the highest eligible score is -1); nothing "
+        "was written. Lower --threshold or raise --top_fraction."
+    )
+    assert not (tmp_path / "none").exists()
+    assert main(["filter", "--data", data, "--output", str(tmp_path / "one"), "--threshold", "-1"]) == 0
+    assert any("keeps only 1 of 200 rows (under 1%)" in r.getMessage() for r in caplog.records)
+
+
+def test_filter_by_a_non_numeric_column(tmp_path, capsys):
+    data = scored_set(tmp_path, ["good", "bad"])
+    assert main(["filter", "--data", data, "--output", str(tmp_path / "o"), "--top_fraction", "0.5"]) == 2
+    assert error_line(capsys) == (
+        "poft filter: error: The column 'ref_score' holds string values, not numbers, so it cannot rank rows. Filter "
+        "by a score column (--by ref_score, --by score_<name>) or convert the column to numbers."
+    )
+
+
+def train(data: str, model: str, output: Path, *extra: str) -> int:
+    argv = ["train", "--dataset_name", data, "--model_name_or_path", model, "--output_dir", str(output)]
+    return main(argv + ["--max_steps", "1", "--report_to", "none", "--save_strategy", "no", *extra])
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            ["high", "low"],
+            "The 'ref_score' column of the train dataset holds string values, not numbers. Give it the float scores",
+        ),
+        ([None, None], "Every 'ref_score' of the train dataset is null (no reference could score any row), so PoFT"),
+    ],
+)
+def test_train_refuses_string_or_all_null_reference_scores(tiny_models, tmp_path, capsys, values, expected):
+    assert train(scored_set(tmp_path, values), tiny_models["chatml"], tmp_path / "run") == 2
+    assert error_line(capsys).startswith(f"poft train: error: {expected}")
+
+
+def test_train_with_every_response_truncated_away(tiny_models, tmp_path, capsys):
+    data = scored_set(tmp_path, [-1.0, -2.0])
+    assert train(data, tiny_models["chatml"], tmp_path / "run", "--max_length", "3") == 2
+    assert error_line(capsys).startswith(
+        "poft train: error: None of the 2 conversations of the train dataset has a response token left after "
+        "truncation to 3 tokens"
+    )
+
+
+@pytest.mark.parametrize("beta", ["0", "-1"])
+def test_train_refuses_beta_that_is_not_positive(tiny_models, tmp_path, capsys, beta):
+    assert train(scored_set(tmp_path, [-1.0]), tiny_models["chatml"], tmp_path / "run", "--beta", beta) == 2
+    assert error_line(capsys) == f"poft train: error: --beta must be positive (the paper uses 1), got {float(beta)}"
+
+
+def test_train_with_a_missing_model(tmp_path, capsys):
+    assert train(scored_set(tmp_path, [-1.0]), "./no/such/model", tmp_path / "run") == 2
+    assert error_line(capsys) == (
+        "poft train: error: --model_name_or_path ./no/such/model: no such model folder. Check the path (hub ids look "
+        "like org/name)."
+    )
+
+
+def test_read_only_output_folders(tiny_models, data, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys) == (
+        f"poft score: error: cannot write --output {tmp_path / 'out'}: the file system is read-only (Errno 30). "
+        "Free space or pick a writable location, then rerun."
+    )
+    assert train(scored_set(tmp_path, [-1.0]), tiny_models["chatml"], tmp_path / "run") == 2
+    assert error_line(capsys) == (
+        f"poft train: error: cannot write --output_dir {tmp_path / 'run'}: the file system is read-only (Errno 30). "
+        "Free space or pick a writable location, then rerun."
+    )
+
+
+def test_full_disk_while_checkpointing_removes_the_partial_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    def full_disk_checkpoint(self, model, trial):
+        partial = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        partial.mkdir(parents=True)
+        (partial / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", full_disk_checkpoint)
+    run = tmp_path / "run"
+    assert (
+        train(
+            scored_set(tmp_path, [-1.0, -2.0]),
+            tiny_models["chatml"],
+            run,
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+        )
+        == 2
+    )
+    assert error_line(capsys) == (
+        f"poft train: error: cannot write checkpoints or the model to {run}: the disk is full (Errno 28). Free space "
+        f"or pick a writable location, then rerun. Complete checkpoints in {run} are kept: resume with "
+        "--resume_from_checkpoint true."
+    )
+    assert not list(run.glob("checkpoint-*"))
+
+
+def test_report_on_nan_and_all_null_scores(tmp_path):
+    scored = Dataset.from_dict(
+        {
+            "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 3,
+            "score_a": [math.nan, -1.0, -2.0],
+            "score_b": [None, None, None],
+            "ref_score": [math.nan, math.inf, None],
+        }
+    )
+    scored.save_to_disk(str(tmp_path / "scored"))
+    assert main(["report", "--scored", str(tmp_path / "scored"), "--output", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| score_a | -1.500 | 0.500 | -2.000 | -1.000 | 1 |" in report
+    assert "| score_b | - | - | - | - | 3 (no finite score) |" in report
+    assert "| ref_score | - | - | - | - | 3 (no finite score) |" in report
+
+
+def test_eval_of_hub_tasks_while_offline(tiny_models, tmp_path, monkeypatch, capsys):
+    import lm_eval
+    import lm_eval.tasks
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    class Tasks:  # lm-eval's index of every task takes seconds to build; one known name is enough here
+        all_tasks = ["arc_easy"]
+
+        def __init__(self, include_path=None):
+            pass
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Tasks)
+    argv = ["eval", "--model", tiny_models["chatml"], "--tasks", "arc_easy:0", "--output", str(tmp_path / "e")]
+    assert main(argv + ["--device", "cpu", "--limit", "2"]) == 2
+    assert error_line(capsys) == (
+        "poft eval: error: lm-eval task arc_easy: its data could not be downloaded (Couldn't reach 'allenai/ai2_arc' "
+        "on the Hub (LocalEntryNotFoundError)). Connect to the network once so the data lands in the Hugging Face "
+        "cache, or use a local task YAML (--task_dir)."
+    )
+
+
+# --------------------------------------------------------------------------- ours vs bugs
+
+
+def test_only_poft_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def bug():
+        raise ValueError("an internal bug")
+
+    def user_error():
+        raise ScoringError("a user can fix this")
+
+    monkeypatch.setattr(cli, "parse", lambda name, argv: ())
+    monkeypatch.setattr(cli.Command, "load", lambda self, name: bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["report"])
+    monkeypatch.setattr(cli.Command, "load", lambda self, name: user_error)
+    assert main(["report"]) == 2
+    assert error_line(capsys) == "poft report: error: a user can fix this"
+
+
+def test_noise_drops_the_scores_of_the_responses_it_changes(tiny_models, data, tmp_path, caplog):
+    assert score(data, [tiny_models["zephyr"]], tmp_path / "scored", tmp_path / "cache") == 0
+    assert main(["noise", "--data", str(tmp_path / "scored"), "--output", str(tmp_path / "noised")]) == 0
+    noised = load_from_disk(str(tmp_path / "noised"))
+    assert not {"ref_score", "score_zephyr", "n_tokens_zephyr"} & set(noised.column_names)
+    assert any("Dropped ['score_zephyr', 'n_tokens_zephyr', 'ref_score']" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "noised" / "poft_output.json").read_text())["columns"] == ["poft_noise"]
