@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,18 @@ def targets(results: dict) -> dict:
     return judged
 
 
+def run_stage(command: list[str], log, limit: float) -> str:
+    """Run one stage in a process group of its own, so a timeout stops its worker subprocesses too."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return f"timed out after {limit:.0f} s"
+    return "ok" if code == 0 else f"failed: exit {code}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -128,16 +142,7 @@ def main() -> None:
             with open(args.out / f"{stage}.log", "w") as log:
                 log.write(" ".join(command[1:]) + "\n")
                 log.flush()
-                try:
-                    code = subprocess.run(
-                        [*command, f"--json={summary}"],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        timeout=min(limit, remaining),
-                    ).returncode
-                    status = "ok" if code == 0 else f"failed: exit {code}"
-                except subprocess.TimeoutExpired:
-                    status = f"timed out after {min(limit, remaining):.0f} s"
+                status = run_stage([*command, f"--json={summary}"], log, limit)
             results["stages"][stage] = {"status": status, "seconds": round(time.monotonic() - began, 1)}
             if summary.exists():
                 results[stage] = json.loads(summary.read_text())
