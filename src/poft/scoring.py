@@ -29,6 +29,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
+from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
 from poft.errors import DataError, ModelError, OptionError, ScoringError
@@ -83,8 +84,9 @@ class ScoringOptions:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention implementation to load models with, e.g. sdpa or flash_attention_2 "
-            "(default: transformers' choice)."
+            "help": "Attention implementation to load models with, e.g. sdpa, flex_attention, flash_attention_2 or "
+            "poft_varlen (PyTorch's varlen flash kernel). Default: poft_varlen on CUDA GPUs that run it, else "
+            "transformers' choice."
         },
     )
     trust_remote_code: bool = field(
@@ -97,8 +99,9 @@ class ScoringOptions:
     packing: bool | None = field(
         default=None,
         metadata={
-            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on "
-            "for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."
+            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default (auto): "
+            "on for CUDA models whose attention skips pairs across conversations (poft_varlen, flash_attention_*, "
+            "flex_attention), off otherwise: sdpa and eager keep packed rows correct but slower than padded ones."
         },
     )
     cache_dir: str | None = field(
@@ -194,6 +197,8 @@ def load_reference_model(
             "model again (poft loads safetensors weights)."
         ) from error
     model = model.to(device)
+    if attn_implementation is None and use_varlen_by_default(model, device):
+        model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     return model
