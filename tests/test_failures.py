@@ -798,3 +798,19 @@ def test_bad_dtype_or_device_fails_before_the_data_is_read(
     }[command]
     assert main([command, *argv, option, value]) == 2
     assert error_line(capsys) == f"poft {command}: error: {expected}"
+
+
+def test_quickstart_refuses_a_foreign_folder_and_accepts_its_own(tmp_path, capsys):
+    from poft.demo.quickstart import check_quickstart_output
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["quickstart", "--output", str(foreign)]) == 2
+    assert "is a non-empty folder that is not a quickstart output" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    (earlier / "scored").mkdir(parents=True)
+    (earlier / "scored" / "poft_output.json").write_text("{}")
+    check_quickstart_output(earlier)
+    check_quickstart_output(tmp_path / "new")
