@@ -24,6 +24,7 @@ from poft.data import conversation_id
 from poft.errors import DataError, OptionError
 from poft.outputs import (
     FILTER_HISTORY,
+    StageIO,
     atomic_output,
     atomic_write_text,
     check_output,
@@ -42,16 +43,9 @@ FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; ke
 
 
 @dataclass
-class FilterConfig(ScoringOptions):
+class FilterConfig(ScoringOptions, StageIO):
     """Options of `poft filter`; the shared scoring options apply to IFD's model (`--ifd_model`)."""
 
-    data: str | None = field(
-        default=None,
-        metadata={"help": "Data to filter: a scored dataset directory from `poft score` or any SFT data."},
-    )
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the kept rows (datasets.load_from_disk)."}
-    )
     by: str = field(
         default="ref_score",
         metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."},
@@ -65,15 +59,6 @@ class FilterConfig(ScoringOptions):
     )
     ifd_model: str | None = field(
         default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
     )
 
     def __post_init__(self):

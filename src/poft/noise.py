@@ -25,7 +25,7 @@ from datasets import Dataset
 
 from poft.data import conversation_id
 from poft.errors import OptionError
-from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
+from poft.outputs import StageIO, atomic_output, check_output, foreign_columns, poft_columns
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,9 @@ ATTEMPTS = 10  # draws per chosen row before it is left clean (a row whose every
 
 
 @dataclass
-class NoiseConfig:
+class NoiseConfig(StageIO):
     """Options of `poft noise`."""
 
-    data: str | None = field(default=None, metadata={"help": "SFT data to corrupt (any format `poft score` reads)."})
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the noised dataset (datasets.load_from_disk)."}
-    )
     rate: float = field(default=0.3, metadata={"help": "Fraction of rows to corrupt, in [0, 1]."})
     kind: str = field(
         default="paper",
@@ -55,15 +51,6 @@ class NoiseConfig:
         default=0.1, metadata={"help": "paper noise: share of characters inserted, deleted or substituted."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
-    )
 
     def __post_init__(self):
         if not 0.0 <= self.rate <= 1.0:

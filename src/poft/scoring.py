@@ -35,6 +35,7 @@ from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, Conver
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.outputs import (
     FILTER_HISTORY,
+    StageIO,
     atomic_output,
     atomic_write_text,
     check_output,
@@ -122,31 +123,12 @@ class ScoringOptions:
 
 
 @dataclass
-class ScoreConfig(ScoringOptions):
+class ScoreConfig(ScoringOptions, StageIO):
     """Options of `poft score`: the data, the references and the output, plus the shared scoring options."""
 
-    data: str | None = field(
-        default=None,
-        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
-    )
     model: list[str] = field(
         default_factory=list,
         metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."},
-    )
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the scored dataset (loadable with datasets.load_from_disk)."}
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a previous poft output at --output (even the input itself, atomically) and input "
-            "columns named poft_id, ref_score or score_<name> that poft did not write."
-        },
     )
 
 
