@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset, Value
 
-from poft.data import conversation_id
+from poft.data import StageIO, conversation_id
 from poft.errors import DataError, OptionError
 from poft.outputs import (
     FILTER_HISTORY,
-    StageIO,
     atomic_output,
     atomic_write_text,
     check_output,
@@ -191,7 +190,6 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
 
 def run_filter(config: FilterConfig) -> Dataset:
     """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft filter needs --data and --output.")
@@ -199,13 +197,7 @@ def run_filter(config: FilterConfig) -> Dataset:
     history = read_filter_history(config.data)  # before any work: a corrupt record stops the run at once
     written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
     with atomic_output(config.output, "filter", [*poft_columns(config.data), *written]) as tmp:
-        dataset = load_sft_dataset(
-            config.data,
-            split=config.split,
-            skip_invalid=config.skip_invalid,
-            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid else None,
-            replace_poft_id=config.overwrite,
-        )
+        dataset = config.load_input(tmp)
         foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
         dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
         drop = None

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from poft.data import conversation_id
+from poft.data import StageIO, conversation_id
 from poft.errors import OptionError
-from poft.outputs import StageIO, atomic_output, check_output, foreign_columns, poft_columns
+from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,6 @@ def run_noise(config: NoiseConfig) -> Dataset:
     Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
     the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
     """
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
@@ -186,13 +185,7 @@ def run_noise(config: NoiseConfig) -> Dataset:
     ours = poft_columns(config.data)
     columns = [*(c for c in ours if not c.startswith(SCORE_COLUMNS)), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:
-        dataset = load_sft_dataset(
-            config.data,
-            split=config.split,
-            skip_invalid=config.skip_invalid,
-            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid else None,
-            replace_poft_id=config.overwrite,
-        )
+        dataset = config.load_input(tmp)
         stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
         if stale:
             logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)

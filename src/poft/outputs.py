@@ -24,7 +24,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from poft.errors import DataError, OutputError
@@ -41,32 +40,6 @@ DISK_ERRORS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
 }
-
-
-@dataclass
-class StageIO:
-    """Where a dataset stage (`poft score`, `filter`, `noise`) reads and writes, and what it may replace."""
-
-    data: str | None = field(
-        default=None,
-        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the output dataset (loadable with datasets.load_from_disk)."}
-    )
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a previous poft output at --output (even the input itself, atomically), and input "
-            "columns poft computes (poft_id, ref_score, score_<name>, poft_filters, ifd, poft_noise) that poft "
-            "did not write."
-        },
-    )
 
 
 def is_poft_output(path: Path) -> bool:

@@ -32,10 +32,10 @@ from trl.trainer.utils import add_fused_lm_head
 from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.outputs import (
     FILTER_HISTORY,
-    StageIO,
     atomic_output,
     atomic_write_text,
     check_output,
@@ -460,7 +460,6 @@ def run_score(config: ScoreConfig) -> Dataset:
     output (see `poft.outputs.check_output`); it is built in a temporary sibling directory and moved
     into place only when complete.
     """
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft score needs --data and --output.")
@@ -477,13 +476,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     columns = {c for c in inherited if not c.startswith(SCORE_PREFIXES)} | new
     writing = atomic_output(config.output, "score", columns) if state.is_main_process else nullcontext(None)
     with writing as tmp:
-        dataset = load_sft_dataset(
-            config.data,
-            split=config.split,
-            skip_invalid=config.skip_invalid,
-            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid and tmp else None,
-            replace_poft_id=config.overwrite,
-        )
+        dataset = config.load_input(tmp)
         dataset, dropped, kept = reconcile_columns(dataset, references, config.data, config.overwrite)
         scored = score_dataset(dataset, references, config)
         if tmp is None:
