@@ -14,7 +14,7 @@ from poft.chat import MASK_RULE, ChatTemplateError
 from poft.errors import DataError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
-from tests.conftest import as_dataset
+from tests.conftest import TWO_CPU_PROCESSES, as_dataset
 
 
 def config(tmp_path, **overrides) -> PoFTConfig:
@@ -185,7 +185,6 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -222,24 +221,8 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         "--seed",
         "0",
     ]
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "poft.cli",
-    ]
     run = subprocess.run(
-        [*launcher, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        [*TWO_CPU_PROCESSES, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env={**os.environ, "PYTHONPATH": os.getcwd()},
         capture_output=True,
         text=True,
