@@ -2,12 +2,15 @@
 
 Same model, same data, same device, in one run. The public strategy pads every sample to max_length,
 runs a fixed batch size and builds the full (batch, length, vocab) logits before log_softmax; poft's
-sorts by length, fills batches to a token budget and takes per-token log-probs from TRL's fused LM head.
-Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the post-setup RSS on
-CPU, max_memory_allocated on GPU) is measured per method. The scores of both must agree.
+sorts by length, fills batches to a token budget and takes per-token log-probs from TRL's fused LM head,
+either padded (`poft`) or packed into padding-free rows (`poft-packed`, with the attention that
+`poft.attention` picks: PyTorch's varlen kernel on a recent GPU, flex attention on other GPUs, sdpa's dense
+mask on CPU). Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the
+post-setup RSS on CPU, max_memory_allocated on GPU) is measured per method. On a sample, every method's
+scores are compared with an fp32 slow path: each conversation alone, eager attention, full logits.
 
     python bench/scoring.py                       # CPU: a small random Llama, vocab 32000
-    python bench/scoring.py --shape llama-1b      # GPU: the Llama-3.2-1B shape of issue 5, bf16
+    python bench/scoring.py --shape llama-1b      # GPU: the Llama-3.2-1B shape (1.24B), bf16
 """
 
 from __future__ import annotations
@@ -21,30 +24,14 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import SHAPES, device, device_name, emit, make_model, peak_mib, peak_tflops, reset_peak, write_json
 from trl.trainer.utils import add_fused_lm_head
 
+from poft.attention import FLEX, VARLEN, torch_varlen_supported
 from poft.batching import iter_scores
 from poft.chat import EncodedConversation
 
-SHAPES = {
-    "tiny": {
-        "vocab_size": 32000,
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-    },
-    "llama-1b": {
-        "vocab_size": 128256,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-    },
-}
+METHODS = ("public", "poft", "poft-packed")
 
 
 def make_data(n: int, mean_length: float, max_length: int, vocab: int, seed: int = 0) -> list[EncodedConversation]:
@@ -60,7 +47,14 @@ def make_data(n: int, mean_length: float, max_length: int, vocab: int, seed: int
     return data
 
 
-def public_strategy(model, data, max_length: int, batch_size: int, device) -> list[float]:
+def packed_attention(on: torch.device) -> str:
+    """The attention poft-packed runs with: the fastest that keeps packed conversations apart here."""
+    if torch_varlen_supported(on):
+        return VARLEN
+    return FLEX if on.type == "cuda" else "sdpa"
+
+
+def public_strategy(model, data, max_length: int, batch_size: int, on) -> list[float]:
     """Pad to max_length, fixed batch size, full logits, log_softmax over the vocabulary."""
     scores = []
     for start in range(0, len(data), batch_size):
@@ -72,7 +66,7 @@ def public_strategy(model, data, max_length: int, batch_size: int, device) -> li
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             mask[row, : len(e.input_ids)] = 1
             response[row, : len(e.input_ids)] = torch.tensor(e.response_mask, dtype=torch.bool)
-        ids, mask, response = ids.to(device), mask.to(device), response.to(device)
+        ids, mask, response = ids.to(on), mask.to(on), response.to(on)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -82,60 +76,115 @@ def public_strategy(model, data, max_length: int, batch_size: int, device) -> li
     return scores
 
 
-def poft_strategy(model, data, batch_tokens: int, device) -> list[float]:
+def poft_strategy(model, data, batch_tokens: int, on, packing: bool) -> list[float]:
     scores = [0.0] * len(data)
-    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, device, "poft"):
-        for i, m in zip(batch, means, strict=False):
+    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, on, "poft", packing):
+        for i, m in zip(batch, means, strict=True):
             scores[i] = m
     return scores
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
+@torch.no_grad()
+def slow_path(shape: str, data, on) -> list[float]:
+    """fp32, eager attention, each conversation alone, full logits: the reference the others must agree with."""
+    model = make_model(shape, on, torch.float32, "eager").eval()
+    scores = []
+    for e in data:
+        ids = torch.tensor([e.input_ids], device=on)
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        scores.append(logps[torch.tensor(e.response_mask[1:], dtype=torch.bool, device=on)].mean().item())
+    return scores
 
 
 def worker(args) -> None:
     """One measurement of one method; prints a JSON line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], attn_implementation="sdpa")).to(device, dtype).eval()
+    on = device()
+    dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
+    data = make_data(args.samples, args.mean_length, args.max_length, SHAPES[args.shape]["vocab_size"])
+    if args.method == "slow":
+        return emit({"method": "slow", "scores": slow_path(args.shape, data[: args.check_samples], on)})
+    attn = packed_attention(on) if args.method == "poft-packed" else "sdpa"
+    model = make_model(args.shape, on, dtype, attn).eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
-    data = make_data(args.samples, args.mean_length, args.max_length, model.config.vocab_size)
-    run = (
-        (lambda: public_strategy(model, data, args.max_length, args.public_batch, device))
-        if args.method == "public"
-        else (lambda: poft_strategy(model, data, args.batch_tokens, device))
-    )
-    run()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    baseline = rss_kib("VmRSS:")
+    run = {
+        "public": lambda: public_strategy(model, data, args.max_length, args.public_batch, on),
+        "poft": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=False),
+        "poft-packed": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=True),
+    }[args.method]
+    run()  # warm-up (and flex attention's compile)
+    baseline = reset_peak(on)
     start = time.perf_counter()
     scores = run()
-    if device.type == "cuda":
+    if on.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (rss_kib("VmHWM:") - baseline) / 1024
-    )
     tokens = sum(len(e.input_ids) for e in data)
     params = sum(p.numel() for p in model.parameters())
-    print(
-        json.dumps(
-            {
-                "method": args.method,
-                "seconds": seconds,
-                "tokens_per_s": tokens / seconds,
-                "peak_mib": peak,
-                "flops_per_s": 2 * params * tokens / seconds,
-                "scores": scores,
-                "device": str(device),
-            }
-        )
+    emit(
+        {
+            "method": args.method,
+            "attention": attn,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_mib": peak_mib(on, baseline),
+            "flops_per_s": 2 * params * tokens / seconds,
+            "params": params,
+            "tokens": tokens,
+            "scores": scores,
+            "device": device_name(on),
+            "dtype": str(dtype),
+        }
     )
+
+
+def summarize(args, results: dict[str, list[dict]], reference: list[float]) -> dict:
+    """Medians over repeats, ratios to the public method, MFU, and each method's agreement with the slow path."""
+    first = results[args.methods[0]][0]
+    peak = peak_tflops(device(), args.peak_tflops)
+    summary: dict = {
+        "device": first["device"],
+        "dtype": first["dtype"],
+        "shape": args.shape,
+        "params": first["params"],
+        "samples": args.samples,
+        "tokens": first["tokens"],
+        "peak_tflops": peak,
+        "methods": {},
+    }
+    for method, runs in results.items():
+        speed = statistics.median(r["tokens_per_s"] for r in runs)
+        flops = statistics.median(r["flops_per_s"] for r in runs)
+        summary["methods"][method] = {
+            "attention": runs[0]["attention"],
+            "tokens_per_s": speed,
+            "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+            "mfu": flops / (peak * 1e12) if peak else None,
+            "max_abs_diff_vs_fp32": max(abs(a - b) for a, b in zip(runs[0]["scores"], reference, strict=False)),
+        }
+    if "public" in summary["methods"]:
+        public = summary["methods"]["public"]
+        for entry in summary["methods"].values():
+            entry["speed_vs_public"] = entry["tokens_per_s"] / public["tokens_per_s"]
+            entry["memory_vs_public"] = entry["peak_mib"] / public["peak_mib"]
+    return summary
+
+
+def print_table(summary: dict, args) -> None:
+    print(
+        f"device: {summary['device']}  {summary['dtype']}  shape: {args.shape} ({summary['params'] / 1e9:.2f}B)  "
+        f"samples: {args.samples}  mean length ~{args.mean_length:g}  max_length {args.max_length}"
+    )
+    print("| method | attention | real tokens/s | peak memory (MiB) | MFU | vs public | max abs diff vs fp32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for method, m in summary["methods"].items():
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
+        ratio = f"{m['speed_vs_public']:.2f}x" if "speed_vs_public" in m else "-"
+        print(
+            f"| {method} | {m['attention']} | {m['tokens_per_s']:,.0f} | {m['peak_mib']:,.0f} | {mfu} | {ratio} | "
+            f"{m['max_abs_diff_vs_fp32']:.1e} |"
+        )
+    if summary["peak_tflops"]:
+        print(f"MFU: 2 x params x real tokens / s over {summary['peak_tflops']:g} TFLOP/s (dense bf16 peak)")
 
 
 def main() -> None:
@@ -149,43 +198,41 @@ def main() -> None:
     parser.add_argument("--public_batch", type=int, default=12)
     parser.add_argument("--batch_tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--peak_tflops",
-        type=float,
-        default=790.0,
-        help="bf16 dense peak for MFU (H100/H200: ~790 sparse-free per issue 5)",
-    )
-    parser.add_argument("--method", choices=["public", "poft"], help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--check_samples", type=int, default=16, help="conversations compared with the fp32 path")
+    parser.add_argument("--peak_tflops", type=float, help="MFU denominator (default: the GPU's dense bf16 peak)")
+    parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--method", choices=[*METHODS, "slow"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
         return worker(args)
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("method", "repeats") and v is not None]
-    results: dict[str, list[dict]] = {"public": [], "poft": []}
+    args.methods = args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    passthrough = [
+        f"--{k}={v}"
+        for k, v in vars(args).items()
+        if k not in ("method", "methods", "repeats", "json") and v is not None
+    ]
+
+    def measure(method: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, __file__, f"--method={method}", *passthrough], capture_output=True, text=True
+        )
+        if out.returncode:
+            sys.exit(f"{method} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    reference = measure("slow")["scores"]
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for _ in range(args.repeats):
-        for method in ("public", "poft"):  # alternate, so machine noise hits both alike
-            out = subprocess.run(
-                [sys.executable, __file__, f"--method={method}", *passthrough],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    public, ours = results["public"], results["poft"]
-    difference = max(abs(a - b) for a, b in zip(public[0]["scores"], ours[0]["scores"], strict=False))
-    speed = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in results.items()}
-    memory = {m: statistics.median(r["peak_mib"] for r in rs) for m, rs in results.items()}
-    flops = {m: statistics.median(r["flops_per_s"] for r in rs) for m, rs in results.items()}
-    print(
-        f"device: {ours[0]['device']}  shape: {args.shape}  samples: {args.samples}  mean length ~{args.mean_length:g}  max_length {args.max_length}"
-    )
-    print("| method | real tokens/s | peak memory (MiB) | MFU (2*params*tokens) |")
-    print("| --- | --- | --- | --- |")
-    for method in ("public", "poft"):
-        mfu = f"{100 * flops[method] / (args.peak_tflops * 1e12):.1f}%" if "cuda" in ours[0]["device"] else "-"
-        print(f"| {method} | {speed[method]:,.0f} | {memory[method]:,.0f} | {mfu} |")
-    print(
-        f"speed ratio poft/public: {speed['poft'] / speed['public']:.2f}x   memory ratio poft/public: {memory['poft'] / memory['public']:.2f}   max |score difference|: {difference:.2e}"
-    )
+        for method in args.methods:  # alternate, so machine noise hits every method alike
+            results[method].append(measure(method))
+    summary = summarize(args, results, reference)
+    print_table(summary, args)
+    if args.json:
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

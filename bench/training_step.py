@@ -4,10 +4,12 @@ The same PoFTTrainer and config, differing only in `loss_type` and the batch lay
 skewed (log-normal) lengths. Each configuration runs in its own subprocess, alternating, and reports the
 median step time and real-token throughput (first steps excluded; a packed step carries more
 conversations than a padded one, so layouts compare by throughput) and the peak memory above the
-post-setup level (VmHWM on CPU, max_memory_allocated on GPU).
+post-setup level on CPU (VmHWM), the peak allocated on GPU (max_memory_allocated, weights and optimizer
+included). Padded layouts run sdpa; packed ones the attention `bench/scoring.py` packs with (PyTorch's
+varlen kernel on a recent GPU, flex attention on other GPUs, sdpa on CPU).
 
     python bench/training_step.py                  # CPU: a small random Llama
-    python bench/training_step.py --shape llama-1b # GPU: the Llama-3.2-1B shape of issue 5, bf16
+    python bench/training_step.py --shape llama-1b # GPU: the Llama-3.2-1B shape (1.24B), bf16 autocast
 """
 
 from __future__ import annotations
@@ -23,29 +25,15 @@ import tempfile
 import time
 
 import torch
+from common import SHAPES, device, device_name, emit, make_model, peak_mib, reset_peak, write_json
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from scoring import packed_attention
+from transformers import TrainerCallback
 
 from poft.data import conversation_id
 from poft.demo.builders import char_tokenizer
 from poft.trainer import PoFTConfig, PoFTTrainer
 
-SHAPES = {
-    "tiny": {
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-    },
-    "llama-1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-    },
-}
 CONFIGS = {
     "sft-padded": ("sft", False),
     "poft-padded": ("poft", False),
@@ -88,19 +76,14 @@ class StepTimer(TrainerCallback):
         self.tokens.append(state.num_input_tokens_seen - self.seen)
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def worker(args) -> None:
     loss_type, packed = CONFIGS[args.config]
-    cuda = torch.cuda.is_available()
+    on = device()
+    cuda = on.type == "cuda"
     tokenizer = char_tokenizer("abcdefghij ")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tokenizer), **SHAPES[args.shape], pad_token_id=tokenizer.pad_token_id)
-    )
+    attn = packed_attention(on) if packed else "sdpa"
+    vocab = args.vocab_size or (len(tokenizer) if args.shape == "tiny" else SHAPES[args.shape]["vocab_size"])
+    model = make_model(args.shape, on, torch.float32, attn, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
     data = make_dataset(args.samples, args.mean_chars)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -124,65 +107,86 @@ def worker(args) -> None:
             seed=0,
         )
         trainer = PoFTTrainer(model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        baseline = rss_kib("VmRSS:")
+        baseline = reset_peak(on)
         trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (rss_kib("VmHWM:") - baseline) / 1024
+    peak = peak_mib(on, baseline)
     seconds, tokens = sum(timer.times[3:]), sum(timer.tokens[3:])  # the first steps warm up
-    print(
-        json.dumps(
-            {
-                "config": args.config,
-                "step_s": statistics.median(timer.times[3:]),
-                "tokens_per_s": tokens / seconds,
-                "peak_mib": peak,
-                "device": "cuda" if cuda else "cpu",
-            }
-        )
+    emit(
+        {
+            "config": args.config,
+            "attention": attn,
+            "step_s": statistics.median(timer.times[3:]),
+            "tokens_per_s": tokens / seconds,
+            "peak_mib": peak,
+            "device": device_name(on),
+        }
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        help="LM head width (default: the tokenizer's for tiny, the shape's for llama-1b, so that the head and "
+        "the loss cost what they cost on real data; the data use the first few ids only)",
+    )
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--mean_chars", type=float, default=200)
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.config:
         return worker(args)
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("config", "repeats")]
+    passthrough = [
+        f"--{k}={v}" for k, v in vars(args).items() if k not in ("config", "repeats", "json") and v is not None
+    ]
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:  # alternate, so machine noise hits every configuration alike
             out = subprocess.run(
-                [sys.executable, __file__, f"--config={name}", *passthrough],
-                capture_output=True,
-                text=True,
-                check=True,
+                [sys.executable, __file__, f"--config={name}", *passthrough], capture_output=True, text=True
             )
+            if out.returncode:
+                sys.exit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    step = {n: statistics.median(r["step_s"] for r in rs) for n, rs in results.items()}
-    speed = {n: statistics.median(r["tokens_per_s"] for r in rs) for n, rs in results.items()}
-    memory = {n: statistics.median(r["peak_mib"] for r in rs) for n, rs in results.items()}
-    print(
-        f"device: {results['sft-padded'][0]['device']}  shape: {args.shape}  batch {args.batch_size}  samples {args.samples}  mean chars ~{args.mean_chars:g}"
+    summary: dict = {"device": results["sft-padded"][0]["device"], "shape": args.shape, "configs": {}}
+    for name, runs in results.items():
+        summary["configs"][name] = {
+            "attention": runs[0]["attention"],
+            "step_s": statistics.median(r["step_s"] for r in runs),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+        }
+    configs = summary["configs"]
+    for layout in ("padded", "packed"):
+        poft, sft = configs[f"poft-{layout}"], configs[f"sft-{layout}"]
+        summary[f"poft_vs_sft_step_{layout}"] = poft["step_s"] / sft["step_s"]
+        summary[f"poft_vs_sft_memory_{layout}"] = poft["peak_mib"] / sft["peak_mib"]
+    summary["packed_vs_padded_throughput"] = (
+        configs["poft-packed"]["tokens_per_s"] / configs["poft-padded"]["tokens_per_s"]
     )
-    print("| configuration | median step (s) | real tokens/s | peak memory above setup (MiB) |")
-    print("| --- | --- | --- | --- |")
-    for name in CONFIGS:
-        print(f"| {name} | {step[name]:.4f} | {speed[name]:,.0f} | {memory[name]:,.0f} |")
+    print(
+        f"device: {summary['device']}  shape: {args.shape}  batch {args.batch_size}  samples {args.samples}  "
+        f"mean chars ~{args.mean_chars:g}"
+    )
+    print("| configuration | attention | median step (s) | real tokens/s | peak memory (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, c in configs.items():
+        print(f"| {name} | {c['attention']} | {c['step_s']:.4f} | {c['tokens_per_s']:,.0f} | {c['peak_mib']:,.0f} |")
     for layout in ("padded", "packed"):
         print(
-            f"PoFT/SFT step time ({layout}): {step[f'poft-{layout}'] / step[f'sft-{layout}']:.3f}x   "
-            f"peak memory: {memory[f'poft-{layout}'] / memory[f'sft-{layout}']:.3f}x"
+            f"PoFT/SFT step time ({layout}): {summary[f'poft_vs_sft_step_{layout}']:.3f}x   "
+            f"peak memory: {summary[f'poft_vs_sft_memory_{layout}']:.3f}x"
         )
-    print(f"packed/padded throughput (PoFT, real tokens/s): {speed['poft-packed'] / speed['poft-padded']:.2f}x")
+    print(f"packed/padded throughput (PoFT, real tokens/s): {summary['packed_vs_padded_throughput']:.2f}x")
+    if args.json:
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 from datasets import Dataset
@@ -11,6 +12,13 @@ from datasets import Dataset
 from poft.data import conversation_id
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from tests.real_templates import tokenizer_for
+
+# `poft.cli` under accelerate with two CPU processes (gloo): the multi-process paths, tested without a GPU
+TWO_CPU_PROCESSES = [
+    sys.executable,
+    *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+    *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"),
+]
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pixel"]
 

@@ -30,6 +30,7 @@ def test_extremes_are_pandas_nsmallest_and_nlargest(k):
         [math.inf, -math.inf], math.nan
     )
     found = audit.extremes(scores, k)
+    k = min(k, series.count() // 2)  # each list holds at most half the scored rows
     assert found.lowest == list(series.dropna().nsmallest(k, keep="first").index)
     assert found.highest == list(series.dropna().nlargest(k, keep="first").index)
     assert found.missing == list(series[series.isna()].index)
@@ -38,6 +39,14 @@ def test_extremes_are_pandas_nsmallest_and_nlargest(k):
 
 def test_extremes_of_nothing_scored():
     assert audit.extremes([None, math.nan], 3) == audit.Extremes([], [], [0, 1])
+
+
+def test_small_sets_list_no_row_twice_and_no_agreement_as_disagreement():
+    found = audit.extremes([-1.0, -2.0, -3.0], 10)
+    assert (found.lowest, found.highest) == ([2], [0])
+    assert audit.extremes([-1.0], 10) == audit.Extremes([], [], [])
+    disputed = audit.disagreements({"a": [1.0, 2.0, 3.0], "b": [2.0, 1.0, 3.0]}, 10)
+    assert [d.row for d in disputed] == [0, 1] and all(d.spread > 0 for d in disputed)
 
 
 def brute_force_disagreements(columns: dict[str, list], k: int) -> list[tuple[int, float, dict[str, float]]]:
@@ -53,6 +62,7 @@ def brute_force_disagreements(columns: dict[str, list], k: int) -> list[tuple[in
             equal = sum(columns[name][j] == mine for j in common)
             percentiles[name] = 100 * (less + (equal - 1) / 2) / (len(common) - 1)
         found.append((i, max(percentiles.values()) - min(percentiles.values()), percentiles))
+    found = [f for f in found if round(f[1], 9) > 0]
     found.sort(key=lambda f: (-round(f[1], 9), f[0]))
     return found[:k]
 
@@ -70,7 +80,7 @@ def test_disagreements_equal_a_brute_force_count():
 
 def test_disagreement_reads_ranks_not_scales():
     a = [0.0, 1.0, 2.0, 3.0]
-    assert all(d.spread == 0 for d in audit.disagreements({"a": a, "b": [100 * x - 7 for x in a]}, 4))
+    assert audit.disagreements({"a": a, "b": [100 * x - 7 for x in a]}, 4) == []  # same ranks: no disagreement
     swapped = audit.disagreements({"a": a, "b": [3.0, 1.0, 2.0, 0.0]}, 2)
     assert [(d.row, d.spread) for d in swapped] == [(0, 100.0), (3, 100.0)]
     assert audit.disagreements({"a": a}, 3) == []

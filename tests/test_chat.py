@@ -52,6 +52,20 @@ def test_missing_chat_template_names_the_fix():
     assert encoder.template == CHATML_TEMPLATE
 
 
+DROPPER = "{% for m in messages %}{{ m.role + ': ' + (m.content if m.role == 'user' else '') + '.' }}{% endfor %}"
+
+
+def test_template_error_names_the_fix_that_applies_to_where_the_template_came_from():
+    """--chat_template replaces no tokenizer's own template, so only a tokenizer without one is told to pass it."""
+    own = char_tokenizer("abcdefghijklmnopqrstuvwxyz:. ", chat_template=DROPPER)
+    with pytest.raises(ChatTemplateError, match=r"Fix the template in the model folder \(chat_template.jinja") as e:
+        ConversationEncoder(own, fallback_template=CHATML_TEMPLATE)
+    assert "--chat_template serves only tokenizers without a template." in str(e.value)
+    given = char_tokenizer("abcdefghijklmnopqrstuvwxyz:. ", chat_template=None)
+    with pytest.raises(ChatTemplateError, match=r"Pass a template that renders each assistant content unchanged"):
+        ConversationEncoder(given, fallback_template=DROPPER)
+
+
 def test_fallback_template_from_file(tmp_path):
     path = tmp_path / "t.jinja"
     path.write_text(CHATML_TEMPLATE)

@@ -150,6 +150,12 @@ def test_template_that_drops_assistant_content_is_named_and_stops(tiny_models, d
     line = error_line(capsys)
     assert line.startswith(f"poft score: error: {model}: cannot locate the response of an assistant turn")
     assert "the template renders assistant content unchanged neither as text nor as text parts" in line
+    # the tokenizer has its own template, which --chat_template would not replace: the fix is in the model folder
+    assert line.endswith(
+        "Fix the template in the model folder (chat_template.jinja or tokenizer_config.json), or use a tokenizer "
+        "whose template renders each assistant content unchanged; --chat_template serves only tokenizers without "
+        "a template."
+    )
     assert "truncat" not in line and not (tmp_path / "out").exists()
 
 
@@ -190,8 +196,9 @@ def test_nan_weights_stop_with_the_reference_and_rows_and_cache_nothing(tiny_mod
     cache = tmp_path / "cache"
     assert score(data, [tiny_models["chatml"], str(model)], tmp_path / "out", cache) == 2
     assert error_line(capsys).startswith(
-        f"poft score: error: reference 'nanref' ({model}) gives non-finite log-probs (NaN or inf) for conversations "
-        "1, 2, 3, 4; nothing non-finite was cached or written."
+        f"poft score: error: reference 'nanref' ({model}) gives non-finite log-probs (NaN or inf) for conversation "
+        "1 of the data, conversation 2 of the data, conversation 3 of the data, "
+        "conversation 4 of the data; nothing non-finite was cached or written."
     )
     values = cached_values(cache)
     assert len(values) == 4 and all(v is not None and math.isfinite(v) for v in values)  # the good reference's
@@ -559,3 +566,251 @@ def test_noise_drops_the_scores_of_the_responses_it_changes(tiny_models, data, t
     assert not {"ref_score", "score_zephyr", "n_tokens_zephyr"} & set(noised.column_names)
     assert any("Dropped ['score_zephyr', 'n_tokens_zephyr', 'ref_score']" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "noised" / "poft_output.json").read_text())["columns"] == ["poft_noise"]
+
+
+# --------------------------------------------------------------------------- columns poft did not write
+
+
+def rows_with(tmp_path: Path, name: str, **columns) -> str:
+    """A JSONL file of 8 conversations with extra columns (one value per row)."""
+    from tests.conftest import make_conversations
+
+    rows = [{"messages": m, **{k: v[i] for k, v in columns.items()}} for i, m in enumerate(make_conversations(8))]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_filter_refuses_a_users_poft_filters_column(tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", ref_score=[-float(i) for i in range(8)], poft_filters=["mine"] * 8)
+    argv = ["filter", "--data", data, "--top_fraction", "0.5", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert error_line(capsys).startswith(
+        f"poft filter: error: {data}: the column 'poft_filters' is not one poft wrote, and this run would replace it."
+    )
+    assert main([*argv, "--overwrite"]) == 0
+    assert load_from_disk(str(tmp_path / "out"))["poft_filters"] == [["ref_score top 0.5 (kept score >= -3)"]] * 4
+
+
+def test_filter_ifd_refuses_a_users_ifd_column(tiny_models, tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", ifd=[0.5] * 8)
+    argv = ["filter", "--data", data, "--ifd_model", tiny_models["chatml"], "--top_fraction", "0.5"]
+    argv += ["--output", str(tmp_path / "out"), "--device", "cpu", "--cache_dir", str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert error_line(capsys).startswith(f"poft filter: error: {data}: the column 'ifd' is not one poft wrote")
+
+
+def test_noise_refuses_a_users_poft_noise_column_and_ors_its_own(tmp_path, capsys):
+    data = rows_with(tmp_path, "d.jsonl", poft_noise=["no"] * 8)
+    assert main(["noise", "--data", data, "--rate", "0.25", "--output", str(tmp_path / "n")]) == 2
+    assert error_line(capsys).startswith(f"poft noise: error: {data}: the column 'poft_noise' is not one poft wrote")
+    clean = rows_with(tmp_path, "clean.jsonl")
+    assert main(["noise", "--data", clean, "--rate", "0.25", "--output", str(tmp_path / "n1")]) == 0
+    argv = ["noise", "--data", str(tmp_path / "n1"), "--rate", "0.25", "--seed", "7", "--output", str(tmp_path / "n2")]
+    assert main(argv) == 0
+    first, second = load_from_disk(str(tmp_path / "n1")), load_from_disk(str(tmp_path / "n2"))
+    fresh = [a != b for a, b in zip(first["messages"], second["messages"], strict=True)]
+    assert second["poft_noise"] == [a or b for a, b in zip(first["poft_noise"], fresh, strict=True)]
+    assert sum(second["poft_noise"]) > sum(first["poft_noise"])
+
+
+# --------------------------------------------------------------------------- poft report's inputs
+
+
+def report(tmp_path: Path, *args: str, output: str = "r") -> int:
+    return main(["report", *args, "--output", str(tmp_path / output)])
+
+
+def test_report_on_string_score_columns(tmp_path, capsys):
+    rows = {"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 3}
+    Dataset.from_dict({**rows, "ref_score": ["high", "low", "low"]}).save_to_disk(str(tmp_path / "scored"))
+    assert report(tmp_path, "--scored", str(tmp_path / "scored")) == 2
+    assert error_line(capsys) == (
+        f"poft report: error: --scored {tmp_path / 'scored'}: the column 'ref_score' holds string values, not "
+        "numbers. Give the output of `poft score`, or rename the column."
+    )
+    assert not (tmp_path / "r").exists()  # nothing written before every input was read
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such file. Give the eval_results.json that `poft eval` writes."),
+        ("{not json", "is not valid JSON (Expecting property name"),
+        ('{"a": 1}', "has no 'results' object (model -> task -> metric)."),
+    ],
+)
+def test_report_on_a_bad_eval_file(tmp_path, capsys, content, expected):
+    path = tmp_path / "eval_results.json"
+    if content is not None:
+        path.write_text(content)
+    assert report(tmp_path, "--eval", str(path)) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft report: error: --eval {path}") and expected in line
+
+
+def test_report_on_a_corrupt_trainer_state(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0')
+    assert report(tmp_path, "--runs", str(tmp_path / "run")) == 2
+    assert error_line(capsys).startswith(
+        f"poft report: error: --runs {tmp_path / 'run' / 'trainer_state.json'} is not valid JSON ("
+    )
+
+
+def test_report_output_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "r").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0, "step": 1}]}')
+    assert report(tmp_path, "--runs", str(tmp_path / "run")) == 2
+    assert error_line(capsys) == (
+        f"poft report: error: --output {tmp_path / 'r'} is an existing file; poft report writes a folder there "
+        "(report.md, report.html, plots). Choose another --output."
+    )
+    assert (tmp_path / "r").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("data: [a\nfoo: : bar\n", "is not valid YAML (expected ',' or ']', but got ':' at line 2, column 4)."),
+        (None, "is a folder; give a YAML file."),
+    ],
+)
+def test_config_that_is_not_a_yaml_file(tmp_path, capsys, content, expected):
+    path = tmp_path / "recipe.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    assert main(["score", "--config", str(path)]) == 2
+    assert error_line(capsys).startswith(f"poft score: error: --config {path} {expected}")
+
+
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_training_a_hub_model_while_offline(tmp_path, monkeypatch, capsys, command):
+    """from_pretrained's OSError becomes one line, and the output folder this run created is not left behind."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "d.jsonl"
+    row = (
+        {"prompt": "hi", "chosen": "yes", "rejected": "no"}
+        if command == "dpo"
+        else {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "ref_score": -1.0,
+        }
+    )
+    data.write_text(json.dumps(row) + "\n")
+    argv = [command, "--dataset_name", str(data), "--model_name_or_path", "poft-tests/no-such-model"]
+    assert main([*argv, "--output_dir", str(tmp_path / "run"), "--report_to", "none"]) == 2
+    assert error_line(capsys).startswith(
+        f"poft {command}: error: Cannot load --model_name_or_path poft-tests/no-such-model: "
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_filter_summary_in_the_input(tiny_models, tmp_path, capsys):
+    from tests.conftest import as_dataset, make_conversations
+
+    source = tmp_path / "filtered"
+    as_dataset(make_conversations(4), ref_score=[-1.0, -2.0, -3.0, -4.0]).save_to_disk(str(source))
+    (source / "filter_summary.json").write_text('[{"filter": ')
+    expected = f"{source / 'filter_summary.json'} is not valid JSON ("
+    fix = "Fix or delete it: it only records what earlier `poft filter` runs kept."
+    argv = ["filter", "--data", str(source), "--top_fraction", "0.5", "--output", str(tmp_path / "f")]
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft filter: error: {expected}") and line.endswith(fix)
+    assert score(str(source), [tiny_models["chatml"]], tmp_path / "s", tmp_path / "c") == 2
+    line = error_line(capsys)
+    assert line.startswith(f"poft score: error: {expected}") and line.endswith(fix)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", ["noise", "filter"])
+def test_noise_and_filter_skip_invalid_rows_into_a_report(tmp_path, capsys, command):
+    from tests.conftest import make_conversations
+
+    rows = [{"messages": m, "ref_score": -float(i)} for i, m in enumerate(make_conversations(8))]
+    rows.insert(2, {"messages": [{"role": "bot", "content": "x"}], "ref_score": 0.0})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = ["--rate", "0.5"] if command == "noise" else ["--top_fraction", "0.5"]
+    argv = [command, "--data", str(data), *options]
+    assert main([*argv, "--output", str(tmp_path / "o")]) == 2
+    assert "d.jsonl: line 3" in error_line(capsys) and not (tmp_path / "o").exists()
+    assert main([*argv, "--output", str(tmp_path / "o2"), "--skip-invalid"]) == 0
+    report = [json.loads(line) for line in (tmp_path / "o2" / "invalid_rows.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in report] == [3] and report[0]["record"] == rows[2]
+    assert len(load_from_disk(str(tmp_path / "o2"))) == (8 if command == "noise" else 4)
+
+
+def test_noise_rate_that_corrupts_no_row(tmp_path, capsys):
+    from tests.conftest import make_conversations
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_conversations(24))
+    assert main(["noise", "--data", data, "--rate", "0.01", "--output", str(tmp_path / "n")]) == 2
+    assert error_line(capsys) == (
+        "poft noise: error: --rate 0.01 corrupts none of the 24 rows (0.01 x 24 rounds to 0); use --rate 0.04167 or "
+        "more to corrupt at least one row."
+    )
+    assert main(["noise", "--data", data, "--rate", str(1 / 24), "--output", str(tmp_path / "n")]) == 0
+    assert sum(load_from_disk(str(tmp_path / "n"))["poft_noise"]) == 1
+
+
+def test_a_copy_of_a_reference_is_the_same_reference(tiny_models, data, tmp_path, capsys):
+    """Weights are identified by content: a copy (new mtime, another folder) is refused as a second reference."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_models["zephyr"], copy, copy_function=shutil.copyfile)  # fresh mtimes
+    assert score(data, [tiny_models["zephyr"], str(copy)], tmp_path / "out", tmp_path / "cache") == 2
+    assert error_line(capsys).startswith(f"poft score: error: --model {copy} is the same model as --model ")
+    weights = copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1  # same size, same header: another checkpoint of one architecture
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert score_cache.model_fingerprint(str(copy)) != score_cache.model_fingerprint(tiny_models["zephyr"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--dtype", "float8", "--dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+        ("--device", "tpu9", "--device 'tpu9' is not a device; use auto, cpu, cuda, cuda:N or mps."),
+    ],
+)
+@pytest.mark.parametrize("command", ["score", "filter", "eval"])
+def test_bad_dtype_or_device_fails_before_the_data_is_read(
+    tmp_path, capsys, monkeypatch, command, option, value, expected
+):
+    import poft.data
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the options were checked")
+
+    monkeypatch.setattr(poft.data, "load_sft_dataset", never)
+    argv = {
+        "score": ["--data", "d.jsonl", "--model", "m", "--output", str(tmp_path / "o")],
+        "filter": ["--data", "d.jsonl", "--ifd_model", "m", "--top_fraction", "0.5", "--output", str(tmp_path / "o")],
+        "eval": ["--data", "d.jsonl", "--model", "m", "--tasks", "none"],
+    }[command]
+    assert main([command, *argv, option, value]) == 2
+    assert error_line(capsys) == f"poft {command}: error: {expected}"
+
+
+def test_quickstart_refuses_a_foreign_folder_and_accepts_its_own(tmp_path, capsys):
+    from poft.demo.quickstart import check_quickstart_output
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["quickstart", "--output", str(foreign)]) == 2
+    assert "is a non-empty folder that is not a quickstart output" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    (earlier / "scored").mkdir(parents=True)
+    (earlier / "scored" / "poft_output.json").write_text("{}")
+    check_quickstart_output(earlier)
+    check_quickstart_output(tmp_path / "new")

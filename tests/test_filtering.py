@@ -10,7 +10,7 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from poft.chat import ConversationEncoder
+from poft.chat import ChatTemplateError, ConversationEncoder
 from poft.cli import main
 from poft.filtering import FilterConfig, filter_by_score, ifd_scores, response_only
 from poft.scoring import ScoreConfig
@@ -79,8 +79,54 @@ def test_ifd_equals_slow_ratio_of_cross_entropies(tiny_models, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
     for messages, value in zip(conversations, values, strict=False):
         with_prompt = slow_mean_cross_entropy(model, tokenizer, messages)
-        without = slow_mean_cross_entropy(model, tokenizer, response_only(messages))
+        # IFD's unconditional conversation, built by hand: each answer after an empty user turn
+        answers_alone = [t for m in messages if m["role"] == "assistant" for t in ({"role": "user", "content": ""}, m)]
+        without = slow_mean_cross_entropy(model, tokenizer, answers_alone)
         assert value == pytest.approx(with_prompt / without, rel=1e-5)
+
+
+def test_response_only_puts_an_empty_user_turn_before_each_answer():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+    empty = {"role": "user", "content": ""}
+    assert response_only(messages) == [empty, messages[2], empty, messages[4]]
+
+
+def test_ifd_with_a_template_that_requires_alternating_roles(template_models, tmp_path):
+    """Gemma's template raises on two assistant turns in a row; IFD's unconditional pass must still render."""
+    model = template_models["gemma"]
+    conversations = make_conversations(4, seed=5)
+    values = ifd_scores(as_dataset(conversations), model, ScoreConfig(cache_dir=str(tmp_path), device="cpu"))
+    ref = AutoModelForCausalLM.from_pretrained(model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for messages, value in zip(conversations, values, strict=True):
+        answers_alone = [t for m in messages if m["role"] == "assistant" for t in ({"role": "user", "content": ""}, m)]
+        expected = slow_mean_cross_entropy(ref, tokenizer, messages) / slow_mean_cross_entropy(
+            ref, tokenizer, answers_alone
+        )
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_ifd_error_names_the_users_row(tiny_models, tmp_path):
+    """A template that fails only on the response-only conversation names the row it was made from."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['content'] == '' %}{{ raise_exception('empty turn') }}{% endif %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["chatml"])
+    path = tmp_path / "strict"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(
+        ChatTemplateError, match=r"^reference 'strict', the response-only copy \(IFD\) of conversation 1 "
+    ):
+        ifd_scores(as_dataset(make_conversations(3)), str(path), ScoreConfig(cache_dir=str(tmp_path), device="cpu"))
 
 
 def test_cli_ifd_then_score_filter(tiny_models, tmp_path):

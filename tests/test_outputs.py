@@ -251,3 +251,26 @@ def test_poft_noise_killed_while_replacing_its_output_leaves_the_old_one(tmp_pat
         assert sum(loaded["poft_noise"]) == 400
     outputs._recover(out)  # what the next run does first
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_mode_a_plain_write_would(tmp_path, umask):
+    """Not mkstemp's 0o600 or mkdtemp's 0o700: a new file 0o666 and a new folder 0o777, less the umask."""
+    previous = os.umask(umask)
+    try:
+        outputs.atomic_write_text(tmp_path / "report.md", "new")
+        with atomic_output(tmp_path / "out", "test") as tmp:
+            outputs.atomic_write_text(tmp / "poft_score.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "out" / "poft_score.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "eval_results.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    outputs.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640

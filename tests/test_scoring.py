@@ -20,7 +20,7 @@ from poft.batching import packed_batches, token_budget_batches
 from poft.chat import ConversationEncoder
 from poft.score_cache import CacheError, ScoreCache
 from poft.scoring import ScoreConfig, parse_references, score_dataset
-from tests.conftest import as_dataset, make_conversations, write_jsonl
+from tests.conftest import TWO_CPU_PROCESSES, as_dataset, make_conversations, write_jsonl
 
 
 def slow_score(model_path: str, messages: list[dict], max_length: int | None = None) -> tuple[float, int]:
@@ -154,25 +154,9 @@ def test_torn_last_line_is_rescored(tiny_models, conversations, tmp_path):
 def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(30, seed=8))
     args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "poft.cli",
-    ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     run = subprocess.run(
-        [*launcher, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
+        [*TWO_CPU_PROCESSES, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
         env=env,
         capture_output=True,
         text=True,

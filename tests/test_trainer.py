@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 from transformers import AutoTokenizer
 
 from poft.chat import MASK_RULE, ChatTemplateError
+from poft.errors import DataError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
-from tests.conftest import as_dataset
+from tests.conftest import TWO_CPU_PROCESSES, as_dataset
 
 
 def config(tmp_path, **overrides) -> PoFTConfig:
@@ -152,14 +154,26 @@ def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
     assert not any("poft/weight" in h for h in trainer.state.log_history)
 
 
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
-def test_bad_reference_score_fails_before_training(tiny_models, conversations, tmp_path, bad):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_reference_score_fails_before_training(tiny_models, conversations, tmp_path, bad):
     refs = [-1.0] * len(conversations)
     refs[3] = bad
-    with pytest.raises(ValueError, match=r"1 rows .* missing, NaN or infinite 'ref_score': row 3 \(poft_id"):
+    with pytest.raises(DataError, match=r"^1 rows .* NaN or infinite 'ref_score': row 3 \(poft_id"):
         PoFTTrainer(
             tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs)
         )
+
+
+def test_null_reference_score_is_skipped_with_a_warning(tiny_models, conversations, tmp_path, caplog):
+    refs = [-1.0] * len(conversations)
+    refs[1] = refs[3] = None
+    with caplog.at_level(logging.WARNING, logger="poft.trainer"):
+        trainer = PoFTTrainer(
+            tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs)
+        )
+    assert len(trainer.train_dataset) == len(conversations) - 2
+    assert f"2 of {len(conversations)} conversations of the train dataset have a null 'ref_score'" in caplog.text
+    assert "are skipped" in caplog.text
 
 
 def test_missing_reference_column_names_the_fix(tiny_models, conversations, tmp_path):
@@ -182,7 +196,6 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -219,24 +232,8 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         "--seed",
         "0",
     ]
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "poft.cli",
-    ]
     run = subprocess.run(
-        [*launcher, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        [*TWO_CPU_PROCESSES, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env={**os.environ, "PYTHONPATH": os.getcwd()},
         capture_output=True,
         text=True,

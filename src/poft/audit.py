@@ -50,9 +50,11 @@ class Extremes:
 def extremes(scores: Sequence[float | None], k: int) -> Extremes:
     """The k lowest and k highest scored rows; ties go to the earlier row, so the lists are deterministic.
 
-    With fewer than 2k scored rows the two lists share rows: each is still the true top k of its end.
+    Each list holds at most half the scored rows, so the two never share a row (with 3 rows, "lowest"
+    and "highest" would otherwise list the same rows).
     """
     scored = [i for i, s in enumerate(scores) if not is_missing(s)]
+    k = min(k, len(scored) // 2)
     lowest = sorted(scored, key=lambda i: (scores[i], i))[:k]
     highest = sorted(scored, key=lambda i: (-scores[i], i))[:k]
     return Extremes(lowest, highest, [i for i, s in enumerate(scores) if is_missing(s)])
@@ -68,7 +70,8 @@ class Disagreement:
 
 
 def disagreements(columns: dict[str, Sequence[float | None]], k: int) -> list[Disagreement]:
-    """The k rows whose percentile ranks differ most between references (largest spread first, ties by row).
+    """The k rows whose percentile ranks differ most between references (largest spread first, ties by row);
+    rows every reference ranks alike (spread 0) are no disagreement and never listed.
 
     References' scales differ (a stronger or better-matched model gives every row higher log-probs, and
     their spreads differ too), so raw scores cannot be compared across references. Each reference's scores
@@ -88,7 +91,8 @@ def disagreements(columns: dict[str, Sequence[float | None]], k: int) -> list[Di
     rank_spreads = [
         max(row_ranks[n][j] for n in names) - min(row_ranks[n][j] for n in names) for j in range(len(rows))
     ]
-    top = sorted(range(len(rows)), key=lambda j: (-rank_spreads[j], rows[j]))[:k]
+    disputed = [j for j in range(len(rows)) if rank_spreads[j] > 0]
+    top = sorted(disputed, key=lambda j: (-rank_spreads[j], rows[j]))[:k]
     scale = 100 / (len(rows) - 1) if len(rows) > 1 else 0.0
     return [
         Disagreement(

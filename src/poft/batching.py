@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from poft.attention import packing_pays, routes_attention
 from poft.chat import EncodedConversation
 from poft.objectives import sequence_mean_log_probs
 
@@ -92,8 +93,8 @@ def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 
 def uses_varlen_attention(model, device: torch.device) -> bool:
-    """Packing pays off only where attention skips the masked-out pairs: flash attention's varlen path."""
-    return device.type == "cuda" and "flash" in str(getattr(model.config, "_attn_implementation", ""))
+    """Pack by default only where it is safe and attention skips the pairs across conversations (`poft.attention`)."""
+    return routes_attention(model) and packing_pays(getattr(model.config, "_attn_implementation", None), device)
 
 
 def iter_scores(

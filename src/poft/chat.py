@@ -30,9 +30,9 @@ offsets. A guard then decodes every turn's masked tokens and stops with `ChatTem
 model and the template, unless they are exactly that turn's content and closing token (whitespace aside,
 which decoders do not all restore): a wrong mask never passes silently.
 
-Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user turn, as such models'
-guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect content as a list of
-parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
+Templates that reject or drop system turns (Gemma, Mistral-Instruct v0.1) get them merged into the next user
+turn, as such models' guides say, under `system_turns="auto"` (logged) or `"merge"`; templates that expect
+content as a list of parts (SmolVLM, Idefics3, LLaVA-NeXT) get ``[{"type": "text", "text": ...}]``.
 """
 
 from __future__ import annotations
@@ -64,9 +64,16 @@ MASK_RULE = "content+closing_token/v2"
 CHAT_TEMPLATE_FIX = (
     "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
 )
+# --chat_template is only a fallback: with several references one template cannot replace each one's own.
+OWN_TEMPLATE_FIX = (
+    "Fix the template in the model folder (chat_template.jinja or tokenizer_config.json), or use a tokenizer whose "
+    "template renders each assistant content unchanged; --chat_template serves only tokenizers without a template."
+)
+GIVEN_TEMPLATE_FIX = "Pass a template that renders each assistant content unchanged with --chat_template."
 SYSTEM_TURNS_HELP = (
     "System turns for templates that reject them: auto (keep them where the template renders them, else merge "
-    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user turn)."
+    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user "
+    "turn)."
 )
 
 
@@ -165,6 +172,7 @@ class ConversationEncoder:
         if isinstance(template, dict):
             template = template.get("default")
         self.template_source = "the tokenizer's chat template"
+        self.template_fix = OWN_TEMPLATE_FIX  # what to do when the template fails: depends on where it came from
         if template and fallback_template is not None:
             logger.info(
                 "%s: using the tokenizer's own chat template; --chat_template serves only those without one", self.name
@@ -173,6 +181,7 @@ class ConversationEncoder:
             if fallback_template is None:
                 raise ChatTemplateError(f"{self.name}: the tokenizer has no chat template. {CHAT_TEMPLATE_FIX}")
             template = read_chat_template(fallback_template)
+            self.template_fix = GIVEN_TEMPLATE_FIX
             self.template_source = (
                 f"chat template {fallback_template}"
                 if os.path.isfile(fallback_template)
@@ -235,7 +244,7 @@ class ConversationEncoder:
         try:
             return self._apply(messages)
         except Exception as error:  # templates fail in many ways: raise_exception, KeyError, TypeError, ...
-            hint = CHAT_TEMPLATE_FIX
+            hint = self.template_fix
             if any(m["role"] == "system" for m in messages):
                 hint = "The conversation has a system turn: pass --system_turns merge to merge it into the user turn."
             raise ChatTemplateError(
@@ -372,8 +381,7 @@ class ConversationEncoder:
     def _guard_error(self, turn: int | None, why: str) -> ChatTemplateError:
         where = f"assistant turn at position {turn + 1}" if turn is not None else "an assistant turn"
         return ChatTemplateError(
-            f"{self.name}: cannot locate the response of {where} in {self.template_source}: {why}. "
-            "Use a template that renders each assistant content unchanged (--chat_template)."
+            f"{self.name}: cannot locate the response of {where} in {self.template_source}: {why}. {self.template_fix}"
         )
 
     def _warn_once(self, key: str, message: str, *args) -> None:

@@ -140,6 +140,7 @@ def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
 
 def parse(name: str, argv: Sequence[str]) -> tuple:
     """The command's configs from `--config FILE.yaml` and flags (TRL's parser)."""
+    import yaml
     from trl import TrlParser
 
     command = COMMANDS[name]
@@ -150,10 +151,29 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
         return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
     except FileNotFoundError as error:  # --config FILE that does not exist
         raise OptionError(f"--config {error.filename}: no such file. Check the path.") from error
+    except IsADirectoryError as error:
+        raise OptionError(f"--config {error.filename} is a folder; give a YAML file.") from error
+    except yaml.YAMLError as error:  # TRL reads the file with yaml.safe_load
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise OptionError(
+            f"--config {config_path(argv)} is not valid YAML ({problem}{line}). Fix the file: one `option: value` "
+            "per line."
+        ) from error
     except ValueError as error:  # a config class (ours, TRL's or transformers') refusing an option value
         if isinstance(error, PoftError):
             raise
         raise OptionError(" ".join(str(error).split())) from error
+
+
+def config_path(argv: Sequence[str]) -> str:
+    """The value of --config in `argv` (for messages)."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--config":
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return ""
 
 
 def usage() -> str:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -629,3 +629,40 @@ def _write_report(bad: list[Row], report: Path) -> None:
         for row in bad
     ]
     atomic_write_text(report, "".join(line + "\n" for line in lines))
+
+
+@dataclass
+class StageIO:
+    """Where a dataset stage (`poft score`, `filter`, `noise`) reads and writes, and what it may replace."""
+
+    data: str | None = field(
+        default=None,
+        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
+    )
+    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    output: str | None = field(
+        default=None, metadata={"help": "Directory for the output dataset (loadable with datasets.load_from_disk)."}
+    )
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous poft output at --output (even the input itself, atomically), and input "
+            "columns poft computes (poft_id, ref_score, score_<name>, poft_filters, ifd, poft_noise) that poft "
+            "did not write."
+        },
+    )
+
+    def load_input(self, output_tmp: Path | None = None) -> datasets.Dataset:
+        """The input rows; with --skip_invalid, bad rows go to `invalid_rows.jsonl` in the output being written."""
+        report = output_tmp / "invalid_rows.jsonl" if self.skip_invalid and output_tmp is not None else None
+        return load_sft_dataset(
+            self.data,
+            split=self.split,
+            skip_invalid=self.skip_invalid,
+            invalid_report=report,
+            replace_poft_id=self.overwrite,
+        )

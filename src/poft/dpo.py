@@ -31,7 +31,7 @@ from poft.data import (
     type_name,
 )
 from poft.errors import OptionError
-from poft.runtime import check_writable, default_bf16, train_and_save
+from poft.runtime import default_bf16, output_dir_for, train_and_save
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ class DPODataArguments:
 
 @dataclass
 class PoFTDPOConfig(DPOConfig):
-    """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop CPU)."""
+    """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop
+    CPU)."""
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16, self.fp16)
@@ -178,8 +179,8 @@ def _require_columns(source: str, columns: Iterable[str]) -> None:
     columns = list(columns)
     if not {"chosen", "rejected"} <= set(columns):
         raise DataError(
-            f"{source}: not preference data: no 'chosen' and 'rejected' columns (found: {', '.join(columns) or 'none'}). "
-            f"{PAIR_HINT}"
+            f"{source}: not preference data: no 'chosen' and 'rejected' columns (found: "
+            f"{', '.join(columns) or 'none'}). {PAIR_HINT}"
         )
 
 
@@ -218,16 +219,16 @@ def run_dpo(data_args: DPODataArguments, training_args: DPOConfig, model_args: M
     if not data_args.dataset_name or not model_args.model_name_or_path:
         raise OptionError("poft dpo needs dataset_name and model_name_or_path (in the YAML config or as flags)")
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")
-    check_writable(training_args.output_dir, "--output_dir")
-    train_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_train_split)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
-    logger.info(
-        "DPO of %s on %d preference pairs (beta=%g, loss_type=%s)",
-        model_args.model_name_or_path,
-        len(train_dataset),
-        training_args.beta,
-        ",".join(training_args.loss_type),
-    )
-    return train_and_save(DPOTrainer, model_args, training_args, train_dataset, eval_dataset)
+    with output_dir_for(training_args.output_dir, "--output_dir"):
+        train_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_train_split)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_preference_dataset(data_args.dataset_name, split=data_args.dataset_test_split)
+        logger.info(
+            "DPO of %s on %d preference pairs (beta=%g, loss_type=%s)",
+            model_args.model_name_or_path,
+            len(train_dataset),
+            training_args.beta,
+            ",".join(training_args.loss_type),
+        )
+        return train_and_save(DPOTrainer, model_args, training_args, train_dataset, eval_dataset)

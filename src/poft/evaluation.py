@@ -112,7 +112,8 @@ class EvalConfig:
     tasks: list[str] = field(
         default_factory=lambda: list(LEADERBOARD_TASKS),
         metadata={
-            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot counts), or 'none'."
+            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot "
+            "counts), or 'none'."
         },
     )
     task_dir: str | None = field(
@@ -144,6 +145,9 @@ class EvalConfig:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
                 raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
+        from poft.runtime import resolve_device, resolve_dtype
+
+        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
 
 
 def parse_task(task: str) -> tuple[str, int | None]:
@@ -163,8 +167,8 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
     unknown = [name for name, _ in map(parse_task, tasks) if name not in manager.all_tasks]
     if unknown:
         raise OptionError(
-            f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task YAML in a "
-            "directory and pass it with --task_dir."
+            f"Unknown lm-eval task(s): {', '.join(unknown)}. List tasks with `lm-eval ls tasks`, or put a task "
+            "YAML in a directory and pass it with --task_dir."
         )
     lm = HFLM(
         pretrained=model,

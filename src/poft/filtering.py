@@ -3,7 +3,8 @@
 IFD (Cherry LLM's instruction-following difficulty) of a pair is the model's mean response
 cross-entropy given the prompt divided by its mean response cross-entropy without it. Both are PoFT
 scores computed by `score_dataset` (the conditional one is exactly the model's reference score, so a
-reference's cache serves it), the unconditional one on the response turns alone in the same template.
+reference's cache serves it), the unconditional one on the response turns alone in the same template,
+each after an empty user turn (see `response_only`), so both cover exactly the same response tokens.
 Its authors drop IFD >= 1 (the prompt does not help) and keep the highest fraction of the rest.
 
 Filters compose: each keeps rows, appends what it did to the `poft_filters` column, and adds a record to
@@ -16,34 +17,34 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from datasets import Dataset, Value
 
-from poft.data import conversation_id
+from poft.data import StageIO, conversation_id
 from poft.errors import DataError, OptionError
-from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
-from poft.scoring import ScoringOptions, parse_references, score_dataset
+from poft.outputs import (
+    FILTER_HISTORY,
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    foreign_columns,
+    poft_columns,
+    read_filter_history,
+)
+from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
+from poft.validation import is_numeric
 
 logger = logging.getLogger(__name__)
 
 FILTERS_COLUMN = "poft_filters"
 IFD_COLUMN = "ifd"
 FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; keeping none is an error
-NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 
 
 @dataclass
-class FilterConfig(ScoringOptions):
+class FilterConfig(ScoringOptions, StageIO):
     """Options of `poft filter`; the shared scoring options apply to IFD's model (`--ifd_model`)."""
 
-    data: str | None = field(
-        default=None,
-        metadata={"help": "Data to filter: a scored dataset directory from `poft score` or any SFT data."},
-    )
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the kept rows (datasets.load_from_disk)."}
-    )
     by: str = field(
         default="ref_score",
         metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."},
@@ -57,11 +58,6 @@ class FilterConfig(ScoringOptions):
     )
     ifd_model: str | None = field(
         default=None, metadata={"help": "Model (path or hub id) to compute IFD with; implies --by ifd."}
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
     )
 
     def __post_init__(self):
@@ -103,7 +99,7 @@ def filter_by_score(
             "--ifd_model to compute IFD."
         )
     feature = dataset.features[column]
-    if not (isinstance(feature, Value) and feature.dtype.startswith(NUMERIC_DTYPES) or feature == Value("null")):
+    if not is_numeric(feature, allow_null=True):
         raise DataError(
             f"The column {column!r} holds {feature.dtype if isinstance(feature, Value) else type(feature).__name__} "
             "values, not numbers, so it cannot rank rows. Filter by a score column (--by ref_score, --by "
@@ -158,20 +154,34 @@ def filter_by_score(
 
 
 def response_only(messages: list[dict]) -> list[dict]:
-    """The conversation's assistant turns alone: what IFD's unconditional score reads."""
-    return [m for m in messages if m["role"] == "assistant"]
+    """IFD's unconditional conversation: each assistant turn after an empty user turn, in the conversation's order.
+
+    The empty user turns carry no prompt, and keep the roles alternating, which many templates require (Gemma,
+    Mistral-Instruct v0.1, Llama 2, Qwen 3). The response tokens (each content and its closing token) are the
+    same as in the full conversation, so both scores of IFD average over exactly the same tokens.
+    """
+    out: list[dict] = []
+    for message in messages:
+        if message["role"] == "assistant":
+            out += [{"role": "user", "content": ""}, message]
+    return out
 
 
 def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[float | None]:
     """IFD = r(y | x) / r(y) (the ratio of mean cross-entropies, signs cancelling); None where either is missing.
 
-    Both kinds of conversation are scored in one pass, so the model loads once.
+    Both kinds of conversation are scored in one pass, so the model loads once; a message about the
+    unconditional pass names the user's row it comes from.
     """
     reference = parse_references([model])
     n = len(dataset)
     conversations = list(dataset["messages"]) + [response_only(m) for m in dataset["messages"]]
     both = Dataset.from_dict({"messages": conversations, "poft_id": [conversation_id(m) for m in conversations]})
-    scores = score_dataset(both, reference, config)[f"score_{reference[0].name}"]
+
+    def describe_row(row: int) -> str:
+        return data_row(row) if row <= n else f"the response-only copy (IFD) of {data_row(row - n)}"
+
+    scores = score_dataset(both, reference, config, describe_row)[f"score_{reference[0].name}"]
     conditional, unconditional = scores[:n], scores[n:]
     return [
         None if c is None or u is None or u == 0 else c / u for c, u in zip(conditional, unconditional, strict=True)
@@ -180,34 +190,30 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
 
 def run_filter(config: FilterConfig) -> Dataset:
     """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
-    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
-    drop = None
-    if config.by == IFD_COLUMN:
-        if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
-            raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
-        if config.ifd_model is not None:
-            values = ifd_scores(dataset, config.ifd_model, config)
-            dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names]).add_column(
-                IFD_COLUMN, values
-            )
-        drop = 1.0
-    kept, summary = filter_by_score(
-        dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
-    )
-    history = []
-    source_summary = Path(config.data) / "filter_summary.json"
-    if source_summary.is_file():
-        history = json.loads(source_summary.read_text())
-    history.append({**summary, "source": config.data, "config": asdict(config)})
-    columns = [*poft_columns(config.data), FILTERS_COLUMN]
-    columns += [IFD_COLUMN] if config.ifd_model is not None else []
-    with atomic_output(config.output, "filter", columns) as tmp:
+    history = read_filter_history(config.data)  # before any work: a corrupt record stops the run at once
+    written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
+    with atomic_output(config.output, "filter", [*poft_columns(config.data), *written]) as tmp:
+        dataset = config.load_input(tmp)
+        foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
+        dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
+        drop = None
+        if config.by == IFD_COLUMN:
+            if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
+                raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
+            if config.ifd_model is not None:
+                values = ifd_scores(dataset, config.ifd_model, config)
+                dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names])
+                dataset = dataset.add_column(IFD_COLUMN, values)
+            drop = 1.0
+        kept, summary = filter_by_score(
+            dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
+        )
+        history.append({**summary, "source": config.data, "config": asdict(config)})
         kept.save_to_disk(str(tmp))
-        atomic_write_text(tmp / "filter_summary.json", json.dumps(history, indent=2))
+        atomic_write_text(tmp / FILTER_HISTORY, json.dumps(history, indent=2))
     print(json.dumps(summary, indent=2))
     return kept

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from poft.data import conversation_id
+from poft.data import StageIO, conversation_id
 from poft.errors import OptionError
-from poft.outputs import atomic_output, check_output, poft_columns
+from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,9 @@ ATTEMPTS = 10  # draws per chosen row before it is left clean (a row whose every
 
 
 @dataclass
-class NoiseConfig:
+class NoiseConfig(StageIO):
     """Options of `poft noise`."""
 
-    data: str | None = field(default=None, metadata={"help": "SFT data to corrupt (any format `poft score` reads)."})
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the noised dataset (datasets.load_from_disk)."}
-    )
     rate: float = field(default=0.3, metadata={"help": "Fraction of rows to corrupt, in [0, 1]."})
     kind: str = field(
         default="paper",
@@ -55,11 +51,6 @@ class NoiseConfig:
         default=0.1, metadata={"help": "paper noise: share of characters inserted, deleted or substituted."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and data give the same noise."})
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace a previous poft output at --output, even the input itself (atomically)."},
-    )
 
     def __post_init__(self):
         if not 0.0 <= self.rate <= 1.0:
@@ -138,11 +129,17 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
     """Corrupt round(rate * rows) randomly chosen rows; the others are returned unchanged, in order.
 
     A chosen row whose draw reproduces its own responses (a donor with the same answer, no character
-    edit) is drawn again; `poft_noise` is true exactly for the rows that changed.
+    edit) is drawn again; `poft_noise` is true exactly for the rows that changed, here or in an earlier
+    run whose `poft_noise` the dataset carries.
     """
     NoiseConfig(rate=rate, kind=kind, char_rate=char_rate)  # validates
     rng = random.Random(seed)
     n = len(dataset)
+    if rate > 0 and round(rate * n) == 0:
+        raise OptionError(
+            f"--rate {rate:g} corrupts none of the {n} rows ({rate:g} x {n} rounds to 0); use --rate {1 / n:.4g} or "
+            "more to corrupt at least one row."
+        )
     chosen = set(rng.sample(range(n), round(rate * n)))
     conversations = dataset["messages"]
     noised = []
@@ -156,6 +153,8 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
             messages = _with_responses(messages, responses)
         noised.append(messages)
     changed = [new != old for new, old in zip(noised, conversations, strict=True)]
+    if NOISE_COLUMN in dataset.column_names:  # noised again: a row corrupted by either run is noise
+        changed = [bool(now or before) for now, before in zip(changed, dataset[NOISE_COLUMN], strict=True)]
     dataset = dataset.map(
         lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: changed[row]},
         with_indices=True,
@@ -179,20 +178,23 @@ def run_noise(config: NoiseConfig) -> Dataset:
     Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
     the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
     """
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)
-    dataset = load_sft_dataset(config.data, split=config.split, replace_poft_id=config.overwrite)
     ours = poft_columns(config.data)
-    stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
-    if stale:
-        logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
-        dataset = dataset.remove_columns(stale)
-    noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-    columns = [*(ours - set(stale)), NOISE_COLUMN]
+    columns = [*(c for c in ours if not c.startswith(SCORE_COLUMNS)), NOISE_COLUMN]
     with atomic_output(config.output, "noise", columns) as tmp:
+        dataset = config.load_input(tmp)
+        stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
+        if stale:
+            logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
+        # poft's own poft_noise is kept and ORed with the new marks; a user's column of that name is replaced
+        # only with --overwrite
+        dataset = dataset.remove_columns(
+            stale + foreign_columns(dataset.column_names, [NOISE_COLUMN], config.data, config.overwrite)
+        )
+        noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
         noised.save_to_disk(str(tmp))
     logger.info("Saved the noised dataset to %s", config.output)
     return noised

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from poft.errors import OutputError
+from poft.errors import DataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,47 @@ def poft_columns(source: str | os.PathLike) -> set[str]:
             references = []
         columns = {"ref_score"} | {f"{p}{r['name']}" for r in references for p in ("score_", "n_tokens_")}
     return columns
+
+
+def foreign_columns(
+    column_names: Iterable[str], written: Iterable[str], source: str | os.PathLike, overwrite: bool
+) -> list[str]:
+    """The input columns this run would write that poft did not write: refused unless `overwrite`.
+
+    A column poft wrote (recorded in the input's marker) is poft's to replace; any other may be the
+    user's own data. Returns the foreign columns (to be replaced) when `overwrite` is given.
+    """
+    ours, written = poft_columns(source), set(written)
+    foreign = [c for c in column_names if c in written and c not in ours]
+    if foreign and not overwrite:
+        raise DataError(
+            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
+            "or pass --overwrite to replace it."
+        )
+    return foreign
+
+
+FILTER_HISTORY = "filter_summary.json"
+
+
+def read_filter_history(source: str | os.PathLike) -> list[dict]:
+    """The records of the `poft filter` runs that made `source` (`filter_summary.json`; [] where there is none).
+
+    It follows the data through later stages; a file that is not poft's list of records is a DataError.
+    """
+    path = Path(source).expanduser() / FILTER_HISTORY
+    if not path.is_file():
+        return []
+    fix = "Fix or delete it: it only records what earlier `poft filter` runs kept."
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} cannot be read ({error}). {fix}") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error}). {fix}") from None
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        raise DataError(f"{path} is not a list of filter records. {fix}")
+    return history
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -142,6 +183,7 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0o700 would make the output private
     except OSError as error:
         raise disk_error(error, f"--output {output}") or error from error
     try:
@@ -160,11 +202,27 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
     logger.info("Wrote %s", out)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write one file through a temporary sibling and a rename: readers see the old file or the new one."""
+    """Write one file through a temporary sibling and a rename: readers see the old file or the new one.
+
+    The file gets the mode of the file it replaces, or a new file's usual mode (0o666 less the umask),
+    not mkstemp's private 0o600.
+    """
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -25,9 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from poft import audit  # noqa: E402
-from poft.errors import DataError, OptionError  # noqa: E402
-from poft.outputs import atomic_write_text  # noqa: E402
+from poft.errors import DataError, OptionError, OutputError  # noqa: E402
+from poft.outputs import atomic_write_text, disk_error  # noqa: E402
 from poft.report_html import escape_markdown, render_html  # noqa: E402
+from poft.validation import is_numeric  # noqa: E402
 
 
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
@@ -379,8 +381,9 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         if not values:
             lines.append(f"| {name} | - | - | - | - | {len(columns[name])} (no finite score) |")
             continue
+        stats = (statistics.mean(values), statistics.pstdev(values), min(values), max(values))
         lines.append(
-            f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | {min(values):.3f} | {max(values):.3f} | {len(columns[name]) - len(values)} |"
+            f"| {name} | " + " | ".join(f"{v:.3f}" for v in stats) + f" | {len(columns[name]) - len(values)} |"
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
     names = [n for n in names if any(v is not None for v in columns[n])]  # the rest has nothing to compare
@@ -459,7 +462,7 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
             f"### Rows without a ref_score ({len(found.missing)})",
             "",
             "At least one reference gave no score (usually: no response token survived its truncation; see the "
-            "score columns). `poft filter` drops these rows; PoFT training refuses data that still holds them."
+            "score columns). `poft filter` drops these rows; PoFT training skips them with a warning."
             + (f" The first {rows}:" if len(found.missing) > rows else ""),
             "",
             *_rows_table(dataset, found.missing[:rows], scores, text_chars),
@@ -488,7 +491,11 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
             "",
         ]
     else:
-        lines += ["No row was scored by every reference.", ""]
+        lines += [
+            "No disagreement: the references rank every row they all scored alike (or no row was scored by "
+            "every reference).",
+            "",
+        ]
     lines += [
         "### Rows below thresholds",
         "",
@@ -521,8 +528,20 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
 TRAINING_CURVES = ("loss", "poft/weight", "poft/win_rate", "poft/margin")
 
 
-def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
-    """Loss, PoFT weight, win rate and margin per step, one line per run, from trainer_state.json."""
+def read_json(path: Path, option: str, what: str) -> Any:
+    """A JSON file a user named; a missing, unreadable or malformed one is a one-line DataError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{option} {path}: no such file. Give {what}.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{option} {path} cannot be read ({error}). Give {what}.") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{option} {path} is not valid JSON ({error}). Give {what}.") from None
+
+
+def read_training_histories(run_dirs: Sequence[str]) -> dict[str, list[dict]]:
+    """Each run's logged training steps, from its trainer_state.json."""
     histories = {}
     for run in run_dirs:
         path = Path(run) / "trainer_state.json" if Path(run).is_dir() else Path(run)
@@ -530,7 +549,47 @@ def training_section(run_dirs: Sequence[str], output: Path) -> list[str]:
             raise OptionError(
                 f"No trainer_state.json in {run}: give a `poft train` output_dir or checkpoint directory."
             )
-        histories[Path(run).name] = [h for h in json.loads(path.read_text())["log_history"] if "loss" in h]
+        what = "the trainer_state.json of a `poft train` output_dir or checkpoint"
+        state = read_json(path, "--runs", what)
+        log = state.get("log_history") if isinstance(state, dict) else None
+        if not isinstance(log, list) or not all(isinstance(h, dict) for h in log):
+            raise DataError(f"--runs {path} has no log_history list of steps. Give {what}.")
+        histories[Path(run).name] = [h for h in log if "loss" in h]
+    return histories
+
+
+def read_eval_results(paths: Sequence[str]) -> list[dict]:
+    """`poft eval` records: each a JSON object whose `results` maps model -> task -> metric -> number."""
+    what = "the eval_results.json that `poft eval` writes"
+    payloads = []
+    for path in paths:
+        payload = read_json(Path(path), "--eval", what)
+        results = payload.get("results") if isinstance(payload, dict) else None
+        if not isinstance(results, dict) or not all(
+            isinstance(tasks, dict) and all(isinstance(metrics, dict) for metrics in tasks.values())
+            for tasks in results.values()
+        ):
+            raise DataError(f"--eval {path} has no 'results' object (model -> task -> metric). Give {what}.")
+        payloads.append(payload)
+    return payloads
+
+
+def check_score_columns(dataset, source: str) -> None:
+    """Score columns (score_<name>, ref_score) must hold numbers: anything else is not a poft score."""
+    for name in dataset.column_names:
+        if not (name.startswith("score_") or name == "ref_score"):
+            continue
+        feature = dataset.features[name]
+        if not is_numeric(feature, allow_null=True):
+            kind = getattr(feature, "dtype", type(feature).__name__)
+            raise DataError(
+                f"--scored {source}: the column {name!r} holds {kind} values, not numbers. Give the output of "
+                "`poft score`, or rename the column."
+            )
+
+
+def training_section(histories: dict[str, list[dict]], output: Path) -> list[str]:
+    """Loss, PoFT weight, win rate and margin per step, one line per run (see `read_training_histories`)."""
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4.2 * len(TRAINING_CURVES), 3.3), squeeze=False)
     for ax, key in zip(axes[0], TRAINING_CURVES, strict=False):
         for name, history in histories.items():
@@ -591,21 +650,35 @@ def run_report(config: ReportConfig) -> Path:
     if not (config.scored or config.runs or config.eval):
         raise OptionError("Nothing to report: give --scored, --runs and/or --eval.")
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    lines = ["# poft report", ""]
-    if config.scored:
+    if output.exists() and not output.is_dir():
+        raise OutputError(
+            f"--output {config.output} is an existing file; poft report writes a folder there (report.md, "
+            "report.html, plots). Choose another --output."
+        )
+    scored = None
+    if config.scored:  # every input is read and checked before anything is written
         try:
             scored = load_from_disk(config.scored)
         except FileNotFoundError:
             raise DataError(
                 f"--scored {config.scored} is not a dataset directory: give the --output folder of `poft score`."
             ) from None
+        check_score_columns(scored, config.scored)
+    histories = read_training_histories(config.runs)
+    payloads = read_eval_results(config.eval)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_error(error, f"--output {config.output}") or OutputError(
+            f"--output {config.output}: cannot create the folder ({error.strerror}). Choose another --output."
+        ) from error
+    lines = ["# poft report", ""]
+    if scored is not None:
         lines += scored_data_section(scored, output)
         lines += audit_section(scored, config.audit_rows, config.audit_text_chars)
-    if config.runs:
-        lines += training_section(config.runs, output)
-    if config.eval:
-        payloads = [json.loads(Path(p).read_text()) for p in config.eval]
+    if histories:
+        lines += training_section(histories, output)
+    if payloads:
         lines += ["## Evaluation", "", eval_table(payloads), ""]
     markdown = "\n".join(lines)
     atomic_write_text(output / "report.md", markdown)

@@ -11,11 +11,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 
-from poft.errors import OptionError, OutputError
+from poft.errors import ModelError, OptionError, OutputError, PoftError
 from poft.outputs import disk_error
 
 logger = logging.getLogger(__name__)
@@ -81,13 +83,21 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
-    trainer = trainer_class(
-        model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
+    try:
+        trainer = trainer_class(
+            model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=get_peft_config(model_args),
+        )
+    except OSError as error:  # from_pretrained: a hub id that is unreachable (offline) or does not exist
+        if isinstance(error, PoftError):
+            raise
+        raise ModelError(
+            f"Cannot load --model_name_or_path {model_args.model_name_or_path}: {str(error).splitlines()[0]} Give a "
+            "local model folder, or a hub id that is reachable or already in the Hugging Face cache."
+        ) from error
     output_dir = training_args.output_dir
     before = set(_checkpoints(output_dir))
     try:
@@ -122,6 +132,20 @@ def _complete_checkpoint(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+@contextmanager
+def output_dir_for(directory: str, option: str) -> Iterator[None]:
+    """`check_writable`, and a folder this run created is removed again if the run fails leaving it empty."""
+    existed = os.path.exists(directory)
+    check_writable(directory, option)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with suppress(OSError):  # not empty (a checkpoint, invalid_rows.jsonl): kept
+                os.rmdir(directory)
+        raise
 
 
 def check_writable(directory: str, option: str) -> None:

@@ -18,8 +18,7 @@ import logging
 import math
 import os
 import re
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +29,20 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
+from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
-from poft.outputs import atomic_output, atomic_write_text, check_output, poft_columns
+from poft.outputs import (
+    FILTER_HISTORY,
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    foreign_columns,
+    poft_columns,
+    read_filter_history,
+)
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 from poft.validation import check_model_source
@@ -76,8 +85,9 @@ class ScoringOptions:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention implementation to load models with, e.g. sdpa or flash_attention_2 "
-            "(default: transformers' choice)."
+            "help": "Attention implementation to load models with, e.g. sdpa, flex_attention, flash_attention_2 or "
+            "poft_varlen (PyTorch's varlen flash kernel). Default: poft_varlen on CUDA GPUs that run it, else "
+            "transformers' choice."
         },
     )
     trust_remote_code: bool = field(
@@ -90,8 +100,9 @@ class ScoringOptions:
     packing: bool | None = field(
         default=None,
         metadata={
-            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default: on "
-            "for CUDA models loaded with a flash-attention (varlen) implementation, off otherwise."
+            "help": "Pack conversations into padding-free rows (documents isolated by position ids). Default (auto): "
+            "on for CUDA models whose attention skips pairs across conversations (poft_varlen, flash_attention_*, "
+            "flex_attention), off otherwise: sdpa and eager keep packed rows correct but slower than padded ones."
         },
     )
     cache_dir: str | None = field(
@@ -108,34 +119,16 @@ class ScoringOptions:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
+        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
 
 
 @dataclass
-class ScoreConfig(ScoringOptions):
+class ScoreConfig(ScoringOptions, StageIO):
     """Options of `poft score`: the data, the references and the output, plus the shared scoring options."""
 
-    data: str | None = field(
-        default=None,
-        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
-    )
     model: list[str] = field(
         default_factory=list,
         metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."},
-    )
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the scored dataset (loadable with datasets.load_from_disk)."}
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a previous poft output at --output (even the input itself, atomically) and input "
-            "columns named poft_id, ref_score or score_<name> that poft did not write."
-        },
     )
 
 
@@ -186,15 +179,25 @@ def load_reference_model(
             "model again (poft loads safetensors weights)."
         ) from error
     model = model.to(device)
+    if attn_implementation is None and use_varlen_by_default(model, device):
+        model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
     model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     return model
 
 
+def data_row(row: int) -> str:
+    """How messages name a row of the user's data (1-based)."""
+    return f"conversation {row} of the data"
+
+
 def score_reference(
-    dataset: Dataset, reference: Reference, config: ScoringOptions
+    dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
 ) -> tuple[list[float | None], list[int]]:
     """Scores and response-token counts of every row for one reference, through its cache.
+
+    `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
+    as IFD does, names the user's row they come from).
 
     Stops with `ScoringError` on a non-finite score (naming the reference and the first rows; nothing
     non-finite is cached) and when no row at all could be scored; warns, with the cause, about rows
@@ -243,7 +246,7 @@ def score_reference(
                 todo[poft_id] = encoder.encode(messages)
             except ChatTemplateError as error:
                 raise ChatTemplateError(
-                    f"reference {reference.name!r}, conversation {row} of the data, poft_id {poft_id}: {error}"
+                    f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
                 ) from error
     unique = len(set(ids))
     logger.info(
@@ -277,15 +280,22 @@ def score_reference(
         rows = {}
         for row, poft_id in enumerate(ids, start=1):
             rows.setdefault(poft_id, row)
-        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache)
+        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, config)
+    _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
     return [e.score for e in entries], [e.n_tokens for e in entries]
 
 
-def _report_null_scores(entries, ids: Sequence[str], reference: Reference, config: ScoringOptions) -> None:
+def _report_null_scores(
+    entries,
+    ids: Sequence[str],
+    reference: Reference,
+    config: ScoringOptions,
+    describe_row: Callable[[int], str],
+    template_fix: str,
+) -> None:
     """Say why rows have no score (truncation, or a template that marks no response token); none scored stops."""
     null = [(row, e.null_reason) for row, e in enumerate(entries, start=1) if e.score is None]
     if not null:
@@ -295,8 +305,8 @@ def _report_null_scores(entries, ids: Sequence[str], reference: Reference, confi
     causes = []
     if no_response:
         causes.append(
-            f"{len(no_response)} have no response token in this reference's chat template (first: conversation "
-            f"{no_response[0]}); the template may drop assistant content, so check it or pass --chat_template"
+            f"{len(no_response)} have no response token in this reference's chat template (first: "
+            f"{describe_row(no_response[0])}); the template may drop assistant content: {template_fix.rstrip('.')}"
         )
     if truncated:
         causes.append(
@@ -308,7 +318,7 @@ def _report_null_scores(entries, ids: Sequence[str], reference: Reference, confi
     )
     if len(null) == len(ids):
         raise ScoringError(f"{message}. No row could be scored, so this reference cannot be used.")
-    logger.warning("%s. Training skips rows with a null ref_score.", message)
+    logger.warning("%s. `poft train` skips rows with a null ref_score.", message)
 
 
 def model_scores(
@@ -341,6 +351,7 @@ def _score_into_cache(
     device: torch.device,
     dtype: torch.dtype,
     cache: ScoreCache,
+    describe_row: Callable[[int], str],
 ) -> None:
     model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
     packing = uses_varlen_attention(model, device) if config.packing is None else config.packing
@@ -354,7 +365,7 @@ def _score_into_cache(
             bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
             raise ScoringError(
                 f"reference {reference.name!r} ({reference.path}) gives non-finite log-probs (NaN or inf) for "
-                f"conversations {', '.join(map(str, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
+                f"{', '.join(map(describe_row, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
                 "nothing non-finite was cached or written. Check the model's weights (NaN weights, an overflow in "
                 "--dtype float16: try --dtype float32)."
             )
@@ -364,7 +375,10 @@ def _score_into_cache(
 
 
 def score_dataset(
-    dataset: Dataset, models: Sequence[str | Reference], config: ScoringOptions | None = None
+    dataset: Dataset,
+    models: Sequence[str | Reference],
+    config: ScoringOptions | None = None,
+    describe_row: Callable[[int], str] = data_row,
 ) -> Dataset:
     """Add `score_<name>` and `n_tokens_<name>` per reference and their mean `ref_score` to `dataset`.
 
@@ -384,7 +398,7 @@ def score_dataset(
     _check_references(references)
     columns: dict[str, list] = {}
     for reference in references:
-        scores, counts = score_reference(dataset, reference, config)
+        scores, counts = score_reference(dataset, reference, config, describe_row)
         columns[f"score_{reference.name}"], columns[f"n_tokens_{reference.name}"] = scores, counts
     per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
@@ -425,12 +439,7 @@ def reconcile_columns(
     """
     ours = poft_columns(source)
     new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
-    foreign = [c for c in dataset.column_names if c in new and c not in ours]
-    if foreign and not overwrite:
-        raise DataError(
-            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
-            "or pass --overwrite to replace it."
-        )
+    foreign_columns(dataset.column_names, new, source, overwrite)
     dropped = [c for c in dataset.column_names if c in ours and c not in new and c.startswith(SCORE_PREFIXES)]
     kept = [c for c in dataset.column_names if c not in new and c not in ours and c.startswith(SCORE_PREFIXES)]
     if dropped:
@@ -451,7 +460,6 @@ def run_score(config: ScoreConfig) -> Dataset:
     output (see `poft.outputs.check_output`); it is built in a temporary sibling directory and moved
     into place only when complete.
     """
-    from poft.data import load_sft_dataset
 
     if not config.data or not config.output:
         raise OptionError("poft score needs --data and --output.")
@@ -460,6 +468,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     check_output(config.output, [config.data], config.overwrite)
     references = parse_references(config.model)
     _check_references(references)  # before the data is read, so a typo fails in a second
+    filter_history = read_filter_history(config.data)
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
     inherited = poft_columns(config.data)
@@ -467,13 +476,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     columns = {c for c in inherited if not c.startswith(SCORE_PREFIXES)} | new
     writing = atomic_output(config.output, "score", columns) if state.is_main_process else nullcontext(None)
     with writing as tmp:
-        dataset = load_sft_dataset(
-            config.data,
-            split=config.split,
-            skip_invalid=config.skip_invalid,
-            invalid_report=tmp / "invalid_rows.jsonl" if config.skip_invalid and tmp else None,
-            replace_poft_id=config.overwrite,
-        )
+        dataset = config.load_input(tmp)
         dataset, dropped, kept = reconcile_columns(dataset, references, config.data, config.overwrite)
         scored = score_dataset(dataset, references, config)
         if tmp is None:
@@ -489,8 +492,7 @@ def run_score(config: ScoreConfig) -> Dataset:
             "unscorable_poft_ids": unscorable,
         }
         atomic_write_text(tmp / "poft_score.json", json.dumps(record, indent=2))
-        filter_history = Path(config.data) / "filter_summary.json"
-        if filter_history.is_file():  # provenance of an earlier `poft filter` follows the data
-            shutil.copyfile(filter_history, tmp / "filter_summary.json")
+        if filter_history:  # provenance of an earlier `poft filter` follows the data
+            atomic_write_text(tmp / FILTER_HISTORY, json.dumps(filter_history, indent=2))
     logger.info("Saved %d scored conversations to %s", len(scored), config.output)
     return scored

@@ -28,8 +28,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.errors import DataError, OptionError
 from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
-from poft.runtime import check_writable, default_bf16, train_and_save
-from poft.validation import check_model_source
+from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.validation import check_model_source, is_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class PoFTTrainer(SFTTrainer):
                     "is nothing to train on. Raise max_length, or check the chat template."
                 )
         if self.loss_type == "poft":
-            _check_reference_scores(dataset, ref_column, dataset_name)
+            dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
             ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
         )
@@ -351,7 +351,7 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
             f"Every {ref_column!r} of the {dataset_name} dataset is null (no reference could score any row), so "
             "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use loss_type='sft'."
         )
-    if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "double", "half"))):
+    if not is_numeric(feature):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
         raise DataError(
             f"The {ref_column!r} column of the {dataset_name} dataset holds {kind} values, not numbers. Give it "
@@ -359,16 +359,39 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
         )
 
 
-def _check_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> None:
-    """Fail before training on a missing, NaN or infinite reference score, naming the rows."""
+def _drop_null_reference_scores(dataset: Dataset, ref_column: str, dataset_name: str) -> Dataset:
+    """Skip rows no reference could score (null); fail before training on a NaN or infinite score, naming the rows.
+
+    `poft score` writes a null `ref_score` where a reference has no response token to score (truncated away,
+    or none marked by its template): such a row has no r_ref to compare with, so it is left out, with a warning.
+    A NaN or infinite score is never written by poft, so it means broken data and stops the run.
+    """
     columns = zip(dataset[ref_column], dataset["poft_row"], dataset["poft_id"], strict=True)
-    bad = [(row, poft_id) for value, row, poft_id in columns if value is None or not math.isfinite(value)]
+    bad = [(row, poft_id) for value, row, poft_id in columns if value is not None and not math.isfinite(value)]
     if bad:
         shown = ", ".join(f"row {row}" + (f" (poft_id {poft_id})" if poft_id else "") for row, poft_id in bad[:5])
         raise DataError(
-            f"{len(bad)} rows of the {dataset_name} dataset have a missing, NaN or infinite {ref_column!r}: {shown}"
+            f"{len(bad)} rows of the {dataset_name} dataset have a NaN or infinite {ref_column!r}: {shown}"
             f"{' ...' if len(bad) > 5 else ''}. Rescore them with `poft score`, or drop them before training."
         )
+    null = sum(value is None for value in dataset[ref_column])
+    if not null:
+        return dataset
+    if null == len(dataset):
+        raise DataError(
+            f"Every {ref_column!r} of the {dataset_name} dataset left to train on is null (no reference could score "
+            "any row), so PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), raise "
+            "max_length, or use loss_type='sft'."
+        )
+    logger.warning(
+        "%d of %d conversations of the %s dataset have a null %r (no reference could score them: their response "
+        "was truncated away, or the template marks no response token) and are skipped.",
+        null,
+        len(dataset),
+        dataset_name,
+        ref_column,
+    )
+    return dataset.filter(lambda value: value is not None, input_columns=ref_column)
 
 
 def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_args) -> str:
@@ -378,28 +401,28 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
     if not data_args.dataset_name or not model_args.model_name_or_path:
         raise OptionError("poft train needs --dataset_name and --model_name_or_path (in the YAML config or as flags)")
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")
-    check_writable(training_args.output_dir, "--output_dir")
-    report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
-    train_dataset = load_sft_dataset(
-        data_args.dataset_name,
-        split=data_args.dataset_train_split,
-        skip_invalid=data_args.skip_invalid,
-        invalid_report=report,
-        replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_sft_dataset(
-            data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+    with output_dir_for(training_args.output_dir, "--output_dir"):
+        report = os.path.join(training_args.output_dir, "invalid_rows.jsonl") if data_args.skip_invalid else None
+        train_dataset = load_sft_dataset(
+            data_args.dataset_name,
+            split=data_args.dataset_train_split,
+            skip_invalid=data_args.skip_invalid,
+            invalid_report=report,
+            replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
         )
-    _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
-    logger.info(
-        "Training %s with loss_type=%s on %d conversations",
-        model_args.model_name_or_path,
-        training_args.loss_type,
-        len(train_dataset),
-    )
-    return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_sft_dataset(
+                data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+            )
+        _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
+        logger.info(
+            "Training %s with loss_type=%s on %d conversations",
+            model_args.model_name_or_path,
+            training_args.loss_type,
+            len(train_dataset),
+        )
+        return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
 
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from poft.data import load_sft_dataset
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.errors import OutputError
 from poft.outputs import atomic_output
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
@@ -36,9 +37,20 @@ def bundled_data_path() -> Path:
     return Path(str(resources.files("poft") / "resources" / "quickstart.jsonl"))
 
 
+def check_quickstart_output(output: Path) -> None:
+    """The quickstart fills its folder with models and data: only an empty folder or its own earlier output."""
+    if output.is_file():
+        raise OutputError(f"--output {output} is a file; give a folder for the quickstart's models and data.")
+    if output.is_dir() and any(output.iterdir()) and not (output / "scored" / "poft_output.json").is_file():
+        raise OutputError(
+            f"--output {output} is a non-empty folder that is not a quickstart output; give a new or empty folder."
+        )
+
+
 def run_quickstart(config: QuickstartConfig) -> dict:
     """Build, score, train; return the last logged PoFT metrics."""
     output = Path(config.output)
+    check_quickstart_output(output)
     dataset = load_sft_dataset(str(bundled_data_path()))
     texts = [m["content"] for conversation in dataset["messages"] for m in conversation]
     char_tok = char_tokenizer("".join(texts))
