@@ -42,8 +42,9 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "PoFT vs SFT on noisy data, end to end on a CPU (the embedded default)",
         "PoFT vs SFT on noisy data with checkable answers, on tiny local models: builds the world, trains two "
-        "references, noises the data, scores it, trains SFT and PoFT identically and evaluates after every epoch. "
-        "Writes report.md, plots and results.json.",
+        "references, noises the data, scores it, trains SFT and PoFT identically, checks them on validation prompts "
+        "after every epoch and on held-out prompts at the end. Writes report.md (PoFT - SFT with 95% intervals), "
+        "plots and results.json.",
         ("poft.demo.pipeline:DemoConfig",),
         "poft.demo.pipeline:run_demo",
     ),
