@@ -521,12 +521,12 @@ def _convert_rows(
     readable = [row.record for row in rows if row.record is not None]
     columns = column_union(readable)
     fmt = _detect(source, columns) if readable else None
-    good: list[tuple[dict, list[dict]]] = []
+    good: list[tuple[Row, list[dict]]] = []
     bad: list[Row] = []
     for row in rows:
         messages = _normalize_row(row, fmt)
         if messages is not None:
-            good.append((row.record, messages))
+            good.append((row, messages))
         elif skip_invalid:
             bad.append(row)
         else:
@@ -534,11 +534,10 @@ def _convert_rows(
     _handle_invalid(bad, len(rows), source, invalid_report)
     ids = [conversation_id(m) for _, m in good]
     if not replace_poft_id:
-        located = [row for row in rows if row.record is not None and row.error is None]
-        for row, (record, _), poft_id in zip(located, good, ids, strict=True):
-            _check_poft_id(source, row, record.get("poft_id"), poft_id)
+        for (row, _), poft_id in zip(good, ids, strict=True):
+            _check_poft_id(source, row, row.record.get("poft_id"), poft_id)
     data = {"messages": [m for _, m in good], "poft_id": ids}
-    data |= {c: [record.get(c) for record, _ in good] for c in _extra_columns(fmt, columns)}
+    data |= {c: [row.record.get(c) for row, _ in good] for c in _extra_columns(fmt, columns)}
     try:
         return datasets.Dataset.from_dict(data), fmt
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
