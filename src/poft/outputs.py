@@ -265,11 +265,13 @@ def _recover(out: Path) -> None:
     if not out.parent.is_dir():
         return
     for leftover in sorted(out.parent.glob(f".{out.name}{OLD_TAG}*")):
-        if not out.exists() and not _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
+        if _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
+            continue
+        if out.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
             os.rename(leftover, out)
             logger.warning("Restored %s from %s, left by a run killed while replacing it", out, leftover)
-        elif not _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
-            shutil.rmtree(leftover, ignore_errors=True)
     for leftover in out.parent.glob(f".{out.name}{TMP_TAG}*"):
         if not _alive(leftover.name.rsplit(TMP_TAG, 1)[1].split("-", 1)[0]):
             shutil.rmtree(leftover, ignore_errors=True)
