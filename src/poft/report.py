@@ -366,7 +366,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
     fig.tight_layout()
-    fig.savefig(output / "score_distributions.png", dpi=110)
+    _atomic(output / "score_distributions.png", lambda path: fig.savefig(path, dpi=110))
     plt.close(fig)
     lines = [
         "## Reference scores",
@@ -600,7 +600,7 @@ def training_section(histories: dict[str, list[dict]], output: Path) -> list[str
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(output / "training_curves.png", dpi=110)
+    _atomic(output / "training_curves.png", lambda path: fig.savefig(path, dpi=110))
     plt.close(fig)
     lines = [
         "## Training",
