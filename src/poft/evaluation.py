@@ -70,6 +70,24 @@ def generate_responses(
     return outputs
 
 
+def exact_match_per_row(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    *,
+    answer_column: str = "answer",
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> tuple[list[bool], list[str]]:
+    """Whether each row's greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
+    if answer_column not in dataset.column_names:
+        raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
+    prompts = [prompt_messages(m) for m in dataset["messages"]]
+    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    correct = [exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True)]
+    return correct, predictions
+
+
 def exact_match_accuracy(
     model,
     tokenizer,
@@ -80,12 +98,10 @@ def exact_match_accuracy(
     batch_size: int = 64,
 ) -> tuple[float, list[str]]:
     """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
-    if answer_column not in dataset.column_names:
-        raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
-    prompts = [prompt_messages(m) for m in dataset["messages"]]
-    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    correct = sum(exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True))
-    return correct / max(len(predictions), 1), predictions
+    correct, predictions = exact_match_per_row(
+        model, tokenizer, dataset, answer_column=answer_column, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return sum(correct) / max(len(predictions), 1), predictions
 
 
 def heldout_log_likelihood(model, tokenizer, dataset: Dataset, *, max_length: int | None = None) -> float:

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
 
 from poft.chat import ConversationEncoder
-from poft.evaluation import exact_match, generate_responses, prompt_messages
+from poft.evaluation import exact_match_per_row
 from poft.noise import NOISE_COLUMN
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
@@ -93,9 +93,8 @@ class RunStore:
 
 def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -> list[int]:
     """1 where the greedy answer to a row's prompt is exactly its `answer`, else 0."""
-    prompts = [prompt_messages(m) for m in dataset["messages"]]
-    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
-    return [int(exact_match(p, a)) for p, a in zip(predictions, dataset["answer"], strict=True)]
+    correct, _ = exact_match_per_row(model, tokenizer, dataset, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    return [int(c) for c in correct]
 
 
 def clean_and_noisy_weights(model, tokenizer, sample: Dataset) -> tuple[float | None, float | None]:
