@@ -190,7 +190,6 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
 
 def run_filter(config: FilterConfig) -> Dataset:
     """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
-
     if not config.data or not config.output:
         raise OptionError("poft filter needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)

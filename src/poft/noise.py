@@ -178,7 +178,6 @@ def run_noise(config: NoiseConfig) -> Dataset:
     Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
     the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
     """
-
     if not config.data or not config.output:
         raise OptionError("poft noise needs --data and --output.")
     check_output(config.output, [config.data], config.overwrite)

@@ -460,7 +460,6 @@ def run_score(config: ScoreConfig) -> Dataset:
     output (see `poft.outputs.check_output`); it is built in a temporary sibling directory and moved
     into place only when complete.
     """
-
     if not config.data or not config.output:
         raise OptionError("poft score needs --data and --output.")
     if not config.model:
