@@ -281,8 +281,12 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
 def _atomic(path: Path, write) -> None:
     """Let `write` fill a temporary sibling of `path` (same suffix, which names the image format), then rename."""
     temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(temporary)
-    temporary.replace(path)
+    try:
+        write(temporary)
+        temporary.replace(path)
+    except BaseException:  # a full disk mid-write: no half-written image left beside the report
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def eval_table(payloads: Sequence[dict]) -> str:
