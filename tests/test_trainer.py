@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from poft.chat import MASK_RULE, ChatTemplateError
 from poft.errors import DataError
 from poft.scoring import ScoreConfig, score_dataset
-from poft.trainer import PoFTConfig, PoFTTrainer
+from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
 from tests.conftest import TWO_CPU_PROCESSES, as_dataset
 
 
@@ -24,7 +24,7 @@ def config(tmp_path, **overrides) -> PoFTConfig:
         "max_steps": 1,
         "learning_rate": 1e-3,
         "logging_steps": 1,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "save_strategy": "no",
         "report_to": [],
         "max_length": 256,
@@ -56,10 +56,18 @@ def test_r_theta_equals_the_models_own_score(tiny_models, scored, tmp_path, name
     trainer = PoFTTrainer(tiny_models[name], args=config(tmp_path, **layout), train_dataset=scored[name])
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     assert len(ref) == len(scored[name])
     torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
     assert sorted(ref.tolist()) == pytest.approx(sorted(scored[name]["ref_score"]), abs=1e-6)
+
+
+def policy_scores(trainer: PoFTTrainer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """r_theta and r_ref of the whole training set, computed by the loss's own path."""
+    batch = whole_batch(trainer)
+    outputs, ref, seq_ids = trainer._forward(trainer.model, batch)
+    _, r_theta = trainer._objective_loss(outputs, ref, seq_ids, _num_sequences(batch), None)
+    return r_theta, ref
 
 
 def loss_and_grads(trainer: PoFTTrainer):
@@ -69,13 +77,13 @@ def loss_and_grads(trainer: PoFTTrainer):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
-def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, loss_type):
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, objective):
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
     results = []
     for layout in ({}, {"padding_free": True}, {"packing": True}):
         trainer = PoFTTrainer(
-            tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data
+            tiny_models["chatml"], args=config(tmp_path, objective=objective, **layout), train_dataset=data
         )
         trainer.model.train()
         results.append(loss_and_grads(trainer))
@@ -86,13 +94,13 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models,
             torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
-def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, loss_type):
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, objective):
     weights = []
     for batch, accumulation in ((4, 1), (1, 4)):
         args = config(
             tmp_path,
-            loss_type=loss_type,
+            objective=objective,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
             optim="sgd",
@@ -108,9 +116,9 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, los
         torch.testing.assert_close(weights[1][name], update, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft"])
-def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tmp_path, loss_type):
-    args = config(tmp_path, loss_type=loss_type, max_steps=12, learning_rate=3e-3)
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft"])
+def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tmp_path, objective):
+    args = config(tmp_path, objective=objective, max_steps=12, learning_rate=3e-3)
     trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=scored["zephyr"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -128,26 +136,26 @@ def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tm
     assert all(0 <= h["poft/weight"] <= 1 and 0 <= h["poft/win_rate"] <= 1 for h in logs)
     first = logs[0]
     assert first["poft/margin"] == pytest.approx(first["poft/r_theta"] - first["poft/r_ref"], abs=1e-5)
-    if loss_type == "poft":
+    if objective != "sft":
         # with beta=1, gamma=0 the loss is -log sigmoid(margin); weights fall as the target overtakes the references
         assert logs[-1]["poft/weight"] < logs[0]["poft/weight"]
 
 
 @pytest.mark.parametrize("layout", [{}, {"padding_free": True}])
 def test_sft_norm_loss_is_the_mean_sequence_nll(tiny_models, conversations, scored, tmp_path, layout):
-    args = config(tmp_path, loss_type="sft_norm", **layout)
+    args = config(tmp_path, objective="sft_norm", **layout)
     without_ref = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=as_dataset(conversations))
     with_ref = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, **layout), train_dataset=scored["chatml"])
     with torch.no_grad():
         loss = without_ref.compute_loss(without_ref.model, whole_batch(without_ref))
-        r_theta, _ = with_ref.policy_scores(with_ref.model, whole_batch(with_ref))
+        r_theta, _ = policy_scores(with_ref)
     torch.testing.assert_close(loss, -r_theta.mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
     trainer = PoFTTrainer(
         tiny_models["chatml"],
-        args=config(tmp_path, loss_type="sft", max_steps=2),
+        args=config(tmp_path, objective="sft", max_steps=2),
         train_dataset=as_dataset(conversations),
     )
     trainer.train()
@@ -209,8 +217,8 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         tiny_models["chatml"],
         "--dataset_name",
         data,
-        "--loss_type",
-        "poft",
+        "--objective",
+        "poft_token",
         "--max_steps",
         "1",
         "--optim",
@@ -221,7 +229,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         "1e9",
         "--max_length",
         "256",
-        "--gradient_checkpointing",
+        "--activation_checkpointing",
         "false",
         "--report_to",
         "none",
@@ -258,7 +266,7 @@ def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_p
     metrics = trainer.evaluate()
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     expected = torch.nn.functional.softplus(-(r_theta - ref)).mean().item()  # -log sigmoid(margin)
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["eval_poft/margin"] == pytest.approx((r_theta - ref).mean().item(), abs=1e-5)
@@ -278,7 +286,7 @@ def test_r_theta_equals_poft_score_on_real_templates(template_models, conversati
         trainer = PoFTTrainer(template_models[name], args=config(tmp_path, **layout), train_dataset=data)
         trainer.model.eval()
         with torch.no_grad():
-            r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+            r_theta, ref = policy_scores(trainer)
         torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
         assert sorted(ref.tolist()) == pytest.approx(sorted(data["ref_score"]), abs=1e-6)
 
@@ -301,7 +309,7 @@ def test_target_without_a_template_trains_with_the_given_one(tiny_models, conver
     trainer = PoFTTrainer(base, args=config(tmp_path, chat_template=str(template)), train_dataset=data)
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
     trainer.save_model(str(tmp_path / "trained"))
     assert AutoTokenizer.from_pretrained(tmp_path / "trained").chat_template == ZEPHYR

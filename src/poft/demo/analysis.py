@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from poft.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
 
-SWEPT = ("sft", "poft", "sft_norm")
+SWEPT = ("sft", "poft", "poft_token", "dft", "sft_norm")  # own objectives; filter and oracle train like sft
 
 
 def final_validation_accuracy(record: dict) -> float:
