@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from poft.chat import MASK_RULE, ChatTemplateError
-from poft.errors import DataError
+from poft.errors import DataError, OptionError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
 from tests.conftest import TWO_CPU_PROCESSES, as_dataset
@@ -200,7 +200,8 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
         config(tmp_path, loss_type="dpo")
 
 
-def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
+@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, objective):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
     import subprocess
@@ -218,7 +219,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         "--dataset_name",
         data,
         "--objective",
-        "poft_token",
+        objective,
         "--max_steps",
         "1",
         "--optim",
@@ -313,3 +314,139 @@ def test_target_without_a_template_trains_with_the_given_one(tiny_models, conver
     torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
     trainer.save_model(str(tmp_path / "trained"))
     assert AutoTokenizer.from_pretrained(tmp_path / "trained").chat_template == ZEPHYR
+
+
+@pytest.mark.parametrize("legacy", ["poft", "sft", "sft_norm"])
+def test_former_loss_type_spellings_select_the_objective(tmp_path, legacy, caplog):
+    with caplog.at_level(logging.WARNING, logger="poft.trainer"):
+        args = config(tmp_path, loss_type=legacy)
+    assert (args.objective, args.loss_type) == (legacy, "nll")
+    assert f"use `objective: {legacy}`" in caplog.text
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"loss_type: {legacy}\nmodel_name_or_path: m\ndataset_name: d\noutput_dir: {tmp_path / 'o'}\n")
+    from poft.cli import parse
+
+    _, parsed, _ = parse("train", ["--config", str(recipe)])
+    assert (parsed.objective, parsed.loss_type) == (legacy, "nll")
+
+
+def test_contradicting_or_misplaced_losses_are_one_line_errors(tmp_path):
+    with pytest.raises(OptionError, match="contradicts objective='sft'"):
+        config(tmp_path, loss_type="sft_norm", objective="sft")
+    with pytest.raises(OptionError, match="applies with objective='sft'"):
+        config(tmp_path, loss_type="dft", objective="poft_token")
+    with pytest.raises(OptionError, match="objective must be one of"):
+        config(tmp_path, objective="dpo")
+
+
+def test_no_deprecation_warning_for_options_left_unset(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = PoFTConfig(output_dir=str(tmp_path / "o"), report_to=[])
+    assert args.activation_checkpointing is True  # TRL's default, under its current name
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        assert (
+            PoFTConfig(output_dir=str(tmp_path / "o"), gradient_checkpointing=False).activation_checkpointing is False
+        )
+
+
+def test_dft_is_the_probability_weighted_token_nll(tiny_models, scored, tmp_path):
+    trainer = PoFTTrainer(
+        tiny_models["chatml"], args=config(tmp_path, objective="sft", loss_type="dft"), train_dataset=scored["zephyr"]
+    )
+    batch = whole_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token = log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[mask]
+    torch.testing.assert_close(loss, -(token * token.exp()).sum() / mask.sum(), atol=1e-5, rtol=1e-5)
+
+
+def tiny_mixtral(tokenizer, coef: float = 0.05):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=coef,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).float()
+
+
+def test_moe_sft_equals_trls_sft_trainer_step_for_step(tiny_models, scored, tmp_path):
+    """A Mixtral target: poft's SFT objective and TRL's own SFTTrainer (same labels) make the same updates and
+    log the same router aux loss, so the load-balancing loss is kept."""
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    steps = {"max_steps": 3, "per_device_train_batch_size": 16, "optim": "sgd", "learning_rate": 0.5}
+    ours = PoFTTrainer(
+        tiny_mixtral(tokenizer),
+        args=config(tmp_path, objective="sft", **steps),
+        train_dataset=scored["zephyr"],
+        processing_class=tokenizer,
+    )
+    tokenized = ours.train_dataset.map(lambda r: {"completion_mask": [int(t != -100) for t in r["labels"]]})
+    theirs = SFTTrainer(
+        tiny_mixtral(tokenizer),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "trl"),
+            activation_checkpointing=False,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=1,
+            seed=0,
+            bf16=False,
+            max_length=256,
+            completion_only_loss=True,
+            **steps,
+        ),
+        train_dataset=tokenized.select_columns(["input_ids", "completion_mask"]),
+        processing_class=tokenizer,
+    )
+    assert ours.aux_loss_enabled and theirs.aux_loss_enabled
+    ours.train()
+    theirs.train()
+    ours_logs = [h for h in ours.state.log_history if "loss" in h]
+    theirs_logs = [h for h in theirs.state.log_history if "loss" in h]
+    for a, b in zip(ours_logs, theirs_logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5)
+    for (name, p), q in zip(ours.model.named_parameters(), theirs.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+def test_moe_poft_loss_adds_the_router_aux_loss(tiny_models, scored, tmp_path, objective):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    losses = {}
+    for coef in (0.0, 0.05):
+        trainer = PoFTTrainer(
+            tiny_mixtral(tokenizer, coef),
+            args=config(tmp_path, objective=objective),
+            train_dataset=scored["zephyr"],
+            processing_class=tokenizer,
+        )
+        batch = whole_batch(trainer)
+        with torch.no_grad():
+            losses[coef] = trainer.compute_loss(trainer.model, batch)
+            if coef:
+                aux = trainer.model(
+                    **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_router_logits=True
+                )
+    torch.testing.assert_close(losses[0.05] - losses[0.0], 0.05 * aux.aux_loss, atol=1e-6, rtol=1e-5)
