@@ -5,8 +5,11 @@ target's r_theta and the data's `ref_score` measure the same tokens. Each conver
 travels as a per-token column, which survives TRL's padding-free collation and BFD packing unchanged;
 the collator turns it back into one value per sequence, and the loss reduces the fused LM head's
 per-token log-probs to per-sequence means from the sequence boundaries. The loss is normalised by the
-number of sequences in the whole optimizer step (all micro-batches and processes), so gradient
-accumulation and data parallelism give the same update as one large batch.
+number of sequences (poft, sft_norm) or of response tokens (poft_token, sft) in the whole optimizer step
+(all micro-batches and processes), so gradient accumulation and data parallelism give the same update as
+one large batch. Around the objective, the trainer does what TRL's compute_loss does: the MoE router
+load-balancing loss, the data-parallel scaling; SFT paths only TRL has (sequence parallelism,
+compute_loss_func, label smoothing) are TRL's own.
 """
 
 from __future__ import annotations
