@@ -9,8 +9,8 @@ import sys
 import pytest
 from datasets import Dataset
 
-from poft.data import conversation_id
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.formats import conversation_id
 from tests.real_templates import tokenizer_for
 
 # `poft.cli` under accelerate with two CPU processes (gloo): the multi-process paths, tested without a GPU

@@ -31,13 +31,13 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
-from poft.data import conversation_id
 from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
+from poft.formats import conversation_id
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
