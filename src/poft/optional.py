@@ -18,7 +18,7 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        missing = error.name or module
+        missing = (error.name or module).partition(".")[0]  # the package, not one of its modules
         raise DependencyError(
             f"{feature} needs {missing}, which is not installed: pip install 'poft[{extra}]'."
         ) from error
@@ -28,3 +28,11 @@ def pyplot() -> ModuleType:
     """matplotlib.pyplot on the headless Agg backend (reports are files, never windows)."""
     require("matplotlib", "report", "Plotting").use("Agg")
     return require("matplotlib.pyplot", "report", "Plotting")
+
+
+def check_model_extras(model_args) -> None:
+    """Before any model is loaded: the packages TRL's `ModelConfig` options need (LoRA, bitsandbytes) are installed."""
+    if getattr(model_args, "use_peft", False):
+        require("peft", "peft", "--use_peft (LoRA)")
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        require("bitsandbytes", "quantization", "--load_in_4bit / --load_in_8bit")
