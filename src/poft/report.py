@@ -60,6 +60,13 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _save(fig, path: Path) -> None:
+    """Write a plot atomically, then free it (pyplot keeps every open figure)."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    pyplot().close(fig)
+
+
 def scored_data_section(dataset, output: Path) -> list[str]:
     """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy.
 
@@ -98,9 +105,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
             ax.text(0.5, 0.5, "no finite score", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
-    fig.tight_layout()
-    atomic_write(output / "score_distributions.png", lambda path: fig.savefig(path, dpi=110))
-    plt.close(fig)
+    _save(fig, output / "score_distributions.png")
     lines = [
         "## Reference scores",
         "",
@@ -333,9 +338,7 @@ def training_section(histories: dict[str, list[dict]], output: Path) -> list[str
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(output / "training_curves.png", lambda path: fig.savefig(path, dpi=110))
-    plt.close(fig)
+    _save(fig, output / "training_curves.png")
     lines = [
         "## Training",
         "",
