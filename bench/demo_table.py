@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 
 from poft.demo.analysis import summarise
-from poft.report import accuracy_table, difference_table
+from poft.demo.report import accuracy_table, difference_table
 
 
 def main(paths: list[str]) -> None:

@@ -30,8 +30,8 @@ from datasets import Dataset
 from scoring import packed_attention
 from transformers import TrainerCallback
 
-from poft.data import conversation_id
 from poft.demo.builders import char_tokenizer
+from poft.formats import conversation_id
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 CONFIGS = {

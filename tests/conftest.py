@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sys
 
 import pytest
 from datasets import Dataset
 
-from poft.data import conversation_id
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.formats import conversation_id
 from tests.real_templates import tokenizer_for
 
-# `poft.cli` under accelerate with two CPU processes (gloo): the multi-process paths, tested without a GPU
-TWO_CPU_PROCESSES = [
-    sys.executable,
-    *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
-    *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "poft.cli"),
-]
+
+def two_cpu_processes(*program: str) -> list[str]:
+    """`program` (by default `-m poft.cli`) under accelerate with two CPU processes (gloo): the multi-process
+    paths, tested without a GPU. The processes meet on a free port, so test suites running side by side on one
+    machine do not collide on accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *(program or ("-m", "poft.cli")),
+    ]
+
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pixel"]
 

@@ -114,3 +114,43 @@ def test_row_text_is_the_first_turn_shortened():
     assert audit.shorten(audit.first_text(messages, "user"), 40) == "First question"
     short = audit.shorten(audit.first_text(messages, "assistant"), 10)
     assert short == "x" * 9 + "…" and len(short) == 10
+
+
+def hand_ranks(values: list[float]) -> list[float]:
+    """1-based ranks by counting: 1 + the values below + half the other values equal."""
+    return [1 + sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2 for v in values]
+
+
+def hand_pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5
+
+
+def test_ranks_share_ties():
+    rng = np.random.default_rng(3)
+    values = list(rng.integers(0, 6, size=40).astype(float))
+    assert audit.ranks(values) == hand_ranks(values)
+
+
+def test_auc_against_pairwise_counting():
+    pos, neg = [0.9, 0.4, 0.4, 0.1], [0.4, 0.2, 0.0]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert audit.auc(pos, neg) == pytest.approx(sum(pairs) / len(pairs))
+    assert audit.auc([1, 2], [0]) == 1.0 and audit.auc([0], [1, 2]) == 0.0
+    assert audit.auc([1.0, 1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError):
+        audit.auc([1.0], [])
+
+
+def test_correlations_are_the_hand_formulas_on_values_and_ranks():
+    rng = np.random.default_rng(4)
+    x = list(rng.normal(size=60))
+    y = [a + b for a, b in zip(x, rng.normal(scale=0.7, size=60), strict=True)]
+    y[:10] = [round(v) for v in y[:10]]  # ties, which Spearman ranks by their average rank
+    pearson, spearman = audit.correlations(x, y)
+    assert pearson == pytest.approx(hand_pearson(x, y), abs=1e-12)
+    assert spearman == pytest.approx(hand_pearson(hand_ranks(x), hand_ranks(y)), abs=1e-12)
+    assert all(math.isnan(c) for c in audit.correlations([1.0], [2.0]))
+    assert all(math.isnan(c) for c in audit.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,32 @@ from poft.cli import COMMANDS, main, merge_repeated
 from tests.conftest import write_jsonl
 
 RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+def test_import_and_help_load_no_torch():
+    """The package face is lazy: `import poft` and `poft --help` load none of torch, transformers or TRL,
+    while every public name still resolves on first use."""
+    code = (
+        "import sys, poft\n"
+        "from poft.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert poft.DependencyError.__module__ == 'poft.errors'\n"
+        "assert all(getattr(poft, name) is not None for name in ('model_scores', 'PoFTTrainer'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "commands:" in done.stdout
+
+
+def test_public_names_resolve_to_their_modules():
+    import poft
+
+    assert set(poft.__all__) <= set(dir(poft))
+    assert poft.score_dataset.__module__ == "poft.scoring"
+    with pytest.raises(AttributeError):
+        poft.no_such_name  # noqa: B018
 
 
 def test_help_lists_commands_and_options(capsys):

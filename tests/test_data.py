@@ -1,4 +1,4 @@
-"""Tests for poft.data: every input format and file kind, ids, and the errors users see."""
+"""Tests for poft.data (with poft.sources and poft.formats): every input format and file kind, ids, and the errors users see."""
 
 import hashlib
 import json
@@ -9,13 +9,9 @@ import datasets
 import pandas as pd
 import pytest
 
-from poft.data import (
-    DataError,
-    conversation_id,
-    detect_format,
-    load_sft_dataset,
-    normalize_example,
-)
+from poft.data import load_sft_dataset
+from poft.errors import DataError
+from poft.formats import conversation_id, detect_format, normalize_example
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 ALPACA = [
@@ -363,3 +359,27 @@ def test_assistant_only_rows_are_rejected_at_load_with_their_line(tmp_path):
         "messages"
     ] == [CHAT]
     assert json.loads(report.read_text())["record"] == only_assistant
+
+
+def test_a_file_and_the_same_rows_saved_as_a_dataset_convert_alike(tmp_path):
+    """Both inputs go through one per-row conversion: same rows, ids, extra columns, errors and skip report."""
+    rows = [
+        {"messages": CHAT, "topic": "greeting"},
+        {"messages": [{"role": "user", "content": "Hi"}], "topic": "no reply"},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "topic": "math"},
+    ]
+    file = str(write_jsonl(tmp_path / "data.jsonl", rows))
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_list(rows).save_to_disk(saved)
+    errors = []
+    for source in (file, saved):
+        with pytest.raises(DataError) as raised:
+            load_sft_dataset(source)
+        errors.append(str(raised.value).removeprefix(source))
+    assert errors[0].replace("line 2", "row 2") == errors[1]
+    loaded = []
+    for source, report in ((file, tmp_path / "file.jsonl"), (saved, tmp_path / "saved.jsonl")):
+        loaded.append(load_sft_dataset(source, skip_invalid=True, invalid_report=report).to_list())
+    assert loaded[0] == loaded[1] and [r["topic"] for r in loaded[0]] == ["greeting", "math"]
+    reports = [json.loads((tmp_path / name).read_text()) for name in ("file.jsonl", "saved.jsonl")]
+    assert reports[0]["error"] == reports[1]["error"] and reports[0]["line"] == reports[1]["row"] == 2

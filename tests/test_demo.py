@@ -10,7 +10,6 @@ from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.pipeline import DemoConfig, run_demo
 from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
 from poft.evaluation import exact_match
-from poft.report import auc
 
 
 def test_task_answers_are_correct():
@@ -46,13 +45,6 @@ def test_held_out_prompts_never_in_training():
 
 def test_check_is_exact_match_up_to_whitespace():
     assert exact_match(" 42 \n", "42") and not exact_match("42.", "42") and not exact_match("4 2", "42")
-
-
-def test_auc_against_pairwise_counting():
-    pos, neg = [0.9, 0.4, 0.4, 0.1], [0.4, 0.2, 0.0]
-    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
-    assert auc(pos, neg) == pytest.approx(sum(pairs) / len(pairs))
-    assert auc([1, 2], [0]) == 1.0 and auc([0], [1, 2]) == 0.0
 
 
 def toy_config(tmp_path, **overrides) -> DemoConfig:

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from poft.cli import main
-from poft.data import DataError
 from poft.demo.builders import char_tokenizer, save_model, tiny_llama
 from poft.dpo import DPODataArguments, PoFTDPOConfig, load_preference_dataset, run_dpo
+from poft.errors import DataError
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 DPO_RECIPES = ("dpo-paper.yaml", "dpo-lora.yaml")

@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from poft.intervals import (
+from poft.demo.intervals import (
     Interval,
     paired_bootstrap_interval,
     paired_t_interval,

@@ -8,7 +8,7 @@ import pytest
 from datasets import load_from_disk
 
 from poft.cli import main
-from poft.data import conversation_id
+from poft.formats import conversation_id
 from poft.noise import add_noise, corrupt_characters, subtle_edit
 from tests.conftest import as_dataset, make_conversations, write_jsonl
 

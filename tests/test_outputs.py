@@ -274,3 +274,29 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     path.chmod(0o640)
     outputs.atomic_write_text(path, "new")
     assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_single_file_write_removes_what_killed_runs_left_and_keeps_live_ones(tmp_path):
+    """Temporaries beside one file carry their writer's pid: a dead writer's are deleted, a live one's kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".report.md{outputs.TMP_TAG}{dead.stdout.strip()}-abc.md"
+    live = tmp_path / f".report.md{outputs.TMP_TAG}{os.getppid()}-abc.md"
+    stale.write_text("half")
+    live.write_text("half")
+    outputs.atomic_write_text(tmp_path / "report.md", "new")
+    assert (tmp_path / "report.md").read_text() == "new"
+    assert not stale.exists() and live.exists()
+
+
+def test_a_failing_single_file_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old")
+
+    def write(tmp: Path) -> None:
+        assert tmp.suffix == ".png"  # the suffix names the image format to matplotlib
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        outputs.atomic_write(path, write)
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []

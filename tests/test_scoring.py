@@ -20,7 +20,7 @@ from poft.batching import packed_batches, token_budget_batches
 from poft.chat import ConversationEncoder
 from poft.score_cache import CacheError, ScoreCache
 from poft.scoring import ScoreConfig, parse_references, score_dataset
-from tests.conftest import TWO_CPU_PROCESSES, as_dataset, make_conversations, write_jsonl
+from tests.conftest import as_dataset, make_conversations, two_cpu_processes, write_jsonl
 
 
 def slow_score(model_path: str, messages: list[dict], max_length: int | None = None) -> tuple[float, int]:
@@ -156,7 +156,7 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     run = subprocess.run(
-        [*TWO_CPU_PROCESSES, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
+        [*two_cpu_processes, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
         env=env,
         capture_output=True,
         text=True,

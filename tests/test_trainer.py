@@ -14,7 +14,7 @@ from poft.chat import MASK_RULE, ChatTemplateError
 from poft.errors import DataError, OptionError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
-from tests.conftest import TWO_CPU_PROCESSES, as_dataset
+from tests.conftest import as_dataset, two_cpu_processes
 
 
 def config(tmp_path, **overrides) -> PoFTConfig:
@@ -242,7 +242,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         "0",
     ]
     run = subprocess.run(
-        [*TWO_CPU_PROCESSES, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        [*two_cpu_processes, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env={**os.environ, "PYTHONPATH": os.getcwd()},
         capture_output=True,
         text=True,

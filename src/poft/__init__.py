@@ -3,56 +3,62 @@
 The pipeline, one module a stage: `data` (load SFT data) -> `scoring` (reference scores) -> `noise` /
 `filtering` -> `trainer` (PoFT or the SFT baseline) -> `dpo` -> `evaluation` -> `report`. `chat` and
 `objectives` hold the one definition of a score that scoring and training share.
+
+The public names are imported on first use (a module `__getattr__`, as TRL's `_LazyModule` does), so that
+`import poft` and `poft --help` do not load torch, transformers and TRL.
 """
 
-from poft.chat import ConversationEncoder, EncodedConversation
-from poft.data import load_sft_dataset
-from poft.dpo import load_preference_dataset
-from poft.errors import (
-    CacheError,
-    ChatTemplateError,
-    DataError,
-    ModelError,
-    OptionError,
-    OutputError,
-    PoftError,
-    ScoringError,
-)
-from poft.evaluation import exact_match_accuracy, heldout_log_likelihood
-from poft.filtering import filter_by_score, ifd_scores
-from poft.noise import add_noise
-from poft.objectives import nll_loss, poft_loss, poft_margins, poft_weights, sequence_mean_log_probs
-from poft.scoring import ScoreConfig, ScoringOptions, score_dataset
-from poft.trainer import PoFTConfig, PoFTTrainer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CacheError",
-    "ChatTemplateError",
-    "ConversationEncoder",
-    "DataError",
-    "EncodedConversation",
-    "ModelError",
-    "OptionError",
-    "OutputError",
-    "PoftError",
-    "PoFTConfig",
-    "PoFTTrainer",
-    "add_noise",
-    "exact_match_accuracy",
-    "filter_by_score",
-    "heldout_log_likelihood",
-    "ifd_scores",
-    "load_preference_dataset",
-    "ScoreConfig",
-    "ScoringError",
-    "ScoringOptions",
-    "load_sft_dataset",
-    "nll_loss",
-    "poft_loss",
-    "poft_margins",
-    "poft_weights",
-    "score_dataset",
-    "sequence_mean_log_probs",
-]
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "ConversationEncoder": "poft.chat",
+    "EncodedConversation": "poft.chat",
+    "load_sft_dataset": "poft.data",
+    "load_preference_dataset": "poft.dpo",
+    "CacheError": "poft.errors",
+    "ChatTemplateError": "poft.errors",
+    "DataError": "poft.errors",
+    "DependencyError": "poft.errors",
+    "ModelError": "poft.errors",
+    "OptionError": "poft.errors",
+    "OutputError": "poft.errors",
+    "PoftError": "poft.errors",
+    "ScoringError": "poft.errors",
+    "exact_match_accuracy": "poft.evaluation",
+    "heldout_log_likelihood": "poft.evaluation",
+    "filter_by_score": "poft.filtering",
+    "ifd_scores": "poft.filtering",
+    "add_noise": "poft.noise",
+    "nll_loss": "poft.objectives",
+    "poft_loss": "poft.objectives",
+    "poft_margins": "poft.objectives",
+    "poft_weights": "poft.objectives",
+    "sequence_mean_log_probs": "poft.objectives",
+    "ScoreConfig": "poft.scoring",
+    "ScoringOptions": "poft.scoring",
+    "model_scores": "poft.scoring",
+    "score_dataset": "poft.scoring",
+    "PoFTConfig": "poft.trainer",
+    "PoFTTrainer": "poft.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access and keep the name, so later lookups skip this."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

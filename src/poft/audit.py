@@ -1,7 +1,8 @@
-"""The data audit of a scored dataset: which rows the references think are worst, best, and disputed.
+"""The data audit of a scored dataset: which rows the references think are worst, best, and disputed, and
+the statistics of score columns (ranks, AUC of clean over noisy rows, correlation between references).
 
-Pure functions over score columns (lists of floats with None where a row could not be scored); `poft
-report` turns their results into tables. A score that is None or not finite is "missing": it is listed
+Pure functions over score columns (lists of floats with None where a row could not be scored), on
+`scipy.stats`; `poft report` and the demo turn their results into tables. A score that is None or not finite is "missing": it is listed
 apart and never counted as an extreme, the same rule `poft filter` uses to drop rows.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from poft.optional import require
 
 # Fixed ref_score thresholds, as the geometric-mean probability the references give a response token.
 # ref_score is a mean per-token log-prob, so ln(p) reads the same on any data and any tokenizer:
@@ -23,19 +26,29 @@ def is_missing(score: float | None) -> bool:
     return score is None or not math.isfinite(score)
 
 
+def _stats():
+    return require("scipy.stats", "report", "The data audit's statistics")
+
+
 def ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    result = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j < len(order) and values[order[j]] == values[order[i]]:
-            j += 1
-        for k in order[i:j]:
-            result[k] = (i + j + 1) / 2
-        i = j
-    return result
+    return _stats().rankdata(values, method="average").tolist()
+
+
+def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """P(a positive scores above a negative), ties counted half: the Mann-Whitney U over n_pos * n_neg."""
+    if not positives or not negatives:
+        raise ValueError("auc needs at least one positive and one negative score")
+    u = _stats().mannwhitneyu(positives, negatives, method="asymptotic").statistic  # U of `positives`; p unused
+    return float(u) / (len(positives) * len(negatives))
+
+
+def correlations(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(Pearson, Spearman) of paired scores; NaN where undefined (fewer than two pairs, or one side constant)."""
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan, math.nan
+    stats = _stats()
+    return float(stats.pearsonr(x, y).statistic), float(stats.spearmanr(x, y).statistic)
 
 
 @dataclass

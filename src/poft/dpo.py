@@ -21,17 +21,10 @@ from typing import Any
 import datasets
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from poft.data import (
-    MESSAGES_FEATURE,
-    DataError,
-    Row,
-    clean_turn,
-    column_union,
-    open_source,
-    type_name,
-)
-from poft.errors import OptionError
+from poft.errors import DataError, OptionError
+from poft.formats import MESSAGES_FEATURE, clean_turn, type_name
 from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.sources import Row, column_union, open_source
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -81,7 +74,7 @@ class PoFTDPOConfig(DPOConfig):
 
 
 def load_preference_dataset(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
-    """Load ``source`` (see `poft.data.open_source`) as explicit-prompt preference pairs: ``prompt``, ``chosen``,
+    """Load ``source`` (see `poft.sources.open_source`) as explicit-prompt preference pairs: ``prompt``, ``chosen``,
     ``rejected`` columns only."""
     source = os.fspath(source)
     loaded = open_source(source, split)

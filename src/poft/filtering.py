@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset, Value
 
-from poft.data import StageIO, conversation_id
+from poft.data import StageIO
 from poft.errors import DataError, OptionError
+from poft.formats import conversation_id
 from poft.outputs import (
     FILTER_HISTORY,
     atomic_output,

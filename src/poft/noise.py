@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from poft.data import StageIO, conversation_id
+from poft.data import StageIO
 from poft.errors import OptionError
+from poft.formats import conversation_id
 from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
 
 logger = logging.getLogger(__name__)

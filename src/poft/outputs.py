@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -209,28 +209,39 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write one file through a temporary sibling and a rename: readers see the old file or the new one.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a temporary sibling of `path`, then rename it over `path`: readers see the old file or the new.
 
-    The file gets the mode of the file it replaces, or a new file's usual mode (0o666 less the umask),
-    not mkstemp's private 0o600.
+    The sibling keeps `path`'s suffix (a plot's file name names its image format) and carries this process's
+    id, so a later write of the same file deletes what a killed run left. The file gets the mode of the file
+    it replaces, or a new file's usual mode (0o666 less the umask), not mkstemp's private 0o600.
     """
     path = Path(path)
+    _remove_dead_temporaries(path)
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException:  # a full disk mid-write: no half-written file left beside the output
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write one UTF-8 text file atomically (see `atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -272,9 +283,17 @@ def _recover(out: Path) -> None:
         else:
             os.rename(leftover, out)
             logger.warning("Restored %s from %s, left by a run killed while replacing it", out, leftover)
+    _remove_dead_temporaries(out)
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Delete the temporary siblings of `out` (folders or files) whose writing process is gone."""
     for leftover in out.parent.glob(f".{out.name}{TMP_TAG}*"):
         if not _alive(leftover.name.rsplit(TMP_TAG, 1)[1].split("-", 1)[0]):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
             logger.info("Removed %s, the unfinished output of a run that was killed", leftover)
 
 

@@ -1,12 +1,10 @@
-"""Plots (matplotlib, headless) and markdown reports of what a run measured.
+"""`poft report`: plots (matplotlib, headless) and a markdown report of what a run measured.
 
-`poft report` covers a scored dataset (per-reference and aggregate score distributions as in the
-paper's Figure 2, agreement between references, clean vs noisy where `poft_noise` exists), training
-runs (loss, PoFT weight, win rate and margin curves from the trainer's logs) and `poft eval` results
-(a comparison table), and audits the scored rows (`poft.audit`: the lowest and highest ref_score, where
-the references disagree, the share below thresholds). report.html is the same report as one self-contained
-page. `write_demo_report` turns the demo's results into its report.md and plots.
-`auc` is the rank statistic of how well scores separate clean from noisy rows.
+It covers a scored dataset (per-reference and aggregate score distributions as in the paper's Figure 2,
+agreement between references, clean vs noisy where `poft_noise` exists), training runs (loss, PoFT weight,
+win rate and margin curves from the trainer's logs) and `poft eval` results (a comparison table), and
+audits the scored rows (`poft.audit`: the lowest and highest ref_score, where the references disagree,
+the share below thresholds). report.html is the same report as one self-contained page.
 """
 
 from __future__ import annotations
@@ -14,284 +12,17 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from poft import audit  # noqa: E402
-from poft.errors import DataError, OptionError, OutputError  # noqa: E402
-from poft.outputs import atomic_write_text, disk_error  # noqa: E402
-from poft.report_html import escape_markdown, render_html  # noqa: E402
-from poft.validation import is_numeric  # noqa: E402
-
-
-def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
-    """P(a positive scores above a negative), ties counted half: the Mann-Whitney AUC."""
-    if not positives or not negatives:
-        raise ValueError("auc needs at least one positive and one negative score")
-    ranks = audit.ranks(list(positives) + list(negatives))
-    n_pos, n_neg = len(positives), len(negatives)
-    return (sum(ranks[:n_pos]) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def _pct(interval: dict | None, signed: bool = False) -> str:
-    if interval is None:
-        return "-"
-    fmt = "{:+.1f}" if signed else "{:.1f}"
-    return f"[{fmt.format(100 * interval['low'])}, {fmt.format(100 * interval['high'])}]"
-
-
-def _weight(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _setting_cells(entry: dict) -> str:
-    return f"| {entry['world']} | {entry['noise_kind']} | {entry['noise_rate']:g} | {entry['arm']} |"
-
-
-def accuracy_table(summary: Sequence[dict]) -> str:
-    """Markdown: test exact match per setting and method (%), with 95% intervals over seeds and over prompts."""
-    lines = [
-        "| world | noise | rate | lr arm | method | lr | seeds | test exact match | 95% CI, seeds | 95% CI, prompts "
-        "| weight clean / noisy (last epoch) | clipped steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for entry in summary:
-        for method, m in entry["methods"].items():
-            clipped = "-" if m["clipped_share"] is None else f"{100 * m['clipped_share']:.0f}%"
-            lines.append(
-                f"{_setting_cells(entry)} {method} | {m['learning_rate']:g} | {len(m['seeds'])} | "
-                f"{100 * m['accuracy']:.1f} | {_pct(m['interval_seeds'])} | {_pct(m['interval_prompts'])} | "
-                f"{_weight(m['weight_clean'])} / {_weight(m['weight_noisy'])} | {clipped} |"
-            )
-    return "\n".join(lines)
-
-
-def difference_table(summary: Sequence[dict]) -> str:
-    """Markdown: each PoFT objective minus each other method (points), paired by seed and prompt, with the verdict."""
-    lines = [
-        "| world | noise | rate | lr arm | comparison | seeds | difference | 95% CI, seeds | 95% CI, prompts | verdict "
-        "| within 1 point | seeds for +-2 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for entry in summary:
-        for first, method, c in _differences(entry):
-            lines.append(
-                f"{_setting_cells(entry)} {first} - {method} | {len(c['seeds'])} | {100 * c['difference']:+.1f} | "
-                f"{_pct(c['interval_seeds'], True)} | {_pct(c['interval_prompts'], True)} | {c['verdict']} | "
-                f"{c['within_1_point']} | {c['seeds_for_2_points'] or '-'} |"
-            )
-    return "\n".join(lines)
-
-
-def _differences(entry: dict) -> list[tuple[str, str, dict]]:
-    return [(first, other, c) for first, others in entry["differences"].items() for other, c in others.items()]
-
-
-def _curves(runs: Sequence[dict], learning_rate: float) -> dict[tuple, dict[str, list[dict]]]:
-    """(world, kind, rate) -> method -> runs at `learning_rate` (the shared-lr arm)."""
-    grouped: dict = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        if run["learning_rate"] == learning_rate:
-            grouped[(run["world"], run["noise_kind"], run["noise_rate"])][run["method"]].append(run)
-    return dict(sorted(grouped.items()))
-
-
-def _band(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Epochs, the mean of `key` over runs and its 95% t-band (the mean itself with one run)."""
-    from poft.intervals import paired_t_interval
-
-    epochs = sorted(set.intersection(*({p["epoch"] for p in r["curve"] if p[key] is not None} for r in runs)))
-    means, lows, highs = [], [], []
-    for epoch in epochs:
-        values = [next(p[key] for p in r["curve"] if p["epoch"] == epoch) for r in runs]
-        interval = paired_t_interval(values, [0.0] * len(values))
-        means.append(statistics.mean(values))
-        lows.append(interval.low if interval else means[-1])
-        highs.append(interval.high if interval else means[-1])
-    return epochs, means, lows, highs
-
-
-def _curve_plot(runs: Sequence[dict], learning_rate: float, path: Path, draw, ylabel: str) -> None:
-    grouped = _curves(runs, learning_rate)
-    fig, axes = plt.subplots(1, max(len(grouped), 1), figsize=(4.5 * max(len(grouped), 1), 3.6), squeeze=False)
-    for ax, ((world, kind, rate), methods) in zip(axes[0], grouped.items(), strict=False):
-        draw(ax, methods)
-        ax.set_title(f"{world}: {kind} noise {rate:g}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_score_distributions(distributions: dict[str, dict[str, list[float]]], path: Path) -> None:
-    fig, axes = plt.subplots(
-        1, max(len(distributions), 1), figsize=(4.5 * max(len(distributions), 1), 3.4), squeeze=False
-    )
-    for ax, (name, groups) in zip(axes[0], distributions.items(), strict=False):
-        low = min(min(groups["clean"]), min(groups["noisy"]))
-        high = max(max(groups["clean"]), max(groups["noisy"]))
-        bins = [low + (high - low) * i / 40 for i in range(41)]
-        ax.hist(groups["clean"], bins=bins, alpha=0.6, label=f"clean ({len(groups['clean'])})", color="tab:blue")
-        ax.hist(groups["noisy"], bins=bins, alpha=0.6, label=f"noisy ({len(groups['noisy'])})", color="tab:red")
-        ax.set_title(f"ref_score, {name} noise")
-        ax.set_xlabel("mean response log-prob (references' mean)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_accuracy(runs: Sequence[dict], learning_rate: float, path: Path) -> None:
-    """Validation exact match per epoch, mean over seeds with a 95% band."""
-
-    def draw(ax, methods):
-        for method, group in methods.items():
-            epochs, means, lows, highs = _band(group, "validation_accuracy")
-            ax.plot(epochs, [100 * v for v in means], marker="o", markersize=3, label=method)
-            ax.fill_between(epochs, [100 * v for v in lows], [100 * v for v in highs], alpha=0.2)
-
-    _curve_plot(runs, learning_rate, path, draw, "validation exact match (%)")
-
-
-def plot_weights(runs: Sequence[dict], learning_rate: float, path: Path) -> None:
-    """sigmoid(r_ref - r_theta) of clean and noisy rows per epoch, for PoFT and for SFT, with 95% bands."""
-
-    def draw(ax, methods):
-        for method, style in (("poft", "-"), ("sft", ":")):
-            for key, color in (("weight_clean", "tab:blue"), ("weight_noisy", "tab:red")):
-                group = methods.get(method, [])
-                if not group or all(p[key] is None for r in group for p in r["curve"]):
-                    continue
-                epochs, means, lows, highs = _band(group, key)
-                label = f"{method}, {key.removeprefix('weight_')} rows"
-                ax.plot(epochs, means, style, marker="o", markersize=3, color=color, label=label)
-                ax.fill_between(epochs, lows, highs, color=color, alpha=0.15)
-        ax.set_ylim(0, 1)
-
-    _curve_plot(runs, learning_rate, path, draw, "mean sigmoid(r_ref - r_theta)")
-
-
-def plot_differences(summary: Sequence[dict], path: Path) -> None:
-    """Each PoFT objective minus each method per setting: the difference with its 95% intervals over seeds and
-    over prompts."""
-    rows = [(e, f"{first} - {m}", c) for e in summary for first, m, c in _differences(e)]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
-    for y, (_, _, c) in enumerate(rows):
-        for interval, offset, color in (
-            (c["interval_seeds"], -0.12, "tab:blue"),
-            (c["interval_prompts"], 0.12, "tab:orange"),
-        ):
-            if interval is not None:
-                ax.plot([100 * interval["low"], 100 * interval["high"]], [y + offset] * 2, color=color, linewidth=2)
-        ax.plot(100 * c["difference"], y, "ko", markersize=4)
-    ax.set_yticks(
-        range(len(rows)),
-        [f"{e['world']} {e['noise_kind']} {e['noise_rate']:g} ({e['arm']}): {m}" for e, m, _ in rows],
-        fontsize=7,
-    )
-    ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("difference, exact-match points (blue: 95% CI over seeds, orange: over prompts)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_demo_report(results: dict, distributions: dict[str, dict[str, list[float]]], output: Path) -> str:
-    """Write report.md and its plots (each atomically); return the difference and accuracy tables."""
-    runs, summary, config = results["runs"], results["summary"], results["config"]
-    plots = {
-        "accuracy.png": lambda path: plot_accuracy(runs, config["learning_rate"], path),
-        "weights.png": lambda path: plot_weights(runs, config["learning_rate"], path),
-    }
-    if any(_differences(e) for e in summary):
-        plots["differences.png"] = lambda path: plot_differences(summary, path)
-    if distributions:
-        plots["score_distribution.png"] = lambda path: plot_score_distributions(distributions, path)
-    for name, plot in plots.items():
-        _atomic(output / name, plot)
-    separation = defaultdict(list)
-    for row in results["separation"]:
-        separation[(row["world"], row["noise_kind"], row["noise_rate"])].append(row["auc"])
-    tables = difference_table(summary) + "\n\n" + accuracy_table(summary)
-    settings = results["train_settings"]
-    lines = [
-        "# poft demo: PoFT vs SFT on noisy instruction data",
-        "",
-        f"Target split: {config['target_rows']} rows; test prompts: {config['test_rows']}; validation prompts: "
-        f"{config['validation_rows']}; {settings['epochs']} epochs, {settings['lr_scheduler_type']} schedule with "
-        f"{settings['warmup_ratio']:g} warmup, batch {settings['batch_size']}, max_grad_norm "
-        f"{settings['max_grad_norm']:g}; models {config['num_layers']} layers x width {config['hidden_size']}. "
-        "Accuracy is greedy exact match (%) on the test prompts after the last epoch. Differences are paired: the "
-        "same seed gives both methods the same noise and data order, and both answer the same prompts. "
-        "A difference whose 95% intervals do not all exclude zero is reported as no measurable difference.",
-        "",
-    ]
-    if results.get("best_learning_rates"):
-        lines += [
-            "Best learning rates on the validation split (clean data): "
-            + ", ".join(f"{m} {lr:g}" for m, lr in results["best_learning_rates"].items())
-            + ".",
-            "",
-        ]
-    lines += [
-        "## The PoFT objectives minus the other methods (exact-match points)",
-        "",
-        difference_table(summary),
-        "",
-        "![differences with intervals](differences.png)" if "differences.png" in plots else "",
-        "",
-        "## Accuracy",
-        "",
-        accuracy_table(summary),
-        "",
-        "References, trained on clean data, on the same test prompts: "
-        + "; ".join(
-            f"{world}: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in accuracies.items())
-            for world, accuracies in results.get("reference_accuracy", {}).items()
-        )
-        + ".",
-        "",
-        "![validation accuracy per epoch](accuracy.png)",
-        "",
-        "## How well the references separate clean from noisy rows",
-        "",
-        "| world | noise | rate | AUC of ref_score (clean > noisy), mean over seeds |",
-        "| --- | --- | --- | --- |",
-        *[f"| {w} | {k} | {r:g} | {statistics.mean(v):.3f} |" for (w, k, r), v in sorted(separation.items())],
-        "",
-    ]
-    if distributions:
-        lines += ["![reference score distribution](score_distribution.png)", ""]
-    lines += [
-        "## Weight sigmoid(r_ref - r_theta) of clean and noisy rows over training (PoFT and SFT)",
-        "",
-        "![weights](weights.png)",
-        "",
-    ]
-    atomic_write_text(output / "report.md", "\n".join(lines))
-    return tables
-
-
-def _atomic(path: Path, write) -> None:
-    """Let `write` fill a temporary sibling of `path` (same suffix, which names the image format), then rename."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        temporary.replace(path)
-    except BaseException:  # a full disk mid-write: no half-written image left beside the report
-        temporary.unlink(missing_ok=True)
-        raise
+from poft import audit
+from poft.errors import DataError, OptionError, OutputError
+from poft.optional import pyplot
+from poft.outputs import atomic_write, atomic_write_text, disk_error
+from poft.report_html import escape_markdown, render_html
+from poft.validation import is_numeric
 
 
 def eval_table(payloads: Sequence[dict]) -> str:
@@ -310,15 +41,6 @@ def eval_table(payloads: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    if len(x) < 2:
-        return float("nan")
-    mx, my = statistics.mean(x), statistics.mean(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
-
-
 def agreement_table(columns: dict[str, list[float]]) -> str:
     """Markdown: Pearson / Spearman correlation between every pair of score columns (rows scored by all)."""
     names = list(columns)
@@ -328,7 +50,8 @@ def agreement_table(columns: dict[str, list[float]]) -> str:
         cells = []
         for b in names:
             x, y = [columns[a][i] for i in rows], [columns[b][i] for i in rows]
-            cells.append(f"{_pearson(x, y):.3f} / {_pearson(audit.ranks(x), audit.ranks(y)):.3f}")
+            pearson, spearman = audit.correlations(x, y)
+            cells.append(f"{pearson:.3f} / {spearman:.3f}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -337,11 +60,19 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _save(fig, path: Path) -> None:
+    """Write a plot atomically, then free it (pyplot keeps every open figure)."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    pyplot().close(fig)
+
+
 def scored_data_section(dataset, output: Path) -> list[str]:
     """Distributions of every score column and ref_score (paper Figure 2), agreement, clean vs noisy.
 
     Null, NaN and infinite scores count as missing; a column with no finite score is reported as such.
     """
+    plt = pyplot()
     names = [c for c in dataset.column_names if c.startswith("score_")] + (
         ["ref_score"] if "ref_score" in dataset.column_names else []
     )
@@ -374,9 +105,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
             ax.text(0.5, 0.5, "no finite score", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("mean response log-prob")
-    fig.tight_layout()
-    _atomic(output / "score_distributions.png", lambda path: fig.savefig(path, dpi=110))
-    plt.close(fig)
+    _save(fig, output / "score_distributions.png")
     lines = [
         "## Reference scores",
         "",
@@ -408,7 +137,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         for name in names:
             clean = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and not n]
             bad = [v for v, n in zip(columns[name], noisy, strict=False) if v is not None and n]
-            lines.append(f"| {name} | {auc(clean, bad):.3f} |" if clean and bad else f"| {name} | - |")
+            lines.append(f"| {name} | {audit.auc(clean, bad):.3f} |" if clean and bad else f"| {name} | - |")
         lines.append("")
     return lines
 
@@ -599,6 +328,7 @@ def check_score_columns(dataset, source: str) -> None:
 
 def training_section(histories: dict[str, list[dict]], output: Path) -> list[str]:
     """Loss, PoFT weight, win rate and margin per step, one line per run (see `read_training_histories`)."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4.2 * len(TRAINING_CURVES), 3.3), squeeze=False)
     for ax, key in zip(axes[0], TRAINING_CURVES, strict=False):
         for name, history in histories.items():
@@ -608,9 +338,7 @@ def training_section(histories: dict[str, list[dict]], output: Path) -> list[str
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    _atomic(output / "training_curves.png", lambda path: fig.savefig(path, dpi=110))
-    plt.close(fig)
+    _save(fig, output / "training_curves.png")
     lines = [
         "## Training",
         "",

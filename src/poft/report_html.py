@@ -13,7 +13,7 @@ import base64
 import html
 from pathlib import Path
 
-from markdown_it import MarkdownIt
+from poft.optional import require
 
 # Every character that can start markdown inline syntax (emphasis, code, links, autolinks, raw HTML,
 # entities, strikethrough) or end a table cell. CommonMark lets any ASCII punctuation be backslash-escaped.
@@ -46,7 +46,8 @@ def _data_uri(path: Path) -> str:
 def render_html(markdown: str, assets: Path, title: str) -> str:
     """The HTML page of `markdown`, its images (PNG files named relative to `assets`) embedded."""
     plots = {p.name for p in assets.glob("*.png")}
-    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    markdown_it = require("markdown_it", "report", "report.html")
+    md = markdown_it.MarkdownIt("commonmark", {"html": False}).enable("table")
     md.validateLink = lambda url: url in plots
     tokens = md.parse(markdown)
     for token in tokens:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from poft.errors import ModelError, OptionError, OutputError, PoftError
+from poft.optional import check_model_extras
 from poft.outputs import disk_error
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def default_bf16(bf16: bool | None, fp16: bool) -> bool:
 def train_and_save(trainer_class, model_args, training_args, train_dataset, eval_dataset=None) -> str:
     """Build a TRL trainer for `model_args` (PEFT included), train, then save the model and trainer_state.json
     (the logged curves `poft report --runs` plots). `poft train` and `poft dpo` differ only in what they pass."""
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
+    check_model_extras(model_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -90,6 +92,7 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
+            quantization_config=get_quantization_config(model_args),
         )
     except OSError as error:  # from_pretrained: a hub id that is unreachable (offline) or does not exist
         if isinstance(error, PoftError):

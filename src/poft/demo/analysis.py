@@ -1,5 +1,5 @@
 """From run records to what the demo reports: each method's accuracy and every PoFT - other difference,
-with intervals (`poft.intervals`).
+with intervals (`poft.demo.intervals`).
 
 Two learning-rate arms are summarised: "same lr" (every method at --learning_rate) and, after a sweep,
 "best lr" (each method at the rate that did best on the validation split; the filter and oracle baselines
@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 
-from poft.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
+from poft.demo.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
 
 PREFERENCE_METHODS = ("poft_token", "poft")  # each is compared with every other method; poft_token minus poft once
 SWEPT = ("sft", "poft", "poft_token", "dft", "sft_norm")  # own objectives; filter and oracle train like sft

@@ -7,7 +7,7 @@ noises the target split (`poft.noise`), scores it with `score_dataset`, trains S
 baselines asked for) from the same base with identical settings through `PoFTTrainer`, and evaluates
 greedy exact match on held-out prompts. Every PoFT - other difference is paired (same seed, same data,
 same prompts) and reported with a 95% interval over seeds and a bootstrap interval over prompts
-(`poft.intervals`); a difference whose interval contains zero is reported as no measurable difference.
+(`poft.demo.intervals`); a difference whose interval contains zero is reported as no measurable difference.
 
 The world (references, base) is cached under the cache directory keyed by its settings, and every
 finished run is saved under the output directory, so a second run reuses both and an interrupted grid
@@ -30,15 +30,16 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from poft.data import conversation_id
+from poft.audit import auc
 from poft.demo.analysis import SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
+from poft.formats import conversation_id
 from poft.noise import NOISE_COLUMN, add_noise
 from poft.outputs import atomic_write_text
-from poft.report import auc, write_demo_report
 from poft.runtime import cache_root, resolve_device
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer

@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+from poft.optional import require
+
+stats = require("scipy.stats", "report", "The demo's confidence intervals")
 
 
 @dataclass(frozen=True)
