@@ -221,8 +221,8 @@ def score_reference(
         system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
     )
-    meta = {
-        "model": reference.path,
+    covered = {  # what the fingerprint covers: the model's content and the settings, never how its path is spelled
+        "model_fingerprint": model_id,
         "chat_template": encoder.template,
         "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
@@ -230,7 +230,8 @@ def score_reference(
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
     }
-    fingerprint = hashlib.sha256((model_id + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:32]
+    meta = {**covered, "first_scored_from": reference.path}  # for whoever reads the cache; not hashed
     state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
     shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
