@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from poft.chat import ConversationEncoder
+from poft.chat import ConversationEncoder, shorten
 from poft.errors import DataError, DependencyError, OptionError
 from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
@@ -141,9 +141,9 @@ def log_examples(model: str, rows: Sequence[dict]) -> None:
             "%s, row %d: %s -> %r (answer %r: %s)",
             model,
             row["row"],
-            _shorten(row["prompt"][-1]["content"] if row["prompt"] else ""),
-            _shorten(row["generation"]),
-            _shorten(row["answer"]),
+            shorten(row["prompt"][-1]["content"] if row["prompt"] else ""),
+            shorten(row["generation"]),
+            shorten(row["answer"]),
             row["verdict"],
         )
     inside = sum(
@@ -157,11 +157,6 @@ def log_examples(model: str, rows: Sequence[dict]) -> None:
             inside,
             PREDICTIONS,
         )
-
-
-def _shorten(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # The Open LLM Leaderboard (v1) tasks the paper reports, with the leaderboard's few-shot settings.

@@ -36,6 +36,7 @@ class Entry(NamedTuple):
     score: float | None
     n_tokens: int
     null_reason: str | None = None  # one of NULL_REASONS when score is None
+    truncated: bool = False  # scored on what max_length left of a longer conversation
 
 
 SMALL_FILES = (
@@ -96,7 +97,7 @@ def default_cache_dir() -> Path:
 
 
 class ScoreCache:
-    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason]} for one reference fingerprint.
+    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason][, truncated]} for one reference fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
@@ -192,7 +193,7 @@ def _parse(line: bytes, path: Path, number: int) -> tuple[str, Entry] | None:
     if score is not None and not math.isfinite(score):
         return None
     reason = record.get("null_reason") if score is None else None
-    return poft_id, Entry(None if score is None else float(score), n_tokens, reason)
+    return poft_id, Entry(None if score is None else float(score), n_tokens, reason, record.get("truncated") is True)
 
 
 @contextmanager

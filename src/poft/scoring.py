@@ -31,7 +31,14 @@ from trl.trainer.utils import add_fused_lm_head
 
 from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.chat import (
+    SYSTEM_TURNS,
+    SYSTEM_TURNS_HELP,
+    ChatTemplateError,
+    ConversationEncoder,
+    EncodedConversation,
+    partly_truncated,
+)
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.outputs import (
@@ -286,6 +293,10 @@ def score_reference(
     scored = cache.load()
     entries = [scored[i] for i in ids]
     _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
+    kept = [e.n_tokens for e in entries if e.score is not None and e.truncated]
+    if kept:
+        message = partly_truncated(kept, len(ids), config.max_length, config.truncation_mode)
+        logger.warning("reference %r: %s", reference.name, message)
     return [e.score for e in entries], [e.n_tokens for e in entries]
 
 
@@ -361,7 +372,13 @@ def _score_into_cache(
         model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
     ):
         finite = [k for k, m in enumerate(means) if math.isfinite(m)]
-        cache.append([{"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]} for k in finite])
+        cache.append(
+            [
+                {"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]}
+                | ({"truncated": True} if encoded[batch[k]].truncated else {})
+                for k in finite
+            ]
+        )
         if len(finite) < len(batch):
             bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
             raise ScoringError(
