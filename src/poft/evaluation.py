@@ -20,6 +20,7 @@ from datasets import Dataset
 
 from poft.chat import ConversationEncoder, shorten
 from poft.errors import DataError, DependencyError, OptionError
+from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
 from poft.validation import check_model_source
@@ -280,10 +281,11 @@ def run_eval(config: EvalConfig) -> dict:
     predictions: list[dict] = []
     for reference in references:
         logger.info("Evaluating %s", reference.path)
-        check_model_source(reference.path, "--model")
-        tokenizer = AutoTokenizer.from_pretrained(reference.path)
+        check_model_source(reference.path, "--model", gguf=True)
+        source, gguf = load_args(reference.path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         model = (
-            AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device))
+            AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype, device), **gguf)
             .to(device)
             .eval()
         )

@@ -24,6 +24,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from poft.errors import CacheError
+from poft.gguf_models import gguf_file, gguf_fingerprint
 from poft.outputs import atomic_write_text, disk_error
 from poft.runtime import cache_root
 
@@ -58,8 +59,11 @@ def model_fingerprint(path: str) -> str:
 
     A copy of a model has the fingerprint of the original (so it is refused as a second reference and
     reuses its cached scores); file names and times play no part. A hub id is resolved to its cached
-    snapshot, whose directory name is the commit hash.
+    snapshot, whose directory name is the commit hash; a GGUF file is known by `gguf_fingerprint`.
     """
+    file = gguf_file(path)
+    if file is not None:
+        return gguf_fingerprint(file)
     directory = Path(path).expanduser()
     revision = ""
     if not directory.is_dir():

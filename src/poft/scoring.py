@@ -41,6 +41,7 @@ from poft.chat import (
 )
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
+from poft.gguf_models import load_args
 from poft.outputs import (
     FILTER_HISTORY,
     atomic_output,
@@ -154,6 +155,7 @@ def parse_references(specs: Sequence[str]) -> list[Reference]:
         name, sep, path = spec.partition("=")
         if not sep or "/" in name or os.sep in name:
             name, path = Path(spec.rstrip("/")).name, spec
+            name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
         unique, k = name, 2
         while unique in seen:
@@ -172,13 +174,14 @@ def load_reference_model(
 ):
     from safetensors import SafetensorError
 
+    source, gguf = load_args(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path,
+            source,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
             attn_implementation=attn_implementation,
+            **(gguf or {"use_safetensors": True}),
         )
     except (OSError, SafetensorError) as error:
         raise ModelError(
@@ -212,14 +215,23 @@ def score_reference(
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    source, gguf = load_args(reference.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(reference.path, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
         model_id = model_fingerprint(reference.path)
     except (OSError, ValueError) as error:
         raise ModelError(
             f"Cannot load reference {reference.name!r} from {reference.path!r}: {str(error).splitlines()[0]} Give "
             "a local model directory or a hub id that is reachable (or already in the Hugging Face cache)."
         ) from error
+    if gguf:
+        logger.info(
+            "%s: %s is a GGUF file; transformers de-quantises its weights to %s, so these are the scores of the "
+            "de-quantised weights (llama.cpp computes with the quantised ones).",
+            reference.name,
+            reference.path,
+            dtype,
+        )
     encoder = ConversationEncoder(
         tokenizer,
         fallback_template=config.chat_template,
@@ -431,7 +443,7 @@ def _check_references(references: Sequence[Reference]) -> None:
     fingerprint) would count twice in ref_score."""
     seen: dict[str, Reference] = {}
     for reference in references:
-        check_model_source(reference.path, "--model", safetensors_only=True)
+        check_model_source(reference.path, "--model", safetensors_only=True, gguf=True)
         try:
             key = model_fingerprint(reference.path)
         except OSError:  # an unreachable hub id: loading it says so
