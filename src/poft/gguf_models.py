@@ -79,30 +79,37 @@ def _gguf_fingerprint(path: str, size: int, mtime_ns: int) -> str:
 
 
 def convert_gguf(file: str, output: str) -> Path:
-    """Save a GGUF file's de-quantised weights, tokenizer and chat template as a model folder (safetensors).
-
-    For `poft train` and any tool that reads model folders. transformers refuses `save_pretrained` on a
-    GGUF-loaded model (it counts as quantised), so the weights move into a model built from the same
-    config, which saves as an ordinary float32 checkpoint. The folder appears complete or not at all.
-    """
+    """Save a GGUF file's de-quantised weights, tokenizer and chat template as a model folder (safetensors), for
+    `poft train` and any tool that reads model folders. The folder appears complete or not at all."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(file).expanduser()
     require_gguf(path, "convert_gguf")
+    if Path(output).exists():
+        raise OutputError(f"{output} exists; give convert_gguf a new folder.")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return save_dequantised(model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), output)
+
+
+def save_dequantised(model, tokenizer, output: str) -> Path:
+    """Save a GGUF-loaded model as an ordinary float32 checkpoint. transformers refuses `save_pretrained` on a
+    GGUF-loaded model (it counts as quantised), so its weights move into a model built from the same config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     target = Path(output)
     if target.exists():
-        raise OutputError(f"{target} exists; give convert_gguf a new folder.")
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    config = copy.deepcopy(loaded.config)
-    del config.quantization_config  # the saved weights are plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+        raise OutputError(f"{target} exists; give a new folder for the de-quantised model.")
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the saved weights are plain float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
-        model.save_pretrained(partial)
+        plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         os.rename(partial, target)
     finally:
