@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -96,28 +97,13 @@ def first_log(run_dir: Path, key: str) -> float:
     return next(entry[key] for entry in history if key in entry)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(map(str, DEFAULT_ROWS)), help="'all' or comma-separated indices")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--steps", type=int, default=2)
-    args = parser.parse_args()
-    begun = time.time()
-    gguf = smollm2_gguf()
-    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
-    picked = list(range(len(rows))) if args.rows == "all" else [int(i) for i in args.rows.split(",")]
-    rows = [rows[i] for i in picked]
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="poft-real-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "rows.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    print(f"{len(rows)} conversations ({sum(r['quality'] == 'bad' for r in rows)} bad), work dir {work}")
-
+def check_scores(gguf: Path, rows: list[dict], data: Path, work: Path, folder: Path, scored: Path):
+    """Steps 1-3: load the GGUF as transformers reads it (de-quantised) and save it as a folder to train from; poft's
+    scores of the GGUF against the independent computation; bad answers below clean ones. Returns the tokenizer."""
     # 1. the model as transformers reads the GGUF (de-quantised), and saved as a folder to train from
     started = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    folder = work / "smollm2"
     if not folder.exists():
         save_dequantised(model, tokenizer, str(folder))
     print(f"  GGUF loaded and saved as a folder: {time.time() - started:.0f} s")
@@ -125,7 +111,6 @@ def main() -> None:
     print(f"  lengths {min(lengths)}-{max(lengths)} tokens, {sum(lengths)} in all")
 
     # 2. poft's scores of the GGUF against the independent computation
-    scored = work / "scored"
     cache = work / "cache"
     run(
         ["score", "--data", str(data), "--model", f"smollm2={gguf}", "--output", str(scored)]
@@ -163,14 +148,48 @@ def main() -> None:
         f"bad mean {sum(bad) / len(bad):.3f}"
     )
     assert auc(clean, bad) >= 0.9 and all(c > b for c, b in paired)
+    return tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(map(str, DEFAULT_ROWS)), help="'all' or comma-separated indices")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="reuse the folder and scores already in --workdir")
+    args = parser.parse_args()
+    begun = time.time()
+    gguf = smollm2_gguf()
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    picked = list(range(len(rows))) if args.rows == "all" else [int(i) for i in args.rows.split(",")]
+    rows = [rows[i] for i in picked]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="poft-real-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"{len(rows)} conversations ({sum(r['quality'] == 'bad' for r in rows)} bad), work dir {work}")
+
+    folder, scored = work / "smollm2", work / "scored"
+    if args.resume and folder.exists() and scored.exists():
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # scores checked by an earlier run in this work dir
+        print("  reusing the folder and the scores of an earlier run in this work dir")
+    else:
+        tokenizer = check_scores(gguf, rows, data, work, folder, scored)
+    from datasets import load_from_disk
+
+    poft_rows = load_from_disk(str(scored))
+    scores = poft_rows["ref_score"]
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
 
     # 4. training: r_theta = r_ref at step 1 (target = reference), padded and packed; sft and poft steps
     train = work / "train"
+    shutil.rmtree(train, ignore_errors=True)
     short = sorted(range(len(rows)), key=lambda i: lengths[i])[:4]
     poft_rows.select(short).save_to_disk(str(train))
     common = ["--dataset_name", str(train), "--model_name_or_path", str(folder), "--max_steps", str(args.steps)]
     common += ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none"]
     common += ["--save_strategy", "no", "--learning_rate", "1e-5", "--seed", "0", "--shuffle_dataset", "false"]
+    common += ["--gradient_checkpointing", "false"]
     runs = {}
     for name, extra in {
         "sft": ["--loss_type", "sft"],
@@ -178,6 +197,7 @@ def main() -> None:
         "poft_packed": ["--loss_type", "poft", "--packing", "true"],
     }.items():
         runs[name] = work / f"run-{name}"
+        shutil.rmtree(runs[name], ignore_errors=True)
         run(["train", *common, *extra, "--output_dir", str(runs[name])])
         loss = first_log(runs[name], "loss")
         margin = first_log(runs[name], "poft/margin")
