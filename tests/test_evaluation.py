@@ -4,6 +4,7 @@ log-likelihoods computed by hand, and the command line's files and errors."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -126,3 +127,32 @@ def test_cli_compares_models_on_answer_data(tiny_models, tmp_path, capsys):
     assert "Nothing to evaluate" in capsys.readouterr().err
     with pytest.raises(ValueError, match="NAME:FEWSHOT"):
         EvalConfig(model=["m"], tasks=["arc:x"])
+
+
+def test_eval_writes_every_prediction_and_logs_examples(chatml, tiny_models, tmp_path, caplog):
+    conversations = make_conversations(4, seed=8)
+    answers = [c[-1]["content"] for c in conversations]
+    model, tokenizer = chatml
+    expected = [greedy_by_hand(model, tokenizer, c[:-1], 3) for c in conversations]
+    answers[1] = expected[1].strip()  # one row the model gets right
+    answers[2] = expected[2].strip()[:1] or "x"  # one whose answer sits inside a longer generation
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"messages": c, "answer": a}) + "\n" for c, a in zip(conversations, answers, strict=True))
+    )
+    argv = ["eval", "--model", f"m={tiny_models['chatml']}", "--tasks", "none", "--data", str(rows)]
+    with caplog.at_level(logging.INFO, logger="poft"):
+        assert main([*argv, "--max_new_tokens", "3", "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    lines = (tmp_path / "ev" / "eval_predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    assert [p["row"] for p in predictions] == [1, 2, 3, 4] and {p["model"] for p in predictions} == {"m"}
+    for p, c, a, e in zip(predictions, conversations, answers, expected, strict=True):
+        assert p["prompt"] == c[:-1] and p["generation"] == e and p["answer"] == a
+        assert p["verdict"] == ("correct" if e.strip() == a.strip() else "wrong")
+    assert predictions[1]["verdict"] == "correct"
+    accuracy = json.loads((tmp_path / "ev" / "eval_results.json").read_text())["results"]["m"]["data:qa.jsonl"]
+    assert accuracy["exact_match"] == sum(p["verdict"] == "correct" for p in predictions) / 4
+    assert f"m, row 1: {conversations[0][-2]['content']} -> {expected[0]!r}" in caplog.text
+    assert "row 4:" not in caplog.text  # a few examples, not every row
+    if predictions[2]["verdict"] == "wrong":
+        assert "wrong generations contain the answer within longer text" in caplog.text

@@ -30,7 +30,7 @@ def test_require_names_the_extra(monkeypatch):
 
 @pytest.mark.parametrize(
     ("options", "module", "extra"),
-    [({"use_peft": True}, "peft", "peft"), ({"load_in_4bit": True}, "bitsandbytes", "quantization")],
+    [({"use_peft": True}, "peft", "peft")],
 )
 def test_model_options_that_need_an_extra(monkeypatch, options, module, extra):
     hide(monkeypatch, module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,30 @@ def test_adding_a_reference_scores_only_that_one(tiny_models, conversations, tmp
     assert loaded == [tiny_models["zephyr"]]
     assert both["score_chatml"] == first["score_chatml"]
     assert both["ref_score"] != first["ref_score"]
+
+
+def test_a_model_by_any_spelling_or_copy_scores_once(tiny_models, conversations, tmp_path, monkeypatch):
+    """The cache knows a model by its content: DIR, ./DIR, DIR/ and a copied folder share one cache file."""
+    model = Path(tmp_path / "ref")
+    shutil.copytree(tiny_models["zephyr"], model)
+    copy = tmp_path / "moved" / "copy-of-ref"
+    shutil.copytree(model, copy)
+    monkeypatch.chdir(tmp_path)
+    dataset = as_dataset(conversations)
+    cache = tmp_path / "cache"
+    config = ScoreConfig(cache_dir=str(cache), device="cpu")
+    forwards = []
+    original = scoring.iter_scores
+    monkeypatch.setattr(
+        scoring,
+        "iter_scores",
+        lambda model, encoded, *a: forwards.append(len(encoded)) or original(model, encoded, *a),
+    )
+    results = [score_dataset(dataset, [spelling], config)["ref_score"] for spelling in ("ref", "./ref", "ref/")]
+    results.append(score_dataset(dataset, [str(copy)], config)["ref_score"])
+    assert forwards == [len(set(dataset["poft_id"]))]  # every row scored once, by the first run only
+    assert all(r == results[0] for r in results)
+    assert len(list(cache.glob("*.jsonl"))) == 1 and len(list(cache.glob("*.json"))) == 1
 
 
 SLOW_SCORER = (

@@ -95,6 +95,22 @@ class EncodedConversation:
         return [t if m else -100 for t, m in zip(self.input_ids, self.response_mask, strict=True)]
 
 
+def partly_truncated(kept: Sequence[int], total: int, max_length: int | None, truncation_mode: str) -> str:
+    """The line that says how many conversations lost part of their response to truncation (`kept`: the response
+    tokens each still has), shared by `poft score` and `poft train` so both count alike."""
+    return (
+        f"{len(kept)} of {total} conversations are longer than max_length={max_length} and keep only part of their "
+        f"tokens ({truncation_mode}): they are read on the response tokens left, as few as {min(kept)}. Raise "
+        "max_length to read them whole (use the same value for scoring and training)."
+    )
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` on one line, cut to `limit` characters, for log lines that quote data or templates."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_chat_template(value: str) -> str:
     """Accept a path to a .jinja/.j2 file or the template text itself."""
     if os.path.isfile(value):
@@ -195,6 +211,7 @@ class ConversationEncoder:
         ) - {tokenizer.bos_token_id, tokenizer.unk_token_id}
         self.content_as_parts = self._probe_content_shape()
         self.renders_system = self._probe_system_turns()
+        self.default_system = self._probe_default_system()
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ public
@@ -227,6 +244,15 @@ class ConversationEncoder:
         """The turns as the template receives them: role and content only, system turns per the policy."""
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         has_system = any(m["role"] == "system" for m in messages)
+        if not has_system and self.default_system is not None:
+            self._warn_once(
+                "default_system",
+                "%s: %s adds a system turn to conversations that have none (%r); they are read with it.",
+                self.name,
+                self.template_source,
+                shorten(self.default_system, 160),
+                level=logging.INFO,
+            )
         if has_system and (self.system_turns == "merge" or (self.system_turns == "auto" and not self.renders_system)):
             if self.system_turns == "auto":
                 self._warn_once(
@@ -287,6 +313,38 @@ class ConversationEncoder:
             return system in self._apply(probe)
         except Exception:  # e.g. Gemma's raise_exception('System role not supported')
             return False
+
+    def _probe_default_system(self) -> str | None:
+        """The system turn the template writes into a conversation that has none (SmolLM2's and Qwen 2.5's default
+        prompts, Llama 3.1's date header), as rendered text; None where it writes none.
+
+        Before the first user content a template writes the tokens that open a sequence, any turn of its own and
+        the user header; the user header also precedes the second user content (after the first answer's closing
+        token), so what is left once it is taken off holds text only where the template added a turn."""
+        marks = _Markers()
+        first, second = marks.new(), marks.new()
+        turns = [
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": marks.new()},
+            {"role": "user", "content": second},
+            {"role": "assistant", "content": marks.new()},
+        ]
+        try:
+            text = self._apply(turns)
+        except Exception:  # the template's failures are reported where conversations are encoded
+            return None
+        before, _, rest = text.partition(first)
+        encoded = self.tokenizer(before, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        between = self.tokenizer(rest.partition(second)[0], add_special_tokens=False)["input_ids"]
+        end = len(ids) - len(os.path.commonprefix([ids[::-1], between[::-1]]))  # the user header ends both
+        special = set(self.tokenizer.all_special_ids) | self.closing_ids
+        if not any(
+            before[a:b].strip() for t, (a, b) in zip(ids[:end], offsets[:end], strict=True) if t not in special
+        ):
+            return None  # only the tokens that open a sequence (<s>, [gMASK]<sop>), no turn
+        start = 1 if ids[0] == self.tokenizer.bos_token_id else 0
+        return before[offsets[start][0] : offsets[end - 1][1]]
 
     def _locate_contents(self, messages: list[Message]) -> tuple[str, list[tuple[int, str, int]]]:
         """The rendered text and, per assistant turn, (turn index, content as rendered, its start character)."""
@@ -384,10 +442,10 @@ class ConversationEncoder:
             f"{self.name}: cannot locate the response of {where} in {self.template_source}: {why}. {self.template_fix}"
         )
 
-    def _warn_once(self, key: str, message: str, *args) -> None:
+    def _warn_once(self, key: str, message: str, *args, level: int = logging.WARNING) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            logger.warning(message, *args)
+            logger.log(level, message, *args)
 
 
 class _Markers:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from poft.chat import ConversationEncoder
+from poft.chat import ConversationEncoder, shorten
 from poft.errors import DataError, DependencyError, OptionError
+from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
 from poft.scoring import model_scores
 from poft.validation import check_model_source
@@ -109,6 +110,54 @@ def heldout_log_likelihood(model, tokenizer, dataset: Dataset, *, max_length: in
     scores = model_scores(model, ConversationEncoder(tokenizer, max_length=max_length), dataset["messages"])
     kept = [s for s in scores if s is not None]
     return sum(kept) / max(len(kept), 1)
+
+
+PREDICTIONS = "eval_predictions.jsonl"  # one row per model and --data row: what was asked, said and expected
+SHOWN_EXAMPLES = 3  # generations logged per model, so a surprising exact match is explained on the spot
+
+
+def prediction_rows(
+    model: str, dataset: Dataset, generations: Sequence[str], correct: Sequence[bool], answer_column: str
+) -> list[dict]:
+    """Each row's prompt (its messages before the last assistant turn), greedy generation, answer and verdict."""
+    return [
+        {
+            "model": model,
+            "row": row,
+            "prompt": prompt_messages(messages),
+            "generation": generation,
+            "answer": str(answer),
+            "verdict": "correct" if ok else "wrong",
+        }
+        for row, (messages, generation, answer, ok) in enumerate(
+            zip(dataset["messages"], generations, dataset[answer_column], correct, strict=True), start=1
+        )
+    ]
+
+
+def log_examples(model: str, rows: Sequence[dict]) -> None:
+    """A few generations beside their answers, and a hint when wrong answers hold the answer in longer text."""
+    for row in rows[:SHOWN_EXAMPLES]:
+        logger.info(
+            "%s, row %d: %s -> %r (answer %r: %s)",
+            model,
+            row["row"],
+            shorten(row["prompt"][-1]["content"] if row["prompt"] else ""),
+            shorten(row["generation"]),
+            shorten(row["answer"]),
+            row["verdict"],
+        )
+    inside = sum(
+        r["verdict"] == "wrong" and r["answer"].strip() and r["answer"].strip() in r["generation"] for r in rows
+    )
+    if inside:
+        logger.info(
+            "%s: %d wrong generations contain the answer within longer text; exact match compares the whole "
+            "response (trimmed), so a model that answers in sentences scores low. See %s.",
+            model,
+            inside,
+            PREDICTIONS,
+        )
 
 
 # The Open LLM Leaderboard (v1) tasks the paper reports, with the leaderboard's few-shot settings.
@@ -229,18 +278,20 @@ def run_eval(config: EvalConfig) -> dict:
     device = resolve_device(config.device)
     references = parse_references(config.model)
     results: dict[str, dict[str, dict[str, float]]] = {}
+    predictions: list[dict] = []
     for reference in references:
         logger.info("Evaluating %s", reference.path)
-        check_model_source(reference.path, "--model")
-        tokenizer = AutoTokenizer.from_pretrained(reference.path)
+        check_model_source(reference.path, "--model", gguf=True)
+        source, gguf = load_args(reference.path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         model = (
-            AutoModelForCausalLM.from_pretrained(reference.path, dtype=resolve_dtype(config.dtype, device))
+            AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype, device), **gguf)
             .to(device)
             .eval()
         )
         scores = run_lm_eval(model, tokenizer, config.tasks, config) if config.tasks else {}
         if data is not None:
-            accuracy, _ = exact_match_accuracy(
+            correct, generations = exact_match_per_row(
                 model,
                 tokenizer,
                 data,
@@ -248,8 +299,11 @@ def run_eval(config: EvalConfig) -> dict:
                 max_new_tokens=config.max_new_tokens,
                 batch_size=config.batch_size,
             )
+            rows = prediction_rows(reference.name, data, generations, correct, config.answer_column)
+            predictions += rows
+            log_examples(reference.name, rows)
             scores[f"data:{Path(config.data).name}"] = {
-                "exact_match": accuracy,
+                "exact_match": sum(correct) / max(len(correct), 1),
                 "response_log_likelihood": heldout_log_likelihood(model, tokenizer, data),
             }
         results[reference.name] = scores
@@ -257,6 +311,10 @@ def run_eval(config: EvalConfig) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     payload = {"models": {r.name: r.path for r in references}, "results": results}
     atomic_write_text(output / "eval_results.json", json.dumps(payload, indent=2))
+    if data is not None:
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+        atomic_write_text(output / PREDICTIONS, lines)
+        logger.info("Wrote every generation and its verdict to %s", output / PREDICTIONS)
     table = eval_table([payload])
     atomic_write_text(output / "eval_table.md", table + "\n")
     print(table)

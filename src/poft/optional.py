@@ -31,8 +31,7 @@ def pyplot() -> ModuleType:
 
 
 def check_model_extras(model_args) -> None:
-    """Before any model is loaded: the packages TRL's `ModelConfig` options need (LoRA, bitsandbytes) are installed."""
+    """Before any model is loaded: peft is installed where LoRA is asked for (bitsandbytes, with the device it
+    needs, is `runtime.quantization_config`'s check)."""
     if getattr(model_args, "use_peft", False):
         require("peft", "peft", "--use_peft (LoRA)")
-    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
-        require("bitsandbytes", "quantization", "--load_in_4bit / --load_in_8bit")

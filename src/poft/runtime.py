@@ -6,6 +6,7 @@ train`, `poft dpo` and the demo alike.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from poft.errors import ModelError, OptionError, OutputError, PoftError
+from poft.errors import DependencyError, ModelError, OptionError, OutputError, PoftError
 from poft.optional import check_model_extras
 from poft.outputs import disk_error
 
@@ -73,12 +74,51 @@ def default_bf16(bf16: bool | None, fp16: bool) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def quantization_config(model_args):
+    """TRL's `get_quantization_config(model_args)` for `--load_in_4bit` / `--load_in_8bit` (QLoRA), after checking
+    that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters),
+    bitsandbytes installed, and a device it supports. Each failure is one line, never a full-precision run."""
+    from trl import get_quantization_config
+
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    if not model_args.use_peft:
+        raise OptionError(
+            f"{flag} trains LoRA adapters on the quantized model (QLoRA); add --use_peft true, or leave {flag} out."
+        )
+    if not bitsandbytes_installed():
+        raise DependencyError(
+            f"{flag} needs bitsandbytes, which is not installed: pip install 'poft[quantization]' (or leave {flag} out)."
+        )
+    if not bitsandbytes_runs_here():
+        raise OptionError(
+            f"{flag}: bitsandbytes supports none of this machine's devices (it quantizes on CUDA GPUs, torch "
+            f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}); leave {flag} out to train in full "
+            "precision."
+        )
+    return get_quantization_config(model_args)
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def bitsandbytes_runs_here() -> bool:
+    """transformers' own test of whether the installed bitsandbytes supports a device of this machine."""
+    from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+
+    return validate_bnb_backend_availability(raise_exception=False)
+
+
 def train_and_save(trainer_class, model_args, training_args, train_dataset, eval_dataset=None) -> str:
-    """Build a TRL trainer for `model_args` (PEFT included), train, then save the model and trainer_state.json
-    (the logged curves `poft report --runs` plots). `poft train` and `poft dpo` differ only in what they pass."""
-    from trl import get_peft_config, get_quantization_config
+    """Build a TRL trainer for `model_args` (PEFT and quantization included, as TRL's own scripts pass them), train,
+    then save the model and trainer_state.json (the logged curves `poft report --runs` plots). `poft train` and
+    `poft dpo` differ only in what they pass."""
+    from trl import get_peft_config
 
     check_model_extras(model_args)
+    quantization = quantization_config(model_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -92,7 +132,7 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
-            quantization_config=get_quantization_config(model_args),
+            quantization_config=quantization,
         )
     except OSError as error:  # from_pretrained: a hub id that is unreachable (offline) or does not exist
         if isinstance(error, PoftError):

@@ -24,6 +24,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from poft.errors import CacheError
+from poft.gguf_models import gguf_file, gguf_fingerprint
 from poft.outputs import atomic_write_text, disk_error
 from poft.runtime import cache_root
 
@@ -36,6 +37,7 @@ class Entry(NamedTuple):
     score: float | None
     n_tokens: int
     null_reason: str | None = None  # one of NULL_REASONS when score is None
+    truncated: bool = False  # scored on what max_length left of a longer conversation
 
 
 SMALL_FILES = (
@@ -57,8 +59,11 @@ def model_fingerprint(path: str) -> str:
 
     A copy of a model has the fingerprint of the original (so it is refused as a second reference and
     reuses its cached scores); file names and times play no part. A hub id is resolved to its cached
-    snapshot, whose directory name is the commit hash.
+    snapshot, whose directory name is the commit hash; a GGUF file is known by `gguf_fingerprint`.
     """
+    file = gguf_file(path)
+    if file is not None:
+        return gguf_fingerprint(file)
     directory = Path(path).expanduser()
     revision = ""
     if not directory.is_dir():
@@ -96,7 +101,7 @@ def default_cache_dir() -> Path:
 
 
 class ScoreCache:
-    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason]} for one reference fingerprint.
+    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason][, truncated]} for one reference fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
@@ -192,7 +197,7 @@ def _parse(line: bytes, path: Path, number: int) -> tuple[str, Entry] | None:
     if score is not None and not math.isfinite(score):
         return None
     reason = record.get("null_reason") if score is None else None
-    return poft_id, Entry(None if score is None else float(score), n_tokens, reason)
+    return poft_id, Entry(None if score is None else float(score), n_tokens, reason, record.get("truncated") is True)
 
 
 @contextmanager

@@ -31,9 +31,17 @@ from trl.trainer.utils import add_fused_lm_head
 
 from poft.attention import VARLEN, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, EncodedConversation
+from poft.chat import (
+    SYSTEM_TURNS,
+    SYSTEM_TURNS_HELP,
+    ChatTemplateError,
+    ConversationEncoder,
+    EncodedConversation,
+    partly_truncated,
+)
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
+from poft.gguf_models import load_args
 from poft.outputs import (
     FILTER_HISTORY,
     atomic_output,
@@ -147,6 +155,7 @@ def parse_references(specs: Sequence[str]) -> list[Reference]:
         name, sep, path = spec.partition("=")
         if not sep or "/" in name or os.sep in name:
             name, path = Path(spec.rstrip("/")).name, spec
+            name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
         unique, k = name, 2
         while unique in seen:
@@ -165,13 +174,14 @@ def load_reference_model(
 ):
     from safetensors import SafetensorError
 
+    source, gguf = load_args(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path,
+            source,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
             attn_implementation=attn_implementation,
+            **(gguf or {"use_safetensors": True}),
         )
     except (OSError, SafetensorError) as error:
         raise ModelError(
@@ -205,14 +215,23 @@ def score_reference(
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    source, gguf = load_args(reference.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(reference.path, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
         model_id = model_fingerprint(reference.path)
     except (OSError, ValueError) as error:
         raise ModelError(
             f"Cannot load reference {reference.name!r} from {reference.path!r}: {str(error).splitlines()[0]} Give "
             "a local model directory or a hub id that is reachable (or already in the Hugging Face cache)."
         ) from error
+    if gguf:
+        logger.info(
+            "%s: %s is a GGUF file; transformers de-quantises its weights to %s, so these are the scores of the "
+            "de-quantised weights (llama.cpp computes with the quantised ones).",
+            reference.name,
+            reference.path,
+            dtype,
+        )
     encoder = ConversationEncoder(
         tokenizer,
         fallback_template=config.chat_template,
@@ -221,8 +240,8 @@ def score_reference(
         system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
     )
-    meta = {
-        "model": reference.path,
+    covered = {  # what the fingerprint covers: the model's content and the settings, never how its path is spelled
+        "model_fingerprint": model_id,
         "chat_template": encoder.template,
         "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
@@ -230,7 +249,8 @@ def score_reference(
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
     }
-    fingerprint = hashlib.sha256((model_id + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:32]
+    meta = {**covered, "first_scored_from": reference.path}  # for whoever reads the cache; not hashed
     state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
     shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
@@ -285,6 +305,10 @@ def score_reference(
     scored = cache.load()
     entries = [scored[i] for i in ids]
     _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
+    kept = [e.n_tokens for e in entries if e.score is not None and e.truncated]
+    if kept:
+        message = partly_truncated(kept, len(ids), config.max_length, config.truncation_mode)
+        logger.warning("reference %r: %s", reference.name, message)
     return [e.score for e in entries], [e.n_tokens for e in entries]
 
 
@@ -360,7 +384,13 @@ def _score_into_cache(
         model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
     ):
         finite = [k for k, m in enumerate(means) if math.isfinite(m)]
-        cache.append([{"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]} for k in finite])
+        cache.append(
+            [
+                {"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]}
+                | ({"truncated": True} if encoded[batch[k]].truncated else {})
+                for k in finite
+            ]
+        )
         if len(finite) < len(batch):
             bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
             raise ScoringError(
@@ -413,7 +443,7 @@ def _check_references(references: Sequence[Reference]) -> None:
     fingerprint) would count twice in ref_score."""
     seen: dict[str, Reference] = {}
     for reference in references:
-        check_model_source(reference.path, "--model", safetensors_only=True)
+        check_model_source(reference.path, "--model", safetensors_only=True, gguf=True)
         try:
             key = model_fingerprint(reference.path)
         except OSError:  # an unreachable hub id: loading it says so

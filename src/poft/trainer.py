@@ -28,7 +28,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
+from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.objectives import (
     nll_loss,
@@ -252,7 +252,12 @@ class PoFTTrainer(SFTTrainer):
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
         )
-        empty = sum(n == 0 for n in dataset["poft_num_response_tokens"])
+        counts = dataset["poft_num_response_tokens"]
+        kept = [n for n, cut in zip(counts, dataset["poft_truncated"], strict=True) if cut and n > 0]
+        if kept:
+            message = partly_truncated(kept, len(counts), self._truncate_to, args.truncation_mode)
+            logger.warning("The %s dataset: %s", dataset_name, message)
+        empty = sum(n == 0 for n in counts)
         if empty:
             logger.warning(
                 "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
@@ -271,7 +276,7 @@ class PoFTTrainer(SFTTrainer):
         if self.objective in NEEDS_REFERENCES:
             dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
-            ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
+            ["poft_num_response_tokens", "poft_truncated", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
         )
         if packing:
             columns = ["input_ids", "labels"] + ([REF_TOKENS] if has_ref else [])
@@ -423,6 +428,7 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         "input_ids": encoded.input_ids,
         "labels": encoded.labels(),
         "poft_num_response_tokens": encoded.num_response_tokens,
+        "poft_truncated": encoded.truncated,
         "poft_row": index,
         "poft_id": example.get("poft_id") or "",
     }

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from poft.errors import ModelError
+from poft.gguf_models import GGUF_INSTALL, gguf_file, require_gguf
 
 NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -26,15 +27,32 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".")) or os.path.isabs(name) or name.count("/") > 1
 
 
-def check_model_source(name: str, option: str = "--model", *, safetensors_only: bool = False) -> None:
-    """Raise `ModelError` for a local model folder that cannot load; hub ids pass (they fail at loading)."""
+def check_model_source(
+    name: str, option: str = "--model", *, safetensors_only: bool = False, gguf: bool = False
+) -> None:
+    """Raise `ModelError` for a local model folder that cannot load; hub ids pass (they fail at loading).
+
+    A GGUF file (or a folder holding one, see `poft.gguf_models`) passes where `gguf` (the stage reads them through
+    transformers) once the `gguf` package is there, and is refused, naming the conversion, where not."""
+    file = gguf_file(name, option)
+    if file is not None:
+        if gguf:
+            require_gguf(file, option)
+            return
+        raise ModelError(
+            f"{option} {name} is a GGUF file, which this command does not read (poft score and poft eval do). Convert "
+            f'it to a model folder first: python -c "from poft.gguf_models import convert_gguf; '
+            f"convert_gguf('{file}', 'FOLDER')\" (needs {GGUF_INSTALL})."
+        )
     path = Path(name).expanduser()
     if not path.exists():
         if looks_local(name):
             raise ModelError(f"{option} {name}: no such model folder. Check the path (hub ids look like org/name).")
         return
     if not path.is_dir():
-        raise ModelError(f"{option} {name} is a file; give the model's folder (with config.json and weights).")
+        raise ModelError(
+            f"{option} {name} is a file; give the model's folder (with config.json and weights) or a .gguf file."
+        )
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModelError(
             f"{option} {name}: not a model folder (no config.json). Give the folder save_pretrained wrote."
