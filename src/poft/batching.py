@@ -1,7 +1,7 @@
 """Batches for scoring: length-sorted, filled to a token budget, padded or packed, never padded to max_length.
 
-`iter_scores` runs a model that carries TRL's fused LM head over encoded conversations and yields each
-batch's per-conversation mean response log-prob and token count.
+`iter_scores` runs a model over encoded conversations, log-probs from the response positions alone
+(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob and token count.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.attention import packing_pays, routes_attention
 from poft.chat import EncodedConversation
+from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
 
 
@@ -61,7 +62,7 @@ def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device)
 def score_packed_batch(model, batch: dict[str, torch.Tensor], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-conversation mean response log-prob and token count of a packed row."""
     seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
-    outputs = model(**batch, fused_lm_head=True)
+    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
 
 
@@ -87,8 +88,8 @@ def collate(
 
 @torch.no_grad()
 def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean response log-prob and response token count of each row, from the fused LM head."""
-    outputs = model(**batch, fused_lm_head=True)
+    """Mean response log-prob and response token count of each row, from the response positions alone."""
+    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
 
 
@@ -109,7 +110,7 @@ def iter_scores(
     """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
 
     Padded batches by default; `packing` concatenates conversations into one padding-free row instead.
-    `model` must carry TRL's fused LM head (`load_reference_model` adds it; SFT/PoFT trainers' models have it).
+    The LM head runs in fp32 on the response positions only (`poft.logprobs.response_log_probs`).
     """
     lengths = [len(e.input_ids) for e in encoded]
     batches = packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens)

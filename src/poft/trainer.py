@@ -27,6 +27,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.errors import DataError, OptionError
+from poft.logprobs import response_log_probs
 from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
 from poft.runtime import default_bf16, output_dir_for, train_and_save
 from poft.validation import check_model_source, is_numeric
@@ -241,12 +242,14 @@ class PoFTTrainer(SFTTrainer):
         return count
 
     def _forward(self, model, inputs: dict[str, Any]):
-        """Fused-LM-head forward; returns the outputs, the per-sequence reference scores and sequence ids."""
+        """Response-only forward (`poft.logprobs`, the scorer's computation); returns TRL's fused-head outputs, the
+        per-sequence reference scores and sequence ids."""
         inputs = dict(inputs)
         ref = inputs.pop(REF_TOKENS, None)
         seq_ids = inputs.pop(SEQ_IDS, None)
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
+        with self.accelerator.autocast():  # the response head sits above accelerate's mixed-precision wrapper
+            outputs = response_log_probs(model, inputs, ("log_probs", "entropy", "is_top1"))
         if seq_ids is not None:
             seq_ids = seq_ids[:, 1:]  # align with the next-token log-probs
         return outputs, ref, seq_ids
