@@ -91,7 +91,9 @@ def full_logits_reference(model, seqs, layout) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("layout", [padded, packed])
-def test_values_equal_the_full_logits_and_trl_fused_head(name, layout):
+@pytest.mark.parametrize("rows", [256, 5])
+def test_values_equal_the_full_logits_and_trl_fused_head(name, layout, rows, monkeypatch):
+    monkeypatch.setattr("poft.logprobs.CPU_ROWS", rows)
     model = MODELS[name]()
     batch = layout(sequences())
     with torch.no_grad():
@@ -113,8 +115,11 @@ def test_values_equal_the_full_logits_and_trl_fused_head(name, layout):
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "gemma2"])
 @pytest.mark.parametrize("layout", [padded, packed])
-def test_gradients_equal_the_full_logits(name, layout):
-    """A loss that weighs every token differently (as PoFT's per-sequence weights do) and reads the entropy."""
+@pytest.mark.parametrize("rows", [256, 5])
+def test_gradients_equal_the_full_logits(name, layout, rows, monkeypatch):
+    """A loss that weighs every token differently (as PoFT's per-sequence weights do), with the response rows in one
+    kernel call or in several."""
+    monkeypatch.setattr("poft.logprobs.CPU_ROWS", rows)
     batch = layout(sequences(1))
     model = MODELS[name]().train()
     reference = copy.deepcopy(model)

@@ -17,20 +17,30 @@ from poft.chat import EncodedConversation
 from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
 
+# Largest share of padding in a padded batch: a length-sorted batch is split where the next conversation would
+# push it above this. Padding costs the backbone as much as real tokens do; bench/batching.py measures it.
+MAX_PADDING = 0.2
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
-    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens`.
+
+def token_budget_batches(
+    lengths: Sequence[int], batch_tokens: int, max_padding: float = MAX_PADDING
+) -> Iterator[list[int]]:
+    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens` and padding
+    stays within `max_padding` of the batch (1 lifts that bound).
 
     A sequence longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batch: list[int] = []
+    real = 0
     for index in order:
-        longest = lengths[batch[0]] if batch else lengths[index]
-        if batch and (len(batch) + 1) * longest > batch_tokens:
-            yield batch
-            batch = []
+        if batch:
+            padded = (len(batch) + 1) * lengths[batch[0]]
+            if padded > batch_tokens or real + lengths[index] < (1 - max_padding) * padded:
+                yield batch
+                batch, real = [], 0
         batch.append(index)
+        real += lengths[index]
     if batch:
         yield batch
 
@@ -106,14 +116,18 @@ def iter_scores(
     device: torch.device,
     desc: str,
     packing: bool = False,
+    max_padding: float = MAX_PADDING,
 ) -> Iterator[tuple[list[int], list[float], list[int]]]:
     """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
 
-    Padded batches by default; `packing` concatenates conversations into one padding-free row instead.
+    Padded batches by default, each at most `max_padding` padding; `packing` concatenates conversations into one
+    padding-free row instead.
     The LM head runs in fp32 on the response positions only (`poft.logprobs.response_log_probs`).
     """
     lengths = [len(e.input_ids) for e in encoded]
-    batches = packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens)
+    batches = (
+        packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens, max_padding)
+    )
     with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
         for batch in batches:
             chosen = [encoded[i] for i in batch]

@@ -30,9 +30,11 @@ HEAD_FLAG = "poft_response_head"  # the forward keyword that asks for response-o
 _PATCHED = "_poft_response_head"
 # Logit transforms TRL's fused head knows and this module leaves to it.
 _SCALED_LOGITS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-# Vocabulary columns of one projection tile: with TRL's 4096-token tiles, 4096 x 8192 fp32 = 128 MiB where the
-# tile is folded in torch (CPU), instead of the 512 MiB TRL's 32768 would take; CUDA keeps TRL's width.
-CPU_VOCAB_TILE = 8192
+# The projection tile. Where the kernel folds it in torch (CPU), small tiles stay in cache: 256 rows x 4096
+# columns (4 MiB fp32) ran a 4096-token, 32k-vocabulary head 1.7x as fast as TRL's 4096 x 32768 tiles, and 4096
+# columns a 256-token, 49k-vocabulary head in 0.45 s against 0.66 s (one thread). CUDA keeps TRL's tiles.
+CPU_VOCAB_TILE = 4096
+CPU_ROWS = 256
 GPU_VOCAB_TILE = 32768
 
 
@@ -113,8 +115,11 @@ def install_response_head(causal_lm) -> None:
     setattr(causal_lm, _PATCHED, True)
 
 
-def vocab_tile(device: torch.device) -> int:
-    return GPU_VOCAB_TILE if device.type in ("cuda", "xpu") else CPU_VOCAB_TILE
+def tile_shape(device: torch.device, rows: int) -> tuple[int, int]:
+    """(vocabulary columns, rows) of one kernel call: TRL's on CUDA; small tiles where torch folds them (CPU)."""
+    if device.type in ("cuda", "xpu"):
+        return GPU_VOCAB_TILE, max(rows, 1)
+    return CPU_VOCAB_TILE, CPU_ROWS
 
 
 def _response_forward(
@@ -148,18 +153,24 @@ def _response_forward(
     if request.cast_lm_head_to_fp32:
         rows = rows.float()
         autocast = torch.autocast(rows.device.type, enabled=False)
+    targets, softcap = labels[mask], getattr(text_config, "final_logit_softcapping", None)
+    vocab, step = tile_shape(rows.device, rows.shape[0])
     with autocast, maybe_gather_lm_head_ctx(weight, bias):
-        per_token = ChunkedLogProbFunction.apply(
-            rows,
-            weight,
-            bias,
-            labels[mask],
-            1.0,
-            vocab_tile(rows.device),
-            getattr(text_config, "final_logit_softcapping", None),
-            1.0,
-            request.outputs,
-        )
+        pieces = [
+            ChunkedLogProbFunction.apply(
+                rows[start : start + step],
+                weight,
+                bias,
+                targets[start : start + step],
+                1.0,
+                vocab,
+                softcap,
+                1.0,
+                request.outputs,
+            )
+            for start in range(0, max(rows.shape[0], 1), step)
+        ]
+    per_token = [None if piece[0] is None else torch.cat(piece) for piece in zip(*pieces, strict=True)]
     # `masked_scatter` keeps the output connected to the graph when no label is valid (a differentiable zero)
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token
