@@ -30,6 +30,7 @@ LAYOUTS = {
     "padded 2048 unbounded": (False, 2048, 1.0),
     "padded 2048 padding<=0.2": (False, 2048, 0.2),
     "padded 2048 padding<=0.1": (False, 2048, 0.1),
+    "padded 1024 padding<=0.2": (False, 1024, 0.2),
     "packed 1024": (True, 1024, 1.0),
     "packed 2048": (True, 2048, 1.0),
     "packed 4096": (True, 4096, 1.0),
