@@ -1,7 +1,8 @@
 """How to batch scoring: padded (token budget x padding bound) vs packed vs one conversation per batch, side by side.
 
 One process, one model, poft's own scoring loop (`poft.batching.iter_scores`); the layouts alternate, `--repeats`
-times, and each keeps its best pass (tokens/s over real tokens). Skewed lengths are realistic chats
+times, and each keeps its best pass: real tokens per CPU-second of this process (`time.process_time`), which a
+shared machine's load does not inflate as it does wall time; run it with one thread (OMP_NUM_THREADS=1) on CPU. Skewed lengths are realistic chats
 (`bench/conversations.py`); uniform ones are the same chats cut or tiled to one length. Every layout's scores are
 compared with one conversation per batch.
 
@@ -58,11 +59,11 @@ def padding_share(lengths: list[int], packing: bool, batch_tokens: int, max_padd
 
 def one_pass(model, encoded, on, packing: bool, batch_tokens: int, max_padding: float) -> tuple[float, list[float]]:
     scores = [0.0] * len(encoded)
-    start = time.perf_counter()
+    start = time.process_time()
     for batch, means, _ in iter_scores(model, encoded, 0, batch_tokens, on, "bench", packing, max_padding):
         for i, m in zip(batch, means, strict=True):
             scores[i] = m
-    return time.perf_counter() - start, scores
+    return time.process_time() - start, scores
 
 
 def main() -> None:
@@ -108,7 +109,9 @@ def main() -> None:
         reference = scores.get("one per batch", scores[layouts[0]])
         single = best.get("one per batch")
         print(f"\n{kind} lengths: {min(lengths)}-{max(lengths)} tokens, {tokens} in all")
-        print(f"| layout | padding share | real tokens/s (best of {args.repeats}) | vs one per batch | max abs diff |")
+        print(
+            f"| layout | padding share | real tokens per CPU-s (best of {args.repeats}) | vs one per batch | max abs diff |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for name in layouts:
             share = padding_share(lengths, *LAYOUTS[name])

@@ -7,9 +7,11 @@ at the response positions only (`poft.logprobs`), either padded (`poft`) or pack
 (`poft-packed`, with the attention that
 `poft.attention` picks: PyTorch's varlen kernel on a recent GPU, flex attention on other GPUs, sdpa's dense
 mask on CPU). `poft-fused` is poft before that: TRL's fused LM head over every position, padded batches
-without a padding bound. Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the
+without a padding bound, at its default budget of 16384 tokens. Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the
 post-setup RSS on CPU, max_memory_allocated on GPU) is measured per method. On a sample, every method's
-scores are compared with an fp32 slow path: each conversation alone, eager attention, full logits.
+scores are compared with an fp32 slow path: each conversation alone, eager attention, full logits. On CPU, speed
+is real tokens per CPU-second of the method's process (`time.process_time`; run with OMP_NUM_THREADS=1), which a
+shared machine's load does not inflate as it does wall time.
 
     python bench/scoring.py                       # CPU: a small random Llama, vocab 32000
     python bench/scoring.py --shape llama-1b      # GPU: the Llama-3.2-1B shape (1.24B), bf16
@@ -152,17 +154,18 @@ def worker(args) -> None:
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     run = {
         "public": lambda: public_strategy(model, data, args.max_length, args.public_batch, on),
-        "poft-fused": lambda: fused_head_strategy(model, data, args.batch_tokens, on),
+        "poft-fused": lambda: fused_head_strategy(model, data, args.batch_tokens or 16384, on),
         "poft": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=False),
         "poft-packed": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=True),
     }[args.method]
     run()  # warm-up (and flex attention's compile)
     baseline = reset_peak(on)
-    start = time.perf_counter()
+    clock = time.perf_counter if on.type == "cuda" else time.process_time  # CPU: this process's CPU time
+    start = clock()
     scores = run()
     if on.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     tokens = sum(len(e.input_ids) for e in data)
     params = sum(p.numel() for p in model.parameters())
     emit(
@@ -243,7 +246,7 @@ def main() -> None:
         "--max_length", type=int, default=1024, help="the public strategy pads to this (its code: 4096)"
     )
     parser.add_argument("--public_batch", type=int, default=12)
-    parser.add_argument("--batch_tokens", type=int, default=16384)
+    parser.add_argument("--batch_tokens", type=int, help="poft's budget (default: poft's, by device)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--check_samples", type=int, default=16, help="conversations compared with the fp32 path")

@@ -2,8 +2,9 @@
 
 The same PoFTTrainer and config, differing only in `loss_type` and the batch layout, on conversations of
 skewed (log-normal) lengths. Each configuration runs in its own subprocess, alternating, and reports the
-median step time and real-token throughput (first steps excluded; a packed step carries more
-conversations than a padded one, so layouts compare by throughput) and the peak memory above the
+median step time (on CPU: CPU-seconds of the process; run with OMP_NUM_THREADS=1) and real-token throughput
+(first steps excluded; a packed step carries more conversations than a padded one, so layouts compare by
+throughput) and the peak memory above the
 post-setup level on CPU (VmHWM), the peak allocated on GPU (max_memory_allocated, weights and optimizer
 included). Padded layouts run sdpa; packed ones the attention `bench/scoring.py` packs with (PyTorch's
 varlen kernel on a recent GPU, flex attention on other GPUs, sdpa on CPU). The `-fused` configurations are the
@@ -62,6 +63,11 @@ def make_dataset(n: int, mean_chars: float, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def clock() -> float:
+    """Wall time on GPU; on CPU this process's CPU time, which a shared machine's load does not inflate."""
+    return time.perf_counter() if torch.cuda.is_available() else time.process_time()
+
+
 class StepTimer(TrainerCallback):
     """Seconds and real (non-padding) input tokens of every optimizer step."""
 
@@ -72,12 +78,12 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.start, self.seen = time.perf_counter(), state.num_input_tokens_seen
+        self.start, self.seen = clock(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.start)
+        self.times.append(clock() - self.start)
         self.tokens.append(state.num_input_tokens_seen - self.seen)
 
 

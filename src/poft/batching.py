@@ -17,6 +17,10 @@ from poft.chat import EncodedConversation
 from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
 
+# Default token budget of a batch, by device (bench/batching.py): on CPU, batches beyond about 2048 tokens were
+# no faster than one conversation at a time; GPUs need large batches to fill. Not measured on a GPU yet.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
 # Largest share of padding in a padded batch: a length-sorted batch is split where the next conversation would
 # push it above this. Padding costs the backbone as much as real tokens do; bench/batching.py measures it.
 MAX_PADDING = 0.2
@@ -103,6 +107,10 @@ def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
 
 
+def default_batch_tokens(device: torch.device) -> int:
+    return GPU_BATCH_TOKENS if device.type in ("cuda", "xpu") else CPU_BATCH_TOKENS
+
+
 def uses_varlen_attention(model, device: torch.device) -> bool:
     """Pack by default only where it is safe and attention skips the pairs across conversations (`poft.attention`)."""
     return routes_attention(model) and packing_pays(getattr(model.config, "_attn_implementation", None), device)
@@ -112,7 +120,7 @@ def iter_scores(
     model,
     encoded: Sequence[EncodedConversation],
     pad_token_id: int,
-    batch_tokens: int,
+    batch_tokens: int | None,
     device: torch.device,
     desc: str,
     packing: bool = False,
@@ -120,11 +128,13 @@ def iter_scores(
 ) -> Iterator[tuple[list[int], list[float], list[int]]]:
     """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
 
-    Padded batches by default, each at most `max_padding` padding; `packing` concatenates conversations into one
+    `batch_tokens` None: the device's default (`default_batch_tokens`). Padded batches by default, each at most
+    `max_padding` padding; `packing` concatenates conversations into one
     padding-free row instead.
     The LM head runs in fp32 on the response positions only (`poft.logprobs.response_log_probs`).
     """
     lengths = [len(e.input_ids) for e in encoded]
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     batches = (
         packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens, max_padding)
     )
