@@ -1,6 +1,6 @@
 """Training step cost: PoFT against SFT, padded against packed batches, side by side in one run.
 
-The same PoFTTrainer and config, differing only in `loss_type` and the batch layout, on conversations of
+The same PoFTTrainer and config, differing only in `objective` and the batch layout, on conversations of
 skewed (log-normal) lengths. Each configuration runs in its own subprocess, alternating, and reports the
 median step time (on CPU: CPU-seconds of the process; run with OMP_NUM_THREADS=1) and real-token throughput
 (first steps excluded; a packed step carries more conversations than a padded one, so layouts compare by
@@ -102,7 +102,7 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as out:
         config = PoFTConfig(
             output_dir=out,
-            loss_type=loss_type,
+            objective=loss_type,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             max_length=args.max_length,

@@ -25,10 +25,10 @@ if run score; then
 fi
 
 # 2. Full fine-tuning of Mistral-7B-v0.1 under DeepSpeed ZeRO-3: PoFT, then the SFT baseline with
-#    identical settings (only loss_type and output_dir differ).
+#    identical settings (only the objective and output_dir differ).
 if run train; then
-  $ZERO3 train --config recipes/train-paper-mistral-7b.yaml
-  $ZERO3 train --config recipes/train-paper-mistral-7b.yaml --loss_type sft --output_dir outputs/mistral-7b-sft-ultrachat
+  $ZERO3 train --config recipes/train-mistral-7b-base.yaml
+  $ZERO3 train --config recipes/train-mistral-7b-base.yaml --objective sft --output_dir outputs/mistral-7b-sft-ultrachat
 fi
 
 # 3. The second stage: DPO on UltraFeedback from each model.

@@ -43,6 +43,7 @@ def test_help_lists_commands_and_options(capsys):
         "--model_name_or_path",
         "--dataset_name",
         "--output_dir",
+        "--objective",
         "--loss_type",
         "--beta",
         "--gamma",
@@ -157,7 +158,7 @@ def test_train_without_scores_explains_the_fix(tiny_models, conversations, tmp_p
             data,
             "--output_dir",
             str(tmp_path / "o"),
-            "--gradient_checkpointing",
+            "--activation_checkpointing",
             "false",
         ]
     )

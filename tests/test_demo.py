@@ -89,12 +89,12 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
         assert 0 <= run["clipped_share"] <= 1
         assert 0 <= run["curve"][-1]["weight_clean"] <= 1 and 0 <= run["curve"][-1]["weight_noisy"] <= 1
     (entry,) = saved["summary"]
-    sft = entry["poft_minus"]["sft"]
+    sft = entry["differences"]["poft"]["sft"]
     by_seed = {(r["method"], r["seed"]): r["test_accuracy"] for r in saved["runs"]}
     assert sft["difference"] == pytest.approx(sum(by_seed[("poft", s)] - by_seed[("sft", s)] for s in (0, 1)) / 2)
     assert sft["interval_seeds"] is not None and sft["verdict"] in (
-        "PoFT better",
-        "PoFT worse",
+        "poft better",
+        "poft worse",
         "no measurable difference",
     )
     report = (out / "report.md").read_text()
@@ -159,7 +159,7 @@ def test_best_learning_rate_is_chosen_on_validation_and_arms_pair_by_seed():
         record("poft", 1, 1e-3, [1, 1, 1, 0]),
     ]
     by_arm = {e["arm"]: e for e in summarise(runs, 1e-3, {"sft": 2e-3, "poft": 1e-3})}
-    same, best = by_arm["same lr"]["poft_minus"]["sft"], by_arm["best lr"]["poft_minus"]["sft"]
+    same, best = (by_arm[arm]["differences"]["poft"]["sft"] for arm in ("same lr", "best lr"))
     assert same["difference"] == pytest.approx(0.25) and best["difference"] == pytest.approx(-0.25)
     assert by_arm["best lr"]["methods"]["sft"]["learning_rate"] == 2e-3
     # both seeds gain exactly 0.25: a zero-width interval over seeds, which excludes zero

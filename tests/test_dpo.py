@@ -82,7 +82,7 @@ def dpo_flags(model: str, data: str, output: Path, **options) -> list[str]:
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
         "logging_steps": 1,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "save_strategy": "no",
         "report_to": "none",
         "seed": 0,

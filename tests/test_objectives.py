@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.objectives import (
+    nll_loss,
+    normalised_nll_loss,
+    poft_loss,
+    poft_token_loss,
+    poft_weights,
+    sequence_mean_log_probs,
+)
 
 
 def test_poft_loss_equals_formula_by_hand():
@@ -86,3 +93,50 @@ def test_normalised_nll_is_the_mean_of_per_sequence_means():
     # by hand: sequence NLLs (1 + 2) / 2 = 1.5 and 4 / 1 = 4, mean 2.75; token-level SFT gives 7 / 3
     assert normalised_nll_loss(r_theta).item() == pytest.approx(2.75)
     assert normalised_nll_loss(r_theta, num_items=11).item() == pytest.approx(5.5 / 11)
+
+
+def test_token_weighted_poft_loss_equals_formula_by_hand():
+    policy, ref, tokens = [-1.2, -0.3, -2.5], [-1.0, -0.9, -0.4], [4, 1, 10]
+    for beta, gamma in [(1.0, 0.0), (2.5, 0.3)]:
+        per_sequence = [
+            -math.log(1 / (1 + math.exp(-(beta * (p - r) + gamma)))) for p, r in zip(policy, ref, strict=True)
+        ]
+        expected = sum(n * loss for n, loss in zip(tokens, per_sequence, strict=True)) / sum(tokens)
+        got = poft_token_loss(
+            torch.tensor(policy, dtype=torch.float64),
+            torch.tensor(ref, dtype=torch.float64),
+            torch.tensor(tokens),
+            beta,
+            gamma,
+        )
+        assert got.item() == pytest.approx(expected, abs=1e-12)
+        # over a larger step (gradient accumulation, several processes) it is divided by that step's tokens
+        partial = poft_token_loss(torch.tensor(policy), torch.tensor(ref), torch.tensor(tokens), beta, gamma, 60)
+        assert partial.item() == pytest.approx(expected * sum(tokens) / 60, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta, gamma", [(1.0, 0.0), (2.0, 0.5)])
+def test_token_weighted_gradient_is_weighted_token_level_cross_entropy(beta, gamma):
+    """grad = beta * sum_i w_i * grad(summed NLL of sequence i) / N_tokens, w_i = sigmoid(-(beta (r_i - ref_i) + gamma))."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    ref = torch.tensor([-2.0, -3.5, -1.0], dtype=torch.float64)
+
+    r_theta, counts = sequence_mean_log_probs(_log_probs(weight, tokens), mask)
+    (grad,) = torch.autograd.grad(poft_token_loss(r_theta, ref, counts, beta, gamma), weight)
+
+    expected = torch.zeros_like(weight)
+    for i in range(3):
+        log_probs = _log_probs(weight, tokens)[i][mask[i]]
+        (grad_nll,) = torch.autograd.grad(-log_probs.sum(), weight)
+        w = torch.sigmoid(-(beta * (log_probs.detach().mean() - ref[i]) + gamma))
+        expected += beta * w * grad_nll / mask.sum()
+    torch.testing.assert_close(grad, expected)
+    # where every weight is the same, it is token-level SFT's gradient scaled by that weight
+    (grad_sft,) = torch.autograd.grad(nll_loss(_log_probs(weight, tokens), mask), weight)
+    r_theta, counts = sequence_mean_log_probs(_log_probs(weight, tokens), mask)
+    tied = r_theta.detach() + 0.7
+    (grad_tied,) = torch.autograd.grad(poft_token_loss(r_theta, tied, counts, 1.0, 0.0), weight)
+    torch.testing.assert_close(grad_tied, torch.sigmoid(torch.tensor(0.7, dtype=torch.float64)) * grad_sft)

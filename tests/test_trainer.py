@@ -11,9 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from poft.chat import MASK_RULE, ChatTemplateError
-from poft.errors import DataError
+from poft.errors import DataError, OptionError
 from poft.scoring import ScoreConfig, score_dataset
-from poft.trainer import PoFTConfig, PoFTTrainer
+from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
 from tests.conftest import TWO_CPU_PROCESSES, as_dataset
 
 
@@ -24,7 +24,7 @@ def config(tmp_path, **overrides) -> PoFTConfig:
         "max_steps": 1,
         "learning_rate": 1e-3,
         "logging_steps": 1,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "save_strategy": "no",
         "report_to": [],
         "max_length": 256,
@@ -56,10 +56,18 @@ def test_r_theta_equals_the_models_own_score(tiny_models, scored, tmp_path, name
     trainer = PoFTTrainer(tiny_models[name], args=config(tmp_path, **layout), train_dataset=scored[name])
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     assert len(ref) == len(scored[name])
     torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
     assert sorted(ref.tolist()) == pytest.approx(sorted(scored[name]["ref_score"]), abs=1e-6)
+
+
+def policy_scores(trainer: PoFTTrainer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """r_theta and r_ref of the whole training set, computed by the loss's own path."""
+    batch = whole_batch(trainer)
+    outputs, ref, seq_ids = trainer._forward(trainer.model, batch)
+    _, r_theta = trainer._objective_loss(outputs, ref, seq_ids, _num_sequences(batch), None)
+    return r_theta, ref
 
 
 def loss_and_grads(trainer: PoFTTrainer):
@@ -69,13 +77,13 @@ def loss_and_grads(trainer: PoFTTrainer):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
-def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, loss_type):
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, objective):
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
     results = []
     for layout in ({}, {"padding_free": True}, {"packing": True}):
         trainer = PoFTTrainer(
-            tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data
+            tiny_models["chatml"], args=config(tmp_path, objective=objective, **layout), train_dataset=data
         )
         trainer.model.train()
         results.append(loss_and_grads(trainer))
@@ -86,15 +94,15 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models,
             torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft"])
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft"])
 @pytest.mark.parametrize("layout", [{}, {"padding_free": True}])
 def test_response_only_head_gives_trl_fused_heads_loss_and_gradients(
-    tiny_models, scored, tmp_path, monkeypatch, loss_type, layout
+    tiny_models, scored, tmp_path, monkeypatch, objective, layout
 ):
     """The trainer's response-only log-probs against TRL's fused head over every position, the path they replace."""
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})
     trainer = PoFTTrainer(
-        tiny_models["chatml"], args=config(tmp_path, loss_type=loss_type, **layout), train_dataset=data
+        tiny_models["chatml"], args=config(tmp_path, objective=objective, **layout), train_dataset=data
     )
     trainer.model.train()
     metrics = []
@@ -112,13 +120,13 @@ def test_response_only_head_gives_trl_fused_heads_loss_and_gradients(
         assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft", "sft_norm"])
-def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, loss_type):
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, objective):
     weights = []
     for batch, accumulation in ((4, 1), (1, 4)):
         args = config(
             tmp_path,
-            loss_type=loss_type,
+            objective=objective,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
             optim="sgd",
@@ -134,9 +142,9 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, los
         torch.testing.assert_close(weights[1][name], update, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["poft", "sft"])
-def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tmp_path, loss_type):
-    args = config(tmp_path, loss_type=loss_type, max_steps=12, learning_rate=3e-3)
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft"])
+def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tmp_path, objective):
+    args = config(tmp_path, objective=objective, max_steps=12, learning_rate=3e-3)
     trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=scored["zephyr"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -154,26 +162,26 @@ def test_a_few_steps_lower_the_loss_and_log_poft_metrics(tiny_models, scored, tm
     assert all(0 <= h["poft/weight"] <= 1 and 0 <= h["poft/win_rate"] <= 1 for h in logs)
     first = logs[0]
     assert first["poft/margin"] == pytest.approx(first["poft/r_theta"] - first["poft/r_ref"], abs=1e-5)
-    if loss_type == "poft":
+    if objective != "sft":
         # with beta=1, gamma=0 the loss is -log sigmoid(margin); weights fall as the target overtakes the references
         assert logs[-1]["poft/weight"] < logs[0]["poft/weight"]
 
 
 @pytest.mark.parametrize("layout", [{}, {"padding_free": True}])
 def test_sft_norm_loss_is_the_mean_sequence_nll(tiny_models, conversations, scored, tmp_path, layout):
-    args = config(tmp_path, loss_type="sft_norm", **layout)
+    args = config(tmp_path, objective="sft_norm", **layout)
     without_ref = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=as_dataset(conversations))
     with_ref = PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, **layout), train_dataset=scored["chatml"])
     with torch.no_grad():
         loss = without_ref.compute_loss(without_ref.model, whole_batch(without_ref))
-        r_theta, _ = with_ref.policy_scores(with_ref.model, whole_batch(with_ref))
+        r_theta, _ = policy_scores(with_ref)
     torch.testing.assert_close(loss, -r_theta.mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
     trainer = PoFTTrainer(
         tiny_models["chatml"],
-        args=config(tmp_path, loss_type="sft", max_steps=2),
+        args=config(tmp_path, objective="sft", max_steps=2),
         train_dataset=as_dataset(conversations),
     )
     trainer.train()
@@ -218,7 +226,8 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
         config(tmp_path, loss_type="dpo")
 
 
-def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
+@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, objective):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
     import subprocess
@@ -235,8 +244,8 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         tiny_models["chatml"],
         "--dataset_name",
         data,
-        "--loss_type",
-        "poft",
+        "--objective",
+        objective,
         "--max_steps",
         "1",
         "--optim",
@@ -247,7 +256,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path):
         "1e9",
         "--max_length",
         "256",
-        "--gradient_checkpointing",
+        "--activation_checkpointing",
         "false",
         "--report_to",
         "none",
@@ -284,7 +293,7 @@ def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_p
     metrics = trainer.evaluate()
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     expected = torch.nn.functional.softplus(-(r_theta - ref)).mean().item()  # -log sigmoid(margin)
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["eval_poft/margin"] == pytest.approx((r_theta - ref).mean().item(), abs=1e-5)
@@ -304,7 +313,7 @@ def test_r_theta_equals_poft_score_on_real_templates(template_models, conversati
         trainer = PoFTTrainer(template_models[name], args=config(tmp_path, **layout), train_dataset=data)
         trainer.model.eval()
         with torch.no_grad():
-            r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+            r_theta, ref = policy_scores(trainer)
         torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
         assert sorted(ref.tolist()) == pytest.approx(sorted(data["ref_score"]), abs=1e-6)
 
@@ -327,7 +336,143 @@ def test_target_without_a_template_trains_with_the_given_one(tiny_models, conver
     trainer = PoFTTrainer(base, args=config(tmp_path, chat_template=str(template)), train_dataset=data)
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = trainer.policy_scores(trainer.model, whole_batch(trainer))
+        r_theta, ref = policy_scores(trainer)
     torch.testing.assert_close(r_theta, ref, atol=1e-5, rtol=0)
     trainer.save_model(str(tmp_path / "trained"))
     assert AutoTokenizer.from_pretrained(tmp_path / "trained").chat_template == ZEPHYR
+
+
+@pytest.mark.parametrize("legacy", ["poft", "sft", "sft_norm"])
+def test_former_loss_type_spellings_select_the_objective(tmp_path, legacy, caplog):
+    with caplog.at_level(logging.WARNING, logger="poft.trainer"):
+        args = config(tmp_path, loss_type=legacy)
+    assert (args.objective, args.loss_type) == (legacy, "nll")
+    assert f"use `objective: {legacy}`" in caplog.text
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"loss_type: {legacy}\nmodel_name_or_path: m\ndataset_name: d\noutput_dir: {tmp_path / 'o'}\n")
+    from poft.cli import parse
+
+    _, parsed, _ = parse("train", ["--config", str(recipe)])
+    assert (parsed.objective, parsed.loss_type) == (legacy, "nll")
+
+
+def test_contradicting_or_misplaced_losses_are_one_line_errors(tmp_path):
+    with pytest.raises(OptionError, match="contradicts objective='sft'"):
+        config(tmp_path, loss_type="sft_norm", objective="sft")
+    with pytest.raises(OptionError, match="applies with objective='sft'"):
+        config(tmp_path, loss_type="dft", objective="poft_token")
+    with pytest.raises(OptionError, match="objective must be one of"):
+        config(tmp_path, objective="dpo")
+
+
+def test_no_deprecation_warning_for_options_left_unset(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = PoFTConfig(output_dir=str(tmp_path / "o"), report_to=[])
+    assert args.activation_checkpointing is True  # TRL's default, under its current name
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        assert (
+            PoFTConfig(output_dir=str(tmp_path / "o"), gradient_checkpointing=False).activation_checkpointing is False
+        )
+
+
+def test_dft_is_the_probability_weighted_token_nll(tiny_models, scored, tmp_path):
+    trainer = PoFTTrainer(
+        tiny_models["chatml"], args=config(tmp_path, objective="sft", loss_type="dft"), train_dataset=scored["zephyr"]
+    )
+    batch = whole_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token = log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[mask]
+    torch.testing.assert_close(loss, -(token * token.exp()).sum() / mask.sum(), atol=1e-5, rtol=1e-5)
+
+
+def tiny_mixtral(tokenizer, coef: float = 0.05):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=coef,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).float()
+
+
+def test_moe_sft_equals_trls_sft_trainer_step_for_step(tiny_models, scored, tmp_path):
+    """A Mixtral target: poft's SFT objective and TRL's own SFTTrainer (same labels) make the same updates and
+    log the same router aux loss, so the load-balancing loss is kept."""
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    steps = {"max_steps": 3, "per_device_train_batch_size": 16, "optim": "sgd", "learning_rate": 0.5}
+    ours = PoFTTrainer(
+        tiny_mixtral(tokenizer),
+        args=config(tmp_path, objective="sft", **steps),
+        train_dataset=scored["zephyr"],
+        processing_class=tokenizer,
+    )
+    tokenized = ours.train_dataset.map(lambda r: {"completion_mask": [int(t != -100) for t in r["labels"]]})
+    theirs = SFTTrainer(
+        tiny_mixtral(tokenizer),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "trl"),
+            activation_checkpointing=False,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=1,
+            seed=0,
+            bf16=False,
+            max_length=256,
+            completion_only_loss=True,
+            **steps,
+        ),
+        train_dataset=tokenized.select_columns(["input_ids", "completion_mask"]),
+        processing_class=tokenizer,
+    )
+    assert ours.aux_loss_enabled and theirs.aux_loss_enabled
+    ours.train()
+    theirs.train()
+    ours_logs = [h for h in ours.state.log_history if "loss" in h]
+    theirs_logs = [h for h in theirs.state.log_history if "loss" in h]
+    for a, b in zip(ours_logs, theirs_logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5)
+    for (name, p), q in zip(ours.model.named_parameters(), theirs.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+def test_moe_poft_loss_adds_the_router_aux_loss(tiny_models, scored, tmp_path, objective):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    losses = {}
+    for coef in (0.0, 0.05):
+        trainer = PoFTTrainer(
+            tiny_mixtral(tokenizer, coef),
+            args=config(tmp_path, objective=objective),
+            train_dataset=scored["zephyr"],
+            processing_class=tokenizer,
+        )
+        batch = whole_batch(trainer)
+        with torch.no_grad():
+            losses[coef] = trainer.compute_loss(trainer.model, batch)
+            if coef:
+                aux = trainer.model(
+                    **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_router_logits=True
+                )
+    torch.testing.assert_close(losses[0.05] - losses[0.0], 0.05 * aux.aux_loss, atol=1e-6, rtol=1e-5)

@@ -75,8 +75,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "train with PoFT or the SFT baseline on TRL",
-        "Fine-tune a model with PoFT (loss_type=poft, needs a ref_score column from `poft score`) or the SFT "
-        "baseline (loss_type=sft). Every SFTConfig / TrainingArguments option is accepted.",
+        "Fine-tune a model with PoFT (--objective poft or poft_token, needs a ref_score column from `poft score`) "
+        "or a baseline (--objective sft with TRL's --loss_type nll or dft, or sft_norm). Every SFTConfig / "
+        "TrainingArguments option is accepted.",
         ("poft.trainer:TrainDataArguments", "poft.trainer:PoFTConfig", "trl:ModelConfig"),
         "poft.trainer:run_train",
     ),

@@ -5,6 +5,11 @@ A model's preference score of a conversation is the mean log-probability of its 
 with a Bradley-Terry loss: L = -log sigmoid(beta * (r_theta - r_ref) + gamma). Its gradient is
 beta * sigmoid(-(beta * (r_theta - r_ref) + gamma)) times the gradient of the length-normalised
 cross-entropy, so `poft_weights` is the per-sample data weight that the references induce.
+
+`poft_token_loss` weighs each sequence's Bradley-Terry loss by its response-token count and divides by the
+step's response tokens. Since T_i * r_theta_i is sequence i's summed log-prob, its gradient is
+beta * w_i * grad(summed NLL of sequence i) / N_tokens with w_i the same PoFT weight: token-level SFT with
+each sequence scaled by the weight, so long responses count per token as SFT counts them.
 """
 
 from __future__ import annotations
@@ -66,6 +71,25 @@ def poft_loss(
     if reduction == "none":
         return losses
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def poft_token_loss(
+    policy_scores: torch.Tensor,
+    ref_scores: torch.Tensor,
+    num_tokens: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    num_items: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Token-weighted PoFT: sum_i T_i * -log sigmoid(beta (r_theta_i - r_ref_i) + gamma) / `num_items`.
+
+    `num_tokens` holds each sequence's response-token count T_i; `num_items` is the step's response-token
+    count (default: sum of `num_tokens`), so gradient accumulation and data parallelism see one large batch.
+    """
+    losses = poft_loss(policy_scores, ref_scores, beta, gamma, reduction="none")
+    counts = num_tokens.to(losses.dtype)
+    denominator = counts.sum() if num_items is None else num_items
+    return (losses * counts).sum() / torch.as_tensor(denominator, device=losses.device).clamp(min=1)
 
 
 def poft_weights(

@@ -75,20 +75,24 @@ def accuracy_table(summary: Sequence[dict]) -> str:
 
 
 def difference_table(summary: Sequence[dict]) -> str:
-    """Markdown: PoFT minus each other method (points), paired by seed and prompt, with the verdict."""
+    """Markdown: each PoFT objective minus each other method (points), paired by seed and prompt, with the verdict."""
     lines = [
-        "| world | noise | rate | lr arm | PoFT minus | seeds | difference | 95% CI, seeds | 95% CI, prompts | verdict "
+        "| world | noise | rate | lr arm | comparison | seeds | difference | 95% CI, seeds | 95% CI, prompts | verdict "
         "| within 1 point | seeds for +-2 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in summary:
-        for method, c in entry["poft_minus"].items():
+        for first, method, c in _differences(entry):
             lines.append(
-                f"{_setting_cells(entry)} {method} | {len(c['seeds'])} | {100 * c['difference']:+.1f} | "
+                f"{_setting_cells(entry)} {first} - {method} | {len(c['seeds'])} | {100 * c['difference']:+.1f} | "
                 f"{_pct(c['interval_seeds'], True)} | {_pct(c['interval_prompts'], True)} | {c['verdict']} | "
                 f"{c['within_1_point']} | {c['seeds_for_2_points'] or '-'} |"
             )
     return "\n".join(lines)
+
+
+def _differences(entry: dict) -> list[tuple[str, str, dict]]:
+    return [(first, other, c) for first, others in entry["differences"].items() for other, c in others.items()]
 
 
 def _curves(runs: Sequence[dict], learning_rate: float) -> dict[tuple, dict[str, list[dict]]]:
@@ -178,8 +182,9 @@ def plot_weights(runs: Sequence[dict], learning_rate: float, path: Path) -> None
 
 
 def plot_differences(summary: Sequence[dict], path: Path) -> None:
-    """PoFT minus each method per setting: the difference with its 95% intervals over seeds and over prompts."""
-    rows = [(e, m, c) for e in summary for m, c in e["poft_minus"].items()]
+    """Each PoFT objective minus each method per setting: the difference with its 95% intervals over seeds and
+    over prompts."""
+    rows = [(e, f"{first} - {m}", c) for e in summary for first, m, c in _differences(e)]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
     for y, (_, _, c) in enumerate(rows):
         for interval, offset, color in (
@@ -191,11 +196,11 @@ def plot_differences(summary: Sequence[dict], path: Path) -> None:
         ax.plot(100 * c["difference"], y, "ko", markersize=4)
     ax.set_yticks(
         range(len(rows)),
-        [f"{e['world']} {e['noise_kind']} {e['noise_rate']:g} ({e['arm']}): - {m}" for e, m, _ in rows],
+        [f"{e['world']} {e['noise_kind']} {e['noise_rate']:g} ({e['arm']}): {m}" for e, m, _ in rows],
         fontsize=7,
     )
     ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("PoFT minus method, exact-match points (blue: 95% CI over seeds, orange: over prompts)")
+    ax.set_xlabel("difference, exact-match points (blue: 95% CI over seeds, orange: over prompts)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -209,7 +214,7 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
         "accuracy.png": lambda path: plot_accuracy(runs, config["learning_rate"], path),
         "weights.png": lambda path: plot_weights(runs, config["learning_rate"], path),
     }
-    if any(e["poft_minus"] for e in summary):
+    if any(_differences(e) for e in summary):
         plots["differences.png"] = lambda path: plot_differences(summary, path)
     if distributions:
         plots["score_distribution.png"] = lambda path: plot_score_distributions(distributions, path)
@@ -240,7 +245,7 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
             "",
         ]
     lines += [
-        "## PoFT minus the other methods (exact-match points)",
+        "## The PoFT objectives minus the other methods (exact-match points)",
         "",
         difference_table(summary),
         "",

@@ -5,8 +5,11 @@ target's r_theta and the data's `ref_score` measure the same tokens. Each conver
 travels as a per-token column, which survives TRL's padding-free collation and BFD packing unchanged;
 the collator turns it back into one value per sequence, and the loss reduces the fused LM head's
 per-token log-probs to per-sequence means from the sequence boundaries. The loss is normalised by the
-number of sequences in the whole optimizer step (all micro-batches and processes), so gradient
-accumulation and data parallelism give the same update as one large batch.
+number of sequences (poft, sft_norm) or of response tokens (poft_token, sft) in the whole optimizer step
+(all micro-batches and processes), so gradient accumulation and data parallelism give the same update as
+one large batch. Around the objective, the trainer does what TRL's compute_loss does: the MoE router
+load-balancing loss, the data-parallel scaling; SFT paths only TRL has (sequence parallelism,
+compute_loss_func, label smoothing) are TRL's own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
-from poft.objectives import nll_loss, normalised_nll_loss, poft_loss, poft_weights, sequence_mean_log_probs
+from poft.objectives import (
+    nll_loss,
+    normalised_nll_loss,
+    poft_loss,
+    poft_token_loss,
+    poft_weights,
+    sequence_mean_log_probs,
+)
 from poft.runtime import default_bf16, output_dir_for, train_and_save
 from poft.validation import check_model_source, is_numeric
 
@@ -36,7 +46,17 @@ logger = logging.getLogger(__name__)
 
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
 SEQ_IDS = "poft_seq_ids"
-LOSS_TYPES = ("poft", "sft", "sft_norm")
+OBJECTIVES = ("poft", "poft_token", "sft", "sft_norm")
+DEFAULT_OBJECTIVE = "poft"
+PER_SEQUENCE = ("poft", "sft_norm")  # objectives normalised per sequence; the others per response token
+NEEDS_REFERENCES = ("poft", "poft_token")
+LEGACY_LOSS_TYPES = ("poft", "sft", "sft_norm")  # poft's former spellings of `objective` in TRL's `loss_type`
+OBJECTIVE_HELP = (
+    "poft: the paper's -log sigmoid(beta (r_theta - r_ref) + gamma), averaged over sequences; poft_token: the same "
+    "Bradley-Terry loss weighted by each sequence's response tokens (gradient: token-level SFT with each sequence "
+    "scaled by PoFT's weight); sft: TRL's cross-entropy (its loss_type nll or dft); sft_norm: mean over sequences "
+    "of -r_theta (length-normalised cross-entropy)."
+)
 
 
 @dataclass
@@ -51,15 +71,16 @@ class TrainDataArguments(ScriptArguments):
 
 @dataclass
 class PoFTConfig(SFTConfig):
-    """SFTConfig plus PoFT's options. `loss_type` is "poft" (default), "sft" (the token-level cross-entropy
-    baseline) or "sft_norm" (cross-entropy averaged per sequence first, PoFT's length normalisation without weights)."""
+    """SFTConfig plus PoFT's options. `objective` is poft's (see OBJECTIVE_HELP); `loss_type` stays TRL's and
+    applies with `objective="sft"`, so TRL's DFT is a baseline too."""
 
+    objective: str = field(default=DEFAULT_OBJECTIVE, metadata={"help": OBJECTIVE_HELP, "choices": list(OBJECTIVES)})
     loss_type: str = field(
-        default="poft",
+        default="nll",
         metadata={
-            "help": "poft: -log sigmoid(beta (r_theta - r_ref) + gamma); sft: token-level cross-entropy baseline; "
-            "sft_norm: mean over sequences of -r_theta (length-normalised cross-entropy).",
-            "choices": list(LOSS_TYPES),
+            "help": "TRL's SFT loss, used with --objective sft: nll (cross-entropy) or dft (Dynamic Fine-Tuning). "
+            "poft, sft and sft_norm are the former spellings of --objective and still accepted.",
+            "choices": ["nll", "dft", "chunked_nll", *LEGACY_LOSS_TYPES],
         },
     )
     beta: float = field(
@@ -77,21 +98,51 @@ class PoFTConfig(SFTConfig):
         },
     )
     system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
+    # TRL's default (checkpointing on) under transformers' current name, so that no deprecation warning is printed
+    # for an option the user did not set; the old name still works and warns as transformers does.
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Trade compute for memory by recomputing activations (default: on, as TRL)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers)."}
+    )
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise OptionError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type in LEGACY_LOSS_TYPES:
+            if self.objective not in (self.loss_type, DEFAULT_OBJECTIVE):
+                raise OptionError(
+                    f"loss_type={self.loss_type!r} (poft's former spelling of the objective) contradicts "
+                    f"objective={self.objective!r}. Set only --objective."
+                )
+            logger.warning(
+                "loss_type=%r is poft's former spelling: use `objective: %s` (loss_type is TRL's nll or dft).",
+                self.loss_type,
+                self.loss_type,
+            )
+            self.objective, self.loss_type = self.loss_type, "nll"
+        if self.loss_type not in ("nll", "dft", "chunked_nll"):
+            raise OptionError(
+                f"loss_type must be TRL's nll or dft, got {self.loss_type!r} (poft's objectives are "
+                f"--objective {' | '.join(OBJECTIVES)})"
+            )
+        if self.objective not in OBJECTIVES:
+            raise OptionError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.loss_type == "dft" and self.objective != "sft":
+            raise OptionError(
+                f"loss_type='dft' is TRL's SFT loss and applies with objective='sft', not {self.objective!r}."
+            )
+        if self.label_smoothing_factor and self.objective != "sft":
+            raise OptionError(f"label_smoothing_factor applies with objective='sft' only, not {self.objective!r}.")
         if self.system_turns not in SYSTEM_TURNS:
             raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
         if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
         if not math.isfinite(self.gamma):
             raise OptionError(f"--gamma must be a finite number (the paper uses 0), got {self.gamma}")
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         self.bf16 = default_bf16(self.bf16, self.fp16)
-        # Workaround (TRL 1.16): SFTConfig validates loss_type against its own list; restored after its checks.
-        poft_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        self.loss_type = poft_loss_type
 
 
 class PoFTDataCollator:
@@ -119,7 +170,7 @@ class PoFTDataCollator:
 
 
 class PoFTTrainer(SFTTrainer):
-    """Trains with PoFT (`loss_type="poft"`) or plain SFT (`"sft"`) and logs PoFT's weights either way.
+    """Trains with an `objective` (PoFT, token-weighted PoFT, SFT, sft_norm) and logs PoFT's weights either way.
 
     The train dataset needs `messages` (see `poft.load_sft_dataset`) and, for PoFT, a finite reference
     score per row (`poft score`'s `ref_score`). Logged per step: `poft/weight` (mean
@@ -141,17 +192,22 @@ class PoFTTrainer(SFTTrainer):
             )
         if args.assistant_only_loss or args.completion_only_loss:
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
-        # Workaround (TRL 1.16, pinned <1.17): SFTTrainer accepts only its own loss types, and refuses max_length
-        # with padding-free batches because it would not truncate them; the encoder truncates every conversation
-        # itself, so both are lifted while TRL sets up. Revisit when TRL takes custom losses (compute_loss_func).
-        self._truncate_to, self.loss_type = args.max_length, args.loss_type
-        args.loss_type = "nll"
+        if args.objective != "sft" and (kwargs.get("compute_loss_func") is not None):
+            raise OptionError("compute_loss_func replaces the loss; it applies with objective='sft' only.")
+        # Workaround (TRL 1.16, pinned <1.17): SFTTrainer refuses max_length with padding-free batches because it
+        # would not truncate them; the encoder truncates every conversation itself, so it is lifted while TRL sets up.
+        self._truncate_to, self.objective = args.max_length, args.objective
         if args.padding_free and not args.packing:
             args.max_length = None
         try:
             super().__init__(model, args, *pargs, **kwargs)
         finally:
-            args.loss_type, args.max_length = self.loss_type, self._truncate_to
+            args.max_length = self._truncate_to
+        if self.objective != "sft" and _sequence_parallel(self.accelerator):
+            raise OptionError(
+                f"objective={self.objective!r} needs each conversation whole on one process; sequence parallelism "
+                "splits it. Use objective='sft' or turn sequence parallelism off."
+            )
         if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
             raise ValueError("PoFTTrainer builds its own data collator; do not pass one.")
         self.data_collator = PoFTDataCollator(self.data_collator)
@@ -172,13 +228,13 @@ class PoFTTrainer(SFTTrainer):
             )
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
-        if self.loss_type == "poft" and not has_ref:
+        if self.objective in NEEDS_REFERENCES and not has_ref:
             raise DataError(
                 f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
                 f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
-                "use loss_type='sft'."
+                "use objective='sft'."
             )
-        if self.loss_type == "poft":
+        if self.objective in NEEDS_REFERENCES:
             _check_reference_column(dataset, ref_column, dataset_name)
         encoder = ConversationEncoder(
             self._tokenizer,
@@ -213,7 +269,7 @@ class PoFTTrainer(SFTTrainer):
                     f"after truncation to {self._truncate_to} tokens (or that this chat template marks), so there "
                     "is nothing to train on. Raise max_length, or check the chat template."
                 )
-        if self.loss_type == "poft":
+        if self.objective in NEEDS_REFERENCES:
             dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
             ["poft_num_response_tokens", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
@@ -229,10 +285,11 @@ class PoFTTrainer(SFTTrainer):
         return dataset
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Sequences (PoFT, sft_norm) or response tokens (SFT) in the whole optimizer step, across processes."""
+        """Sequences (poft, sft_norm) or response tokens (sft, poft_token) in the whole optimizer step, across
+        processes."""
         if not batch_samples:
             return None
-        if self.loss_type in ("poft", "sft_norm"):
+        if self.objective in PER_SEQUENCE:
             count = sum(_num_sequences(batch) for batch in batch_samples)
         else:
             count = sum(int(batch["labels"][..., 1:].ne(-100).sum()) for batch in batch_samples)
@@ -248,40 +305,65 @@ class PoFTTrainer(SFTTrainer):
         ref = inputs.pop(REF_TOKENS, None)
         seq_ids = inputs.pop(SEQ_IDS, None)
         inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the model returns its load-balancing loss as outputs.aux_loss
+            inputs["output_router_logits"] = True
         with self.accelerator.autocast():  # the response head sits above accelerate's mixed-precision wrapper
             outputs = response_log_probs(model, inputs, ("log_probs", "entropy", "is_top1"))
         if seq_ids is not None:
             seq_ids = seq_ids[:, 1:]  # align with the next-token log-probs
         return outputs, ref, seq_ids
 
-    def policy_scores(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """r_theta of every sequence in a collated batch, and its r_ref (None without reference scores)."""
-        outputs, ref, seq_ids = self._forward(model, inputs)
-        num_sequences = ref.numel() if ref is not None else None
-        r_theta, _ = sequence_mean_log_probs(outputs.log_probs, outputs.label_mask, seq_ids, num_sequences)
-        return r_theta, ref
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        outputs, ref, seq_ids = self._forward(model, inputs)
+    def _objective_loss(self, outputs, ref, seq_ids, num_sequences: int, num_items_in_batch) -> tuple:
+        """The objective's loss over this micro-batch (normalised by the step's items) and r_theta (or None)."""
         log_probs, mask = outputs.log_probs, outputs.label_mask
-        r_theta = None
-        if ref is not None or self.loss_type == "sft_norm":
-            r_theta, _ = sequence_mean_log_probs(log_probs, mask, seq_ids, _num_sequences(inputs))
-        if self.loss_type == "poft":
-            total = poft_loss(r_theta, ref, self.args.beta, self.args.gamma, reduction="sum")
+        r_theta, counts = None, None
+        if ref is not None or self.objective == "sft_norm":
+            r_theta, counts = sequence_mean_log_probs(log_probs, mask, seq_ids, num_sequences)
+        beta, gamma = self.args.beta, self.args.gamma
+        if self.objective == "poft":
+            total = poft_loss(r_theta, ref, beta, gamma, reduction="sum")
             loss = total / (num_items_in_batch if num_items_in_batch is not None else r_theta.numel())
-        elif self.loss_type == "sft_norm":
+        elif self.objective == "poft_token":
+            loss = poft_token_loss(r_theta, ref, counts, beta, gamma, num_items_in_batch)
+        elif self.objective == "sft_norm":
             loss = normalised_nll_loss(r_theta, num_items_in_batch)
+        elif self.args.loss_type == "dft":  # TRL's DFT: each token's NLL scaled by its (detached) probability
+            loss = nll_loss(log_probs * log_probs.detach().exp(), mask, num_items_in_batch)
         else:
             loss = nll_loss(log_probs, mask, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return loss, r_theta
 
+    def _scale_for_parallelism_and_aux(self, loss: torch.Tensor, outputs, num_items_in_batch) -> torch.Tensor:
+        """What TRL's compute_loss does around its loss, for every objective: DDP averages gradients over the
+        processes of a data-parallel group (tensor-parallel ranks share a batch), and an MoE model's router
+        load-balancing loss, a per-micro-batch mean, is added averaged over the accumulation steps."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective == "sft" and self._trl_computes_the_loss():
+            inputs = {k: v for k, v in inputs.items() if k not in (REF_TOKENS, SEQ_IDS)}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        outputs, ref, seq_ids = self._forward(model, inputs)
+        loss, r_theta = self._objective_loss(outputs, ref, seq_ids, _num_sequences(inputs), num_items_in_batch)
+        loss = self._scale_for_parallelism_and_aux(loss, outputs, num_items_in_batch)
         self._log_step_metrics(mode, inputs, outputs, r_theta, ref)
         if return_outputs:
             return loss, outputs
         return loss
+
+    def _trl_computes_the_loss(self) -> bool:
+        """SFT paths that only TRL's compute_loss has: sequence parallelism, compute_loss_func, label smoothing."""
+        return (
+            _sequence_parallel(self.accelerator)
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+        )
 
     def _log_step_metrics(self, mode, inputs, outputs, r_theta, ref) -> None:
         """TRL's token metrics plus PoFT's, summed across processes before averaging (one host sync)."""
@@ -315,8 +397,15 @@ class PoFTTrainer(SFTTrainer):
             ):
                 metrics[f"poft/{key}"].append(value / n)
         if mode == "train":
-            self._total_train_tokens += int(totals[-1])
+            self._total_train_tokens += int(totals[-1]) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+
+
+def _sequence_parallel(accelerator) -> bool:
+    config = getattr(accelerator, "parallelism_config", None)
+    return bool(config is not None and getattr(config, "sp_enabled", False))
 
 
 def _num_sequences(batch: dict[str, Any]) -> int:
@@ -352,7 +441,7 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
     if feature == Value("null") or all(value is None for value in dataset[ref_column]):
         raise DataError(
             f"Every {ref_column!r} of the {dataset_name} dataset is null (no reference could score any row), so "
-            "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use loss_type='sft'."
+            "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use objective='sft'."
         )
     if not is_numeric(feature):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
@@ -384,7 +473,7 @@ def _drop_null_reference_scores(dataset: Dataset, ref_column: str, dataset_name:
         raise DataError(
             f"Every {ref_column!r} of the {dataset_name} dataset left to train on is null (no reference could score "
             "any row), so PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), raise "
-            "max_length, or use loss_type='sft'."
+            "max_length, or use objective='sft'."
         )
     logger.warning(
         "%d of %d conversations of the %s dataset have a null %r (no reference could score them: their response "
@@ -420,9 +509,9 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             )
         _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
         logger.info(
-            "Training %s with loss_type=%s on %d conversations",
+            "Training %s with objective=%s on %d conversations",
             model_args.model_name_or_path,
-            training_args.loss_type,
+            training_args.objective,
             len(train_dataset),
         )
         return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
@@ -431,7 +520,7 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
     """r_ref and r_theta cover the same tokens only if scoring and training truncate alike."""
     record = os.path.join(dataset_path, "poft_score.json")
-    if training_args.loss_type != "poft" or not os.path.isfile(record):
+    if training_args.objective not in NEEDS_REFERENCES or not os.path.isfile(record):
         return
     with open(record, encoding="utf-8") as f:
         scored = json.load(f)["config"]

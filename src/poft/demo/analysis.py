@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from poft.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
 
-SWEPT = ("sft", "poft", "sft_norm")
+PREFERENCE_METHODS = ("poft_token", "poft")  # each is compared with every other method; poft_token minus poft once
+SWEPT = ("sft", "poft", "poft_token", "dft", "sft_norm")  # own objectives; filter and oracle train like sft
 
 
 def final_validation_accuracy(record: dict) -> float:
@@ -60,34 +61,43 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
             "weight_noisy": _mean([f["weight_noisy"] for f in finals]),
             "clipped_share": _mean(clipped),
         }
-    comparisons = {}
-    if "poft" in by_method:
-        poft = by_method["poft"]
-        for method, seeds in by_method.items():
-            common = sorted(set(poft) & set(seeds))
-            if method == "poft" or not common:
-                continue
-            a = [poft[s]["test_accuracy"] for s in common]
-            b = [seeds[s]["test_accuracy"] for s in common]
-            over_seeds = paired_t_interval(a, b)
-            over_prompts = paired_bootstrap_interval(
-                [poft[s]["test_correct"] for s in common], [seeds[s]["test_correct"] for s in common]
-            )
-            differences = [x - y for x, y in zip(a, b, strict=True)]
-            comparisons[method] = {
-                "seeds": common,
-                "difference": statistics.mean(differences),
-                "interval_seeds": over_seeds.as_dict() if over_seeds else None,
-                "interval_prompts": over_prompts.as_dict(),
-                "verdict": verdict([over_seeds, over_prompts]),
-                "within_1_point": within(over_seeds, 0.01),
-                "seeds_for_2_points": seeds_for_half_width(differences, 0.02),
+    differences = {}
+    for first in PREFERENCE_METHODS:
+        if first in by_method:
+            differences[first] = {
+                other: _paired_difference(first, by_method[first], other, seeds)
+                for other, seeds in by_method.items()
+                if other != first
+                and not (other in PREFERENCE_METHODS and other in differences)
+                and set(by_method[first]) & set(seeds)
             }
-    return {"methods": methods, "poft_minus": comparisons}
+    return {"methods": methods, "differences": differences}
+
+
+def _paired_difference(first: str, a_runs: dict[int, dict], other: str, b_runs: dict[int, dict]) -> dict:
+    """`first` minus `other` over their common seeds: mean, intervals over seeds and prompts, verdict."""
+    common = sorted(set(a_runs) & set(b_runs))
+    a = [a_runs[s]["test_accuracy"] for s in common]
+    b = [b_runs[s]["test_accuracy"] for s in common]
+    over_seeds = paired_t_interval(a, b)
+    over_prompts = paired_bootstrap_interval(
+        [a_runs[s]["test_correct"] for s in common], [b_runs[s]["test_correct"] for s in common]
+    )
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    return {
+        "seeds": common,
+        "difference": statistics.mean(differences),
+        "interval_seeds": over_seeds.as_dict() if over_seeds else None,
+        "interval_prompts": over_prompts.as_dict(),
+        "verdict": verdict([over_seeds, over_prompts], f"{first} better", f"{first} worse"),
+        "within_1_point": within(over_seeds, 0.01),
+        "seeds_for_2_points": seeds_for_half_width(differences, 0.02),
+    }
 
 
 def summarise(records: Sequence[dict], learning_rate: float, best_lr: dict[str, float]) -> list[dict]:
-    """One entry per (world, noise kind, rate, arm): methods with intervals and PoFT's paired differences."""
+    """One entry per (world, noise kind, rate, arm): methods with intervals and the PoFT objectives' paired
+    differences with every other method."""
     arms = {"same lr": lambda method: learning_rate}
     if best_lr:
         arms["best lr"] = lambda method: arm_lr(method, best_lr, learning_rate)

@@ -31,7 +31,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from poft.data import conversation_id
-from poft.demo.analysis import best_learning_rates, summarise
+from poft.demo.analysis import SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 
 WORLD_VERSION = 3  # bump when the world's construction changes, to invalidate cached models
 WORLD_LEARNING_RATE = 1e-3  # references and base; the target's learning rate is --learning_rate
-METHODS = ("sft", "poft", "sft_norm", "oracle", "filter")
-SWEPT = ("sft", "poft", "sft_norm")  # the baselines that filter rows train like sft, at its learning rate
-WORLDS = ("standard", "strong")
+METHODS = ("sft", "poft", "poft_token", "dft", "sft_norm", "oracle", "filter")
+WORLDS = ("standard", "strong", "misaligned")
+NOISE_KINDS = ("paper", "subtle")
 FULL_SEEDS = 10
 
 
@@ -72,8 +72,9 @@ class DemoConfig:
     methods: list[str] = field(
         default_factory=lambda: ["sft", "poft"],
         metadata={
-            "help": "sft (token-level), poft, sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), "
-            "filter (SFT on the top --filter_fractions by ref_score)."
+            "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
+            "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
+            "on the top --filter_fractions by ref_score)."
         },
     )
     baselines: bool = field(
@@ -82,8 +83,16 @@ class DemoConfig:
     worlds: list[str] = field(
         default_factory=lambda: ["standard"],
         metadata={
-            "help": "standard (references: --reference_rows clean rows, --reference_epochs) and/or strong "
-            "(--strong_reference_rows, --strong_reference_epochs: references meant to stay ahead of the target)."
+            "help": "standard (references: --reference_rows clean rows, --reference_epochs), strong "
+            "(--strong_reference_rows, --strong_reference_epochs: references meant to stay ahead of the target) and/or "
+            "misaligned (the standard references' rows with --misaligned_noise_rate of the paper's noise)."
+        },
+    )
+    conditions: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Noise settings as KIND:RATE (e.g. clean subtle:0.3 paper:0.6), instead of every --noise_kind at "
+            "every --noise_rate."
         },
     )
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target."})
@@ -126,6 +135,9 @@ class DemoConfig:
     reference_epochs: int = field(default=6, metadata={"help": "SFT epochs of each standard reference."})
     strong_reference_rows: int = field(default=8000, metadata={"help": "Clean rows of each strong reference."})
     strong_reference_epochs: int = field(default=12, metadata={"help": "SFT epochs of each strong reference."})
+    misaligned_noise_rate: float = field(
+        default=0.6, metadata={"help": "Share of the misaligned references' training rows with the paper's noise."}
+    )
     filter_fractions: list[float] = field(
         default_factory=lambda: [0.4, 0.7],
         metadata={"help": "Fractions kept by the ref_score filter baseline (the best is compared)."},
@@ -145,11 +157,18 @@ class DemoConfig:
         for name, values, allowed in (
             ("methods", self.methods, METHODS),
             ("worlds", self.worlds, WORLDS),
-            ("noise_kind", self.noise_kind, ("paper", "subtle")),
+            ("noise_kind", self.noise_kind, NOISE_KINDS),
         ):
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise OptionError(f"--{name} {' '.join(unknown)}: choose from {', '.join(allowed)}")
+        for condition in self.conditions:
+            kind, _, rate = condition.partition(":")
+            if condition != "clean" and (kind not in NOISE_KINDS or not _is_rate(rate)):
+                raise OptionError(
+                    f"--conditions {condition}: give clean or KIND:RATE with KIND {' or '.join(NOISE_KINDS)} and RATE "
+                    "in (0, 1), e.g. subtle:0.3"
+                )
         if self.epochs < 1:
             raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
         if self.workers < 1:
@@ -169,6 +188,8 @@ class DemoConfig:
             self.num_layers,
             epochs,
         ]
+        if world == "misaligned":
+            settings.append(["misaligned", self.misaligned_noise_rate])
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
     def train_settings(self) -> TrainSettings:
@@ -204,13 +225,13 @@ def _rows(examples) -> Dataset:
 def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int) -> PoFTConfig:
     return PoFTConfig(
         output_dir=str(output_dir),
-        loss_type="sft",
+        objective="sft",
         num_train_epochs=epochs,
         per_device_train_batch_size=config.batch_size,
         learning_rate=WORLD_LEARNING_RATE,
         lr_scheduler_type="constant",
         max_length=128,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=50,
         report_to=[],
@@ -223,8 +244,8 @@ def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int)
 def build_world(config: DemoConfig, name: str = "standard") -> World:
     """Data splits, two references trained on clean data, and a pretrained target base (cached).
 
-    Both worlds share the splits and the target base; the strong one trains its references on more clean
-    rows for more epochs.
+    Every world shares the splits and the target base; the strong one trains its references on more clean
+    rows for more epochs, the misaligned one on the standard rows with the paper's noise in some of them.
     """
     words = make_words(200, seed=0)
     test_examples = sample_examples(config.test_rows, seed=1, words=words, unique=True)
@@ -256,6 +277,8 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
     texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
     tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
     reference_data = _rows(reference_examples)
+    if name == "misaligned":
+        reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     epochs = config.strong_reference_epochs if strong else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
         logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
@@ -285,7 +308,7 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         learning_rate=WORLD_LEARNING_RATE,
         max_length=128,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=50,
         report_to=[],
@@ -414,8 +437,19 @@ def _methods(config: DemoConfig, rate: float) -> list[str]:
     return names
 
 
+def _is_rate(text: str) -> bool:
+    try:
+        return 0.0 < float(text) < 1.0
+    except ValueError:
+        return False
+
+
 def _settings(config: DemoConfig) -> list[tuple[str, float]]:
-    """(kind, rate) pairs: clean data once, then every kind at every positive rate."""
+    """(kind, rate) pairs: --conditions as given, else clean data once, then every kind at every positive rate."""
+    if config.conditions:
+        return [
+            ("none", 0.0) if c == "clean" else (c.split(":")[0], float(c.split(":")[1])) for c in config.conditions
+        ]
     settings = [("none", 0.0)] if 0.0 in config.noise_rate else []
     return settings + [(k, r) for k in config.noise_kind for r in config.noise_rate if r > 0]
 
@@ -427,10 +461,7 @@ def plan_grid(config: DemoConfig, best_lr: dict[str, float]) -> list[RunSpec]:
         for kind, rate in _settings(config):
             for seed in config.seeds:
                 for method in _methods(config, rate):
-                    lrs = {
-                        config.learning_rate,
-                        best_lr.get(method if method in SWEPT else "sft", config.learning_rate),
-                    }
+                    lrs = {config.learning_rate, arm_lr(method, best_lr, config.learning_rate)}
                     specs += [RunSpec(world, kind, rate, seed, method, lr) for lr in sorted(lrs)]
     return specs
 

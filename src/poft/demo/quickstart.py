@@ -73,7 +73,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         learning_rate=1e-3,
         max_length=256,
         logging_steps=5,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         report_to=[],
     )

@@ -32,7 +32,13 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 24  # the longest answer of the suite is 20 characters plus the end of turn
-LOSS_TYPES = {"poft": "poft", "sft_norm": "sft_norm"}  # every other method trains with token-level SFT
+# (objective, TRL loss_type) of each method; every other method (filters, oracle) trains with token-level SFT
+OBJECTIVES = {
+    "poft": ("poft", "nll"),
+    "poft_token": ("poft_token", "nll"),
+    "sft_norm": ("sft_norm", "nll"),
+    "dft": ("sft", "dft"),
+}
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,8 @@ def train_run(
     with tempfile.TemporaryDirectory() as scratch:
         args = PoFTConfig(
             output_dir=scratch,
-            loss_type=LOSS_TYPES.get(spec.method, "sft"),
+            objective=OBJECTIVES.get(spec.method, ("sft", "nll"))[0],
+            loss_type=OBJECTIVES.get(spec.method, ("sft", "nll"))[1],
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=spec.learning_rate,
@@ -168,7 +175,7 @@ def train_run(
             warmup_steps=settings.warmup_ratio,
             max_grad_norm=settings.max_grad_norm,
             max_length=128,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             save_strategy="no",
             logging_steps=1,  # every step's pre-clipping gradient norm reaches the recorder
             report_to=[],
