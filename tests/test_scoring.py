@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -71,6 +72,20 @@ def test_token_budget_batches_cover_every_row_once_within_budget():
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 34
     assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.2, 0.5, 1.0])
+def test_padded_batches_keep_padding_within_the_bound_and_split_only_when_needed(max_padding):
+    lengths = [random.Random(seed).choice([3, 7, 40, 41, 200, 230, 500]) for seed in range(60)]
+    budget = 2048
+    batches = list(token_budget_batches(lengths, budget, max_padding))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch, following in zip(batches, batches[1:] + [None], strict=True):
+        width, real = max(lengths[i] for i in batch), sum(lengths[i] for i in batch)
+        assert len(batch) == 1 or (len(batch) * width <= budget and real >= (1 - max_padding) * len(batch) * width)
+        if following is not None:  # split because the next conversation would break the budget or the bound
+            grown = real + lengths[following[0]]
+            assert (len(batch) + 1) * width > budget or grown < (1 - max_padding) * (len(batch) + 1) * width
 
 
 def test_reference_names_are_unique_and_column_safe():

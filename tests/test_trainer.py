@@ -94,6 +94,32 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models,
             torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft"])
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}])
+def test_response_only_head_gives_trl_fused_heads_loss_and_gradients(
+    tiny_models, scored, tmp_path, monkeypatch, objective, layout
+):
+    """The trainer's response-only log-probs against TRL's fused head over every position, the path they replace."""
+    data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})
+    trainer = PoFTTrainer(
+        tiny_models["chatml"], args=config(tmp_path, objective=objective, **layout), train_dataset=data
+    )
+    trainer.model.train()
+    metrics = []
+    loss, grads = loss_and_grads(trainer)
+    metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items()})
+    monkeypatch.setattr(
+        "poft.trainer.response_log_probs", lambda model, inputs, outputs: model(**inputs, fused_lm_head=True)
+    )
+    fused_loss, fused_grads = loss_and_grads(trainer)
+    metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items()})
+    torch.testing.assert_close(loss, fused_loss, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, fused_grads[name], atol=1e-5, rtol=0)
+    for key in ("entropy", "mean_token_accuracy"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
 def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, objective):
     weights = []

@@ -1,7 +1,7 @@
 """Batches for scoring: length-sorted, filled to a token budget, padded or packed, never padded to max_length.
 
-`iter_scores` runs a model that carries TRL's fused LM head over encoded conversations and yields each
-batch's per-conversation mean response log-prob and token count.
+`iter_scores` runs a model over encoded conversations, log-probs from the response positions alone
+(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob and token count.
 """
 
 from __future__ import annotations
@@ -14,22 +14,37 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.attention import packing_pays, routes_attention
 from poft.chat import EncodedConversation
+from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
 
+# Default token budget of a batch, by device (bench/batching.py): on CPU, batches beyond about 2048 tokens were
+# no faster than one conversation at a time; GPUs need large batches to fill. Not measured on a GPU yet.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
+# Largest share of padding in a padded batch: a length-sorted batch is split where the next conversation would
+# push it above this. Padding costs the backbone as much as real tokens do; bench/batching.py measures it.
+MAX_PADDING = 0.2
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
-    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens`.
+
+def token_budget_batches(
+    lengths: Sequence[int], batch_tokens: int, max_padding: float = MAX_PADDING
+) -> Iterator[list[int]]:
+    """Indices grouped longest first so that batch size x longest length stays within `batch_tokens` and padding
+    stays within `max_padding` of the batch (1 lifts that bound).
 
     A sequence longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batch: list[int] = []
+    real = 0
     for index in order:
-        longest = lengths[batch[0]] if batch else lengths[index]
-        if batch and (len(batch) + 1) * longest > batch_tokens:
-            yield batch
-            batch = []
+        if batch:
+            padded = (len(batch) + 1) * lengths[batch[0]]
+            if padded > batch_tokens or real + lengths[index] < (1 - max_padding) * padded:
+                yield batch
+                batch, real = [], 0
         batch.append(index)
+        real += lengths[index]
     if batch:
         yield batch
 
@@ -61,7 +76,7 @@ def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device)
 def score_packed_batch(model, batch: dict[str, torch.Tensor], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-conversation mean response log-prob and token count of a packed row."""
     seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
-    outputs = model(**batch, fused_lm_head=True)
+    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
 
 
@@ -87,9 +102,13 @@ def collate(
 
 @torch.no_grad()
 def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean response log-prob and response token count of each row, from the fused LM head."""
-    outputs = model(**batch, fused_lm_head=True)
+    """Mean response log-prob and response token count of each row, from the response positions alone."""
+    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
     return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    return GPU_BATCH_TOKENS if device.type in ("cuda", "xpu") else CPU_BATCH_TOKENS
 
 
 def uses_varlen_attention(model, device: torch.device) -> bool:
@@ -101,18 +120,24 @@ def iter_scores(
     model,
     encoded: Sequence[EncodedConversation],
     pad_token_id: int,
-    batch_tokens: int,
+    batch_tokens: int | None,
     device: torch.device,
     desc: str,
     packing: bool = False,
+    max_padding: float = MAX_PADDING,
 ) -> Iterator[tuple[list[int], list[float], list[int]]]:
     """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
 
-    Padded batches by default; `packing` concatenates conversations into one padding-free row instead.
-    `model` must carry TRL's fused LM head (`load_reference_model` adds it; SFT/PoFT trainers' models have it).
+    `batch_tokens` None: the device's default (`default_batch_tokens`). Padded batches by default, each at most
+    `max_padding` padding; `packing` concatenates conversations into one
+    padding-free row instead.
+    The LM head runs in fp32 on the response positions only (`poft.logprobs.response_log_probs`).
     """
     lengths = [len(e.input_ids) for e in encoded]
-    batches = packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens)
+    batch_tokens = batch_tokens or default_batch_tokens(device)
+    batches = (
+        packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens, max_padding)
+    )
     with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
         for batch in batches:
             chosen = [encoded[i] for i in batch]

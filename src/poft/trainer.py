@@ -30,6 +30,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, partly_truncated
 from poft.errors import DataError, OptionError
+from poft.logprobs import response_log_probs
 from poft.objectives import (
     nll_loss,
     normalised_nll_loss,
@@ -303,14 +304,16 @@ class PoFTTrainer(SFTTrainer):
         return count
 
     def _forward(self, model, inputs: dict[str, Any]):
-        """Fused-LM-head forward; returns the outputs, the per-sequence reference scores and sequence ids."""
+        """Response-only forward (`poft.logprobs`, the scorer's computation); returns TRL's fused-head outputs, the
+        per-sequence reference scores and sequence ids."""
         inputs = dict(inputs)
         ref = inputs.pop(REF_TOKENS, None)
         seq_ids = inputs.pop(SEQ_IDS, None)
         inputs["use_cache"] = False
         if self.aux_loss_enabled:  # MoE: the model returns its load-balancing loss as outputs.aux_loss
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_lm_head=True)
+        with self.accelerator.autocast():  # the response head sits above accelerate's mixed-precision wrapper
+            outputs = response_log_probs(model, inputs, ("log_probs", "entropy", "is_top1"))
         if seq_ids is not None:
             seq_ids = seq_ids[:, 1:]  # align with the next-token log-probs
         return outputs, ref, seq_ids
