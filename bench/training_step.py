@@ -37,7 +37,7 @@ from poft.demo.builders import char_tokenizer
 from poft.formats import conversation_id
 from poft.trainer import PoFTConfig, PoFTTrainer
 
-# name: (loss_type, packed, log-probs from the response positions alone or, as before, TRL's fused head everywhere)
+# name: (objective, packed, log-probs from the response positions alone or, as before, TRL's fused head everywhere)
 CONFIGS = {
     "sft-padded-fused": ("sft", False, "fused"),
     "poft-padded-fused": ("poft", False, "fused"),
@@ -88,7 +88,7 @@ class StepTimer(TrainerCallback):
 
 
 def worker(args) -> None:
-    loss_type, packed, head = CONFIGS[args.config]
+    objective, packed, head = CONFIGS[args.config]
     if head == "fused":  # the trainer before response-only log-probs
         trainer_module.response_log_probs = lambda model, inputs, outputs: model(**inputs, fused_lm_head=True)
     on = device()
@@ -102,7 +102,7 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as out:
         config = PoFTConfig(
             output_dir=out,
-            objective=loss_type,
+            objective=objective,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             max_length=args.max_length,
