@@ -65,14 +65,14 @@ def toy_config(tmp_path, **overrides) -> DemoConfig:
 
 
 def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
-    results = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "sft_norm"]))
+    results = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
     out = tmp_path / "demo"
     for name in ("report.md", "accuracy.png", "score_distribution.png", "weights.png", "differences.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"] == results["runs"]
     assert {(r["method"], r["seed"]) for r in saved["runs"]} == {
-        (m, s) for m in ("sft", "poft", "sft_norm") for s in (0, 1)
+        (m, s) for m in ("sft", "poft", "poft_token", "sft_norm") for s in (0, 1)
     }
     for run in saved["runs"]:
         assert run["noise_rate"] == 0.6 and len(run["test_correct"]) == 14
@@ -82,6 +82,9 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
         assert 0 <= run["curve"][-1]["weight_clean"] <= 1 and 0 <= run["curve"][-1]["weight_noisy"] <= 1
     (entry,) = saved["summary"]
     sft = entry["differences"]["poft"]["sft"]
+    # each PoFT objective against every other method, and poft_token - poft once
+    assert set(entry["differences"]["poft_token"]) == {"sft", "poft", "sft_norm"}
+    assert set(entry["differences"]["poft"]) == {"sft", "sft_norm"}
     by_seed = {(r["method"], r["seed"]): r["test_accuracy"] for r in saved["runs"]}
     assert sft["difference"] == pytest.approx(sum(by_seed[("poft", s)] - by_seed[("sft", s)] for s in (0, 1)) / 2)
     assert sft["interval_seeds"] is not None and sft["verdict"] in (
@@ -93,7 +96,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
     assert "| standard | paper | 0.6 | same lr | sft_norm |" in report
 
     capsys.readouterr()
-    again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "sft_norm"]))
+    again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
     assert "[1/" not in capsys.readouterr().out  # nothing retrained
     assert again["runs"] == results["runs"] and again["separation"] == results["separation"]
 
@@ -101,7 +104,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
 def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path):
     config = toy_config(tmp_path, noise_rate=[0.0], lr_sweep=[1e-3, 3e-3], sweep_seeds=[0])
     results = run_demo(config)
-    assert set(results["best_learning_rates"]) == {"sft", "poft"}
+    assert set(results["best_learning_rates"]) == {"sft", "poft_token"}  # the default methods
     for method, lr in results["best_learning_rates"].items():
         sweep = {
             r["learning_rate"]: r["curve"][-1]["validation_accuracy"]

@@ -196,7 +196,7 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     run = subprocess.run(
-        [*two_cpu_processes, *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
+        [*two_cpu_processes(), *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
         env=env,
         capture_output=True,
         text=True,

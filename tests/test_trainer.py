@@ -268,7 +268,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         "0",
     ]
     run = subprocess.run(
-        [*two_cpu_processes, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        [*two_cpu_processes(), *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env={**os.environ, "PYTHONPATH": os.getcwd()},
         capture_output=True,
         text=True,
@@ -286,15 +286,20 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         torch.testing.assert_close(two[name], weight, atol=1e-5, rtol=1e-4)
 
 
-def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_path):
+@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_path, objective):
     data = scored["zephyr"]
-    args = config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16)
+    args = config(
+        tmp_path, objective=objective, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16
+    )
     trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=data, eval_dataset=data)
     metrics = trainer.evaluate()
     trainer.model.eval()
     with torch.no_grad():
         r_theta, ref = policy_scores(trainer)
-    expected = torch.nn.functional.softplus(-(r_theta - ref)).mean().item()  # -log sigmoid(margin)
+    losses = torch.nn.functional.softplus(-(r_theta - ref))  # -log sigmoid(margin)
+    tokens = whole_batch(trainer)["labels"][:, 1:].ne(-100).sum(1).to(losses.dtype)
+    expected = (losses.mean() if objective == "poft" else (losses * tokens).sum() / tokens.sum()).item()
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["eval_poft/margin"] == pytest.approx((r_theta - ref).mean().item(), abs=1e-5)
 

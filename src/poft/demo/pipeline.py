@@ -42,7 +42,7 @@ from poft.noise import NOISE_COLUMN, add_noise
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
 from poft.scoring import ScoreConfig, score_dataset
-from poft.trainer import PoFTConfig, PoFTTrainer
+from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DemoConfig:
         metadata={"help": "Seeds of the noise and of training; differences are paired by seed."},
     )
     methods: list[str] = field(
-        default_factory=lambda: ["sft", "poft"],
+        default_factory=lambda: ["sft", DEFAULT_OBJECTIVE],
         metadata={
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
