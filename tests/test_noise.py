@@ -8,8 +8,8 @@ import pytest
 from datasets import load_from_disk
 
 from poft.cli import main
-from poft.formats import conversation_id
 from poft.noise import add_noise, corrupt_characters, subtle_edit
+from poft.schema import conversation_id
 from tests.conftest import as_dataset, make_conversations, write_jsonl
 
 

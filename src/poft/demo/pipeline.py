@@ -40,7 +40,7 @@ from poft.errors import OptionError
 from poft.noise import add_noise
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
-from poft.schema import NOISE, conversation_id
+from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -219,7 +219,7 @@ class World:
 def _rows(examples) -> Dataset:
     records = [e.record() for e in examples]
     for r in records:
-        r["poft_id"] = conversation_id(r["messages"])
+        r[POFT_ID] = conversation_id(r[MESSAGES])
     return Dataset.from_list(records)
 
 
@@ -350,8 +350,8 @@ class Grid:
             )
             noisy = scored[NOISE]
             if any(noisy):
-                clean_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if not n]
-                noisy_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if n]
+                clean_scores = [s for s, n in zip(scored[REF_SCORE], noisy, strict=True) if not n]
+                noisy_scores = [s for s, n in zip(scored[REF_SCORE], noisy, strict=True) if n]
                 self.separation.append(
                     {
                         "world": world,
@@ -375,7 +375,7 @@ class Grid:
             return scored.filter(lambda n: not n, input_columns=NOISE), sample
         if spec.method.startswith("filter"):
             keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
-            return scored.sort("ref_score", reverse=True).select(range(keep)), sample
+            return scored.sort(REF_SCORE, reverse=True).select(range(keep)), sample
         return scored, sample
 
     def _arguments(self, spec: RunSpec) -> tuple:
