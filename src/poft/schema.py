@@ -85,13 +85,18 @@ def write_marker(directory: Path, stage: str, columns: Iterable[str]) -> None:
     _write_json(directory / MARKER, {"stage": stage, "columns": sorted(set(columns))})
 
 
-def read_marker(path: str | os.PathLike) -> dict:
-    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id)."""
-    marker = Path(path).expanduser() / MARKER
+def _read_record(source: str | os.PathLike, name: str) -> dict:
+    """The record file `name` in `source` ({} where there is none or it cannot be read: a data file, a hub id)."""
+    path = Path(source).expanduser() / name
     try:
-        return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id)."""
+    return _read_record(path, MARKER)
 
 
 def poft_columns(source: str | os.PathLike) -> set[str]:
@@ -112,11 +117,7 @@ def write_score_record(directory: Path, record: dict) -> None:
 
 def read_score_record(source: str | os.PathLike) -> dict:
     """The record of the `poft score` run that made `source` ({} where there is none or it cannot be read)."""
-    path = Path(source).expanduser() / SCORE_RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+    return _read_record(source, SCORE_RECORD)
 
 
 def write_filter_history(directory: Path, history: list[dict]) -> None:
