@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from poft.cli import main as poft_main
-from poft.formats import conversation_id
+from poft.schema import conversation_id
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

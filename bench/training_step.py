@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 import poft.trainer as trainer_module
 from poft.demo.builders import char_tokenizer
-from poft.formats import conversation_id
+from poft.schema import conversation_id
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 # name: (objective, packed, log-probs from the response positions alone or, as before, TRL's fused head everywhere)

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
-from poft.formats import conversation_id
+from poft.schema import conversation_id
 from tests.real_templates import tokenizer_for
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from poft.data import load_sft_dataset
 from poft.errors import DataError
-from poft.formats import conversation_id, detect_format, normalize_example
+from poft.formats import detect_format, normalize_example
+from poft.schema import conversation_id
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 ALPACA = [

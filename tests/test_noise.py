@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 from datasets import load_from_disk
 
 from poft.cli import main
-from poft.formats import conversation_id
 from poft.noise import add_noise, corrupt_characters, subtle_edit
+from poft.schema import conversation_id
 from tests.conftest import as_dataset, make_conversations, write_jsonl
 
 
@@ -97,3 +98,18 @@ def test_noise_leaves_unchangeable_rows_unmarked():
     ]
     noised = add_noise(as_dataset(conversations), 1.0, kind="paper", char_rate=0.0)
     assert noised["messages"] == conversations and noised["poft_noise"] == [False] * 6
+
+
+def test_noise_keeps_poft_columns_it_does_not_invalidate_and_the_filter_records(tmp_path):
+    """The one rule for inherited columns: `poft_filters` describes which rows were kept, not their content."""
+    source = tmp_path / "scored"
+    as_dataset(make_conversations(10, seed=2), length=[float(i) for i in range(10)]).save_to_disk(str(source))
+    filtered, noised = tmp_path / "filtered", tmp_path / "noised"
+    assert (
+        main(["filter", "--data", str(source), "--by", "length", "--threshold", "5", "--output", str(filtered)]) == 0
+    )
+    assert main(["noise", "--data", str(filtered), "--rate", "0.5", "--output", str(noised)]) == 0
+    assert (noised / "filter_summary.json").read_text() == (filtered / "filter_summary.json").read_text()
+    marker = json.loads((noised / "poft_output.json").read_text())
+    assert marker == {"stage": "noise", "columns": ["poft_filters", "poft_noise"]}
+    assert load_from_disk(str(noised))["poft_filters"] == load_from_disk(str(filtered))["poft_filters"]

@@ -20,7 +20,8 @@ from datasets import Dataset, load_from_disk
 from poft import outputs
 from poft.cli import main
 from poft.errors import OutputError
-from poft.outputs import MARKER, atomic_output, check_output
+from poft.outputs import atomic_output, check_output
+from poft.schema import MARKER
 
 SRC = str(Path(__file__).parent.parent / "src")
 

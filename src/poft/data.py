@@ -21,8 +21,9 @@ import datasets
 import pyarrow as pa
 
 from poft.errors import DataError
-from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, conversation_id, detect_format, normalize_example
+from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, detect_format, normalize_example
 from poft.outputs import atomic_write_text
+from poft.schema import MESSAGES, POFT_ID, conversation_id
 from poft.sources import Row, column_union, open_source
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _check_poft_id(source: str, row: Row, given: Any, computed: str) -> None:
 
 def _extra_columns(fmt: str, columns: Iterable[str]) -> list[str]:
     """Columns carried through untouched; ``poft_id`` is always recomputed from content."""
-    return [c for c in columns if c not in SOURCE_COLUMNS[fmt] and c != "poft_id"]
+    return [c for c in columns if c not in SOURCE_COLUMNS[fmt] and c != POFT_ID]
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,11 @@ class _Conversion:
         if row.error is not None or self.fmt is None:
             if not self.skip_invalid:
                 raise _row_error(self.source, row)
-            return {"messages": [], "poft_id": "", _ERROR_COLUMN: row.error}
+            return {MESSAGES: [], POFT_ID: "", _ERROR_COLUMN: row.error}
         poft_id = conversation_id(messages)
         if not self.replace_poft_id:
-            _check_poft_id(self.source, row, row.record.get("poft_id"), poft_id)
-        return {"messages": messages, "poft_id": poft_id, _ERROR_COLUMN: ""}
+            _check_poft_id(self.source, row, row.record.get(POFT_ID), poft_id)
+        return {MESSAGES: messages, POFT_ID: poft_id, _ERROR_COLUMN: ""}
 
 
 def _convert_rows(
@@ -125,7 +126,7 @@ def _convert_rows(
     converted = [(row, conversion.row(row)) for row in rows]
     _handle_invalid([row for row, c in converted if c[_ERROR_COLUMN]], len(rows), source, invalid_report)
     good = [(row, c) for row, c in converted if not c[_ERROR_COLUMN]]
-    data = {"messages": [c["messages"] for _, c in good], "poft_id": [c["poft_id"] for _, c in good]}
+    data = {MESSAGES: [c[MESSAGES] for _, c in good], POFT_ID: [c[POFT_ID] for _, c in good]}
     data |= {c: [row.record.get(c) for row, _ in good] for c in _extra_columns(fmt, columns)}
     try:
         return datasets.Dataset.from_dict(data), fmt
@@ -150,8 +151,8 @@ def _convert_dataset(
     extras = _extra_columns(fmt, dataset.column_names)
     features = datasets.Features(
         {
-            "messages": MESSAGES_FEATURE,
-            "poft_id": datasets.Value("string"),
+            MESSAGES: MESSAGES_FEATURE,
+            POFT_ID: datasets.Value("string"),
             **{c: dataset.features[c] for c in extras},
             _ERROR_COLUMN: datasets.Value("string"),
         }
@@ -170,7 +171,7 @@ def _convert_dataset(
     _handle_invalid(bad, len(errors), source, invalid_report)
     if bad:
         converted = converted.select([i for i, error in enumerate(errors) if not error])
-    return converted.select_columns(["messages", "poft_id", *extras]), fmt
+    return converted.select_columns([MESSAGES, POFT_ID, *extras]), fmt
 
 
 def _handle_invalid(bad: list[Row], total: int, source: str, invalid_report: str | os.PathLike | None) -> None:

@@ -22,6 +22,7 @@ from poft.chat import ConversationEncoder, shorten
 from poft.errors import DataError, DependencyError, OptionError
 from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
+from poft.schema import MESSAGES
 from poft.scoring import model_scores
 from poft.validation import check_model_source
 
@@ -83,7 +84,7 @@ def exact_match_per_row(
     """Whether each row's greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
     if answer_column not in dataset.column_names:
         raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
-    prompts = [prompt_messages(m) for m in dataset["messages"]]
+    prompts = [prompt_messages(m) for m in dataset[MESSAGES]]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True)]
     return correct, predictions
@@ -107,7 +108,7 @@ def exact_match_accuracy(
 
 def heldout_log_likelihood(model, tokenizer, dataset: Dataset, *, max_length: int | None = None) -> float:
     """Mean over rows of the mean response log-prob (the PoFT score) on held-out data."""
-    scores = model_scores(model, ConversationEncoder(tokenizer, max_length=max_length), dataset["messages"])
+    scores = model_scores(model, ConversationEncoder(tokenizer, max_length=max_length), dataset[MESSAGES])
     kept = [s for s in scores if s is not None]
     return sum(kept) / max(len(kept), 1)
 
@@ -130,7 +131,7 @@ def prediction_rows(
             "verdict": "correct" if ok else "wrong",
         }
         for row, (messages, generation, answer, ok) in enumerate(
-            zip(dataset["messages"], generations, dataset[answer_column], correct, strict=True), start=1
+            zip(dataset[MESSAGES], generations, dataset[answer_column], correct, strict=True), start=1
         )
     ]
 

@@ -22,23 +22,12 @@ from datasets import Dataset, Value
 
 from poft.data import StageIO
 from poft.errors import DataError, OptionError
-from poft.formats import conversation_id
-from poft.outputs import (
-    FILTER_HISTORY,
-    atomic_output,
-    atomic_write_text,
-    check_output,
-    foreign_columns,
-    poft_columns,
-    read_filter_history,
-)
+from poft.schema import FILTERS, IFD, MESSAGES, POFT_ID, REF_SCORE, conversation_id, is_numeric, score_column
 from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
-from poft.validation import is_numeric
+from poft.stage import open_stage
 
 logger = logging.getLogger(__name__)
 
-FILTERS_COLUMN = "poft_filters"
-IFD_COLUMN = "ifd"
 FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; keeping none is an error
 
 
@@ -47,7 +36,7 @@ class FilterConfig(ScoringOptions, StageIO):
     """Options of `poft filter`; the shared scoring options apply to IFD's model (`--ifd_model`)."""
 
     by: str = field(
-        default="ref_score",
+        default=REF_SCORE,
         metadata={"help": "Score column to filter by (higher is kept); 'ifd' computes IFD with --ifd_model."},
     )
     top_fraction: float | None = field(
@@ -64,7 +53,7 @@ class FilterConfig(ScoringOptions, StageIO):
     def __post_init__(self):
         super().__post_init__()
         if self.ifd_model:
-            self.by = IFD_COLUMN
+            self.by = IFD
         check_selection(self.top_fraction, self.threshold)
 
 
@@ -145,11 +134,11 @@ def filter_by_score(
             100 * FEW_KEPT,
         )
     note = f"{rule} (kept score >= {cutoff:.4g})" if cutoff is not None else rule
-    previous = dataset[FILTERS_COLUMN] if FILTERS_COLUMN in dataset.column_names else [[] for _ in range(len(dataset))]
+    previous = dataset[FILTERS] if FILTERS in dataset.column_names else [[] for _ in range(len(dataset))]
     kept_dataset = dataset.select(kept)
-    if FILTERS_COLUMN in kept_dataset.column_names:
-        kept_dataset = kept_dataset.remove_columns(FILTERS_COLUMN)
-    kept_dataset = kept_dataset.add_column(FILTERS_COLUMN, [list(previous[i]) + [note] for i in kept])
+    if FILTERS in kept_dataset.column_names:
+        kept_dataset = kept_dataset.remove_columns(FILTERS)
+    kept_dataset = kept_dataset.add_column(FILTERS, [list(previous[i]) + [note] for i in kept])
     logger.info("%s: kept %d of %d rows", rule, len(kept), len(dataset))
     return kept_dataset, summary
 
@@ -176,13 +165,13 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
     """
     reference = parse_references([model])
     n = len(dataset)
-    conversations = list(dataset["messages"]) + [response_only(m) for m in dataset["messages"]]
-    both = Dataset.from_dict({"messages": conversations, "poft_id": [conversation_id(m) for m in conversations]})
+    conversations = list(dataset[MESSAGES]) + [response_only(m) for m in dataset[MESSAGES]]
+    both = Dataset.from_dict({MESSAGES: conversations, POFT_ID: [conversation_id(m) for m in conversations]})
 
     def describe_row(row: int) -> str:
         return data_row(row) if row <= n else f"the response-only copy (IFD) of {data_row(row - n)}"
 
-    scores = score_dataset(both, reference, config, describe_row)[f"score_{reference[0].name}"]
+    scores = score_dataset(both, reference, config, describe_row)[score_column(reference[0].name)]
     conditional, unconditional = scores[:n], scores[n:]
     return [
         None if c is None or u is None or u == 0 else c / u for c, u in zip(conditional, unconditional, strict=True)
@@ -191,29 +180,26 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
 
 def run_filter(config: FilterConfig) -> Dataset:
     """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
-    if not config.data or not config.output:
-        raise OptionError("poft filter needs --data and --output.")
-    check_output(config.output, [config.data], config.overwrite)
-    history = read_filter_history(config.data)  # before any work: a corrupt record stops the run at once
-    written = [FILTERS_COLUMN] + ([IFD_COLUMN] if config.ifd_model is not None else [])
-    with atomic_output(config.output, "filter", [*poft_columns(config.data), *written]) as tmp:
-        dataset = config.load_input(tmp)
-        foreign = foreign_columns(dataset.column_names, written, config.data, config.overwrite)
-        dataset = dataset.remove_columns(foreign)  # with --overwrite: replaced, not extended
+    stage = open_stage(config, "filter")  # reads the filter records first: a corrupt one stops the run at once
+
+    def keep(dataset: Dataset) -> Dataset:
         drop = None
-        if config.by == IFD_COLUMN:
-            if config.ifd_model is None and IFD_COLUMN not in dataset.column_names:
+        if config.by == IFD:
+            if config.ifd_model is None and IFD not in dataset.column_names:
                 raise OptionError("Filtering by IFD needs --ifd_model PATH_OR_HUB_ID (or data with an 'ifd' column).")
             if config.ifd_model is not None:
                 values = ifd_scores(dataset, config.ifd_model, config)
-                dataset = dataset.remove_columns([c for c in (IFD_COLUMN,) if c in dataset.column_names])
-                dataset = dataset.add_column(IFD_COLUMN, values)
+                dataset = dataset.remove_columns([c for c in (IFD,) if c in dataset.column_names])
+                dataset = dataset.add_column(IFD, values)
             drop = 1.0
         kept, summary = filter_by_score(
             dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
         )
-        history.append({**summary, "source": config.data, "config": asdict(config)})
-        kept.save_to_disk(str(tmp))
-        atomic_write_text(tmp / FILTER_HISTORY, json.dumps(history, indent=2))
-    print(json.dumps(summary, indent=2))
+        summaries.append(summary)
+        stage.history.append({**summary, "source": config.data, "config": asdict(config)})
+        return kept
+
+    summaries: list[dict] = []
+    kept = stage.write([FILTERS] + ([IFD] if config.ifd_model is not None else []), keep)
+    print(json.dumps(summaries[-1], indent=2))
     return kept

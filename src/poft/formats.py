@@ -1,8 +1,8 @@
 """Rows of the common SFT layouts as one conversation shape: validated ``{"role", "content"}`` turns.
 
 Chat ``messages``, ShareGPT ``conversations``, ``prompt``/``completion``, Alpaca and Dolly rows become
-``messages``; ``conversation_id`` hashes a conversation's content, so later stages (reference scoring,
-caches, reports) can join rows across runs without trusting row order. Content given as a list of parts
+``messages``; `poft.schema.conversation_id` hashes a conversation's content, so later stages (reference
+scoring, caches, reports) can join rows across runs without trusting row order. Content given as a list of parts
 (the OpenAI / multimodal shape ``[{"type": "text", "text": ...}]``) is joined into one string when every
 part is text; chat templates that expect parts get them back from `poft.chat`. A ``messages`` or
 ``conversations`` cell holding a JSON string (a chat dataset saved as CSV) is parsed. Errors are
@@ -11,9 +11,8 @@ part is text; chat templates that expect parts get them back from `poft.chat`. A
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import datasets
@@ -81,13 +80,6 @@ def normalize_example(example: dict, fmt: str) -> list[dict]:
     except KeyError:
         raise ValueError(f"unknown format {fmt!r} (expected one of: {', '.join(_TO_TURNS)})") from None
     return _validate(to_turns(example))
-
-
-def conversation_id(messages: Sequence[dict]) -> str:
-    """Stable id of a conversation's content: the same turns give the same id whatever else a row holds."""
-    canonical = [{"role": m["role"], "content": m["content"]} for m in messages]
-    payload = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 def match_format(columns: Iterable[str]) -> str | None:

@@ -25,14 +25,12 @@ from datasets import Dataset
 
 from poft.data import StageIO
 from poft.errors import OptionError
-from poft.formats import conversation_id
-from poft.outputs import atomic_output, check_output, foreign_columns, poft_columns
+from poft.schema import CONTENT_SCORES, MESSAGES, NOISE, POFT_ID, conversation_id
+from poft.stage import open_stage
 
 logger = logging.getLogger(__name__)
 
 NOISE_KINDS = ("paper", "subtle")
-NOISE_COLUMN = "poft_noise"
-SCORE_COLUMNS = ("ref_score", "score_", "n_tokens_", "ifd")  # prefixes of the columns that score content
 ATTEMPTS = 10  # draws per chosen row before it is left clean (a row whose every donor and edit reproduce it)
 
 
@@ -142,7 +140,7 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
             "more to corrupt at least one row."
         )
     chosen = set(rng.sample(range(n), round(rate * n)))
-    conversations = dataset["messages"]
+    conversations = dataset[MESSAGES]
     noised = []
     for row, messages in enumerate(conversations):
         if row in chosen:
@@ -154,10 +152,10 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
             messages = _with_responses(messages, responses)
         noised.append(messages)
     changed = [new != old for new, old in zip(noised, conversations, strict=True)]
-    if NOISE_COLUMN in dataset.column_names:  # noised again: a row corrupted by either run is noise
-        changed = [bool(now or before) for now, before in zip(changed, dataset[NOISE_COLUMN], strict=True)]
+    if NOISE in dataset.column_names:  # noised again: a row corrupted by either run is noise
+        changed = [bool(now or before) for now, before in zip(changed, dataset[NOISE], strict=True)]
     dataset = dataset.map(
-        lambda _, row: {"messages": noised[row], "poft_id": conversation_id(noised[row]), NOISE_COLUMN: changed[row]},
+        lambda _, row: {MESSAGES: noised[row], POFT_ID: conversation_id(noised[row]), NOISE: changed[row]},
         with_indices=True,
         desc=f"Adding {kind} noise",
     )
@@ -174,27 +172,18 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
 
 
 def run_noise(config: NoiseConfig) -> Dataset:
-    """`poft noise`: load, corrupt, save (atomically: see `poft.outputs`).
+    """`poft noise`: load, corrupt, save (atomically: see `poft.stage`).
 
     Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
     the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
+    poft's own `poft_noise` is kept and ORed with the new marks.
     """
-    if not config.data or not config.output:
-        raise OptionError("poft noise needs --data and --output.")
-    check_output(config.output, [config.data], config.overwrite)
-    ours = poft_columns(config.data)
-    columns = [*(c for c in ours if not c.startswith(SCORE_COLUMNS)), NOISE_COLUMN]
-    with atomic_output(config.output, "noise", columns) as tmp:
-        dataset = config.load_input(tmp)
-        stale = [c for c in dataset.column_names if c in ours and c.startswith(SCORE_COLUMNS)]
-        if stale:
-            logger.warning("Dropped %s: scores of the responses before the noise; score the noised data again.", stale)
-        # poft's own poft_noise is kept and ORed with the new marks; a user's column of that name is replaced
-        # only with --overwrite
-        dataset = dataset.remove_columns(
-            stale + foreign_columns(dataset.column_names, [NOISE_COLUMN], config.data, config.overwrite)
-        )
-        noised = add_noise(dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate)
-        noised.save_to_disk(str(tmp))
-    logger.info("Saved the noised dataset to %s", config.output)
-    return noised
+    stage = open_stage(config, "noise")
+    return stage.write(
+        [NOISE],
+        lambda dataset: add_noise(
+            dataset, config.rate, kind=config.kind, seed=config.seed, char_rate=config.char_rate
+        ),
+        stale=lambda c: c.startswith(CONTENT_SCORES),
+        stale_reason="scores of the responses before the noise; score the noised data again.",
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import logging
 import os
 import shutil
@@ -26,12 +25,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from poft.errors import DataError, OutputError
+from poft.errors import OutputError
+from poft.schema import is_poft_output, write_marker
 
 logger = logging.getLogger(__name__)
 
-MARKER = "poft_output.json"
-LEGACY_MARKERS = ("poft_score.json",)  # scored sets written before the marker existed
 TMP_TAG, OLD_TAG = ".poft-tmp-", ".poft-old-"
 DISK_ERRORS = {
     errno.ENOSPC: "the disk is full",
@@ -40,76 +38,6 @@ DISK_ERRORS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
 }
-
-
-def is_poft_output(path: Path) -> bool:
-    return any((path / name).is_file() for name in (MARKER, *LEGACY_MARKERS))
-
-
-def read_marker(path: str | os.PathLike) -> dict:
-    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id)."""
-    marker = Path(path).expanduser() / MARKER
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def poft_columns(source: str | os.PathLike) -> set[str]:
-    """Columns of `source` that poft computed (from its record): poft's to replace or drop in a later stage.
-
-    A scored set written before outputs carried `poft_output.json` is read from its `poft_score.json`.
-    """
-    columns = set(read_marker(source).get("columns", []))
-    record = Path(source).expanduser() / "poft_score.json"
-    if not columns and record.is_file():
-        try:
-            references = json.loads(record.read_text(encoding="utf-8")).get("references", [])
-        except (OSError, ValueError):
-            references = []
-        columns = {"ref_score"} | {f"{p}{r['name']}" for r in references for p in ("score_", "n_tokens_")}
-    return columns
-
-
-def foreign_columns(
-    column_names: Iterable[str], written: Iterable[str], source: str | os.PathLike, overwrite: bool
-) -> list[str]:
-    """The input columns this run would write that poft did not write: refused unless `overwrite`.
-
-    A column poft wrote (recorded in the input's marker) is poft's to replace; any other may be the
-    user's own data. Returns the foreign columns (to be replaced) when `overwrite` is given.
-    """
-    ours, written = poft_columns(source), set(written)
-    foreign = [c for c in column_names if c in written and c not in ours]
-    if foreign and not overwrite:
-        raise DataError(
-            f"{source}: the column {foreign[0]!r} is not one poft wrote, and this run would replace it. Rename it, "
-            "or pass --overwrite to replace it."
-        )
-    return foreign
-
-
-FILTER_HISTORY = "filter_summary.json"
-
-
-def read_filter_history(source: str | os.PathLike) -> list[dict]:
-    """The records of the `poft filter` runs that made `source` (`filter_summary.json`; [] where there is none).
-
-    It follows the data through later stages; a file that is not poft's list of records is a DataError.
-    """
-    path = Path(source).expanduser() / FILTER_HISTORY
-    if not path.is_file():
-        return []
-    fix = "Fix or delete it: it only records what earlier `poft filter` runs kept."
-    try:
-        history = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} cannot be read ({error}). {fix}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON ({error}). {fix}") from None
-    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
-        raise DataError(f"{path} is not a list of filter records. {fix}")
-    return history
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -188,8 +116,7 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
         raise disk_error(error, f"--output {output}") or error from error
     try:
         yield tmp
-        marker = {"stage": stage, "columns": sorted(set(columns))}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        write_marker(tmp, stage, columns)
         _fsync_tree(tmp)
         _swap_in(tmp, out)
     except BaseException as error:

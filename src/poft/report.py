@@ -22,7 +22,7 @@ from poft.errors import DataError, OptionError, OutputError
 from poft.optional import pyplot
 from poft.outputs import atomic_write, atomic_write_text, disk_error
 from poft.report_html import escape_markdown, render_html
-from poft.validation import is_numeric
+from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, SCORE_PREFIX, is_numeric, is_score_column
 
 
 def eval_table(payloads: Sequence[dict]) -> str:
@@ -73,13 +73,13 @@ def scored_data_section(dataset, output: Path) -> list[str]:
     Null, NaN and infinite scores count as missing; a column with no finite score is reported as such.
     """
     plt = pyplot()
-    names = [c for c in dataset.column_names if c.startswith("score_")] + (
-        ["ref_score"] if "ref_score" in dataset.column_names else []
+    names = [c for c in dataset.column_names if c.startswith(SCORE_PREFIX)] + (
+        [REF_SCORE] if REF_SCORE in dataset.column_names else []
     )
     if not names:
         raise DataError("The scored data has no score_<name> or ref_score column: run `poft score` first.")
     columns = {n: [v if _finite(v) else None for v in dataset[n]] for n in names}
-    noisy = dataset["poft_noise"] if "poft_noise" in dataset.column_names else None
+    noisy = dataset[NOISE] if NOISE in dataset.column_names else None
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.3), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         values = [v for v in columns[name] if v is not None]
@@ -129,7 +129,7 @@ def scored_data_section(dataset, output: Path) -> list[str]:
         lines += [
             "Agreement between references (Pearson / Spearman):",
             "",
-            agreement_table({n: columns[n] for n in names if n != "ref_score"}),
+            agreement_table({n: columns[n] for n in names if n != REF_SCORE}),
             "",
         ]
     if noisy is not None and any(noisy) and not all(noisy):
@@ -148,15 +148,15 @@ def _score(value: float | None) -> str:
 
 def _rows_table(dataset, rows: Sequence[int], columns: dict[str, Callable[[int], str]], text_chars: int) -> list[str]:
     """Markdown table of `rows`: index, poft_id, a cell per column, first user and assistant text (escaped)."""
-    header = ["row", "poft_id", *columns, "first user turn", "first reply"]
+    header = ["row", POFT_ID, *columns, "first user turn", "first reply"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    has_ids, has_messages = "poft_id" in dataset.column_names, "messages" in dataset.column_names
+    has_ids, has_messages = POFT_ID in dataset.column_names, MESSAGES in dataset.column_names
     for row in rows:
         record = dataset[int(row)]
-        messages = record["messages"] if has_messages else None
+        messages = record[MESSAGES] if has_messages else None
         cells = [
             str(row),
-            escape_markdown(str(record["poft_id"])) if has_ids else "-",
+            escape_markdown(str(record[POFT_ID])) if has_ids else "-",
             *(cells_of(row) for cells_of in columns.values()),
             *(
                 escape_markdown(audit.shorten(audit.first_text(messages, r), text_chars))
@@ -169,17 +169,17 @@ def _rows_table(dataset, rows: Sequence[int], columns: dict[str, Callable[[int],
 
 def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     """Which rows the references think are worst and best, where they disagree, and how many fall below thresholds."""
-    references = [c for c in dataset.column_names if c.startswith("score_")]
+    references = [c for c in dataset.column_names if c.startswith(SCORE_PREFIX)]
     lines = ["## Data audit", ""]
-    if "ref_score" not in dataset.column_names:
+    if REF_SCORE not in dataset.column_names:
         return lines + ["No ref_score column (the references' mean that `poft score` writes): nothing to audit.", ""]
-    names = [*references, "ref_score"]
+    names = [*references, REF_SCORE]
     columns = {n: dataset[n] for n in names}
-    found = audit.extremes(columns["ref_score"], rows)
-    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in ["ref_score", *references]}
+    found = audit.extremes(columns[REF_SCORE], rows)
+    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in [REF_SCORE, *references]}
     noise = {}
-    if "poft_noise" in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
-        flags = dataset["poft_noise"]
+    if NOISE in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
+        flags = dataset[NOISE]
         noise = {"noisy": lambda row: "yes" if flags[row] else "no"}
     scores.update(noise)
     lines += [
@@ -258,7 +258,7 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
         "| --- | --- | --- |",
     ]
     for fraction in audit.TOP_FRACTIONS:
-        cutoff, kept = audit.top_fraction_cutoff(columns["ref_score"], fraction)
+        cutoff, kept = audit.top_fraction_cutoff(columns[REF_SCORE], fraction)
         lines.append(f"| {fraction:g} | {kept} of {len(dataset)} | {_score(cutoff)} |")
     return lines + [""]
 
@@ -315,7 +315,7 @@ def read_eval_results(paths: Sequence[str]) -> list[dict]:
 def check_score_columns(dataset, source: str) -> None:
     """Score columns (score_<name>, ref_score) must hold numbers: anything else is not a poft score."""
     for name in dataset.column_names:
-        if not (name.startswith("score_") or name == "ref_score"):
+        if not is_score_column(name):
             continue
         feature = dataset.features[name]
         if not is_numeric(feature, allow_null=True):

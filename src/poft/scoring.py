@@ -19,7 +19,6 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,23 +41,23 @@ from poft.chat import (
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.gguf_models import load_args
-from poft.outputs import (
-    FILTER_HISTORY,
-    atomic_output,
-    atomic_write_text,
-    check_output,
-    foreign_columns,
-    poft_columns,
-    read_filter_history,
-)
 from poft.runtime import resolve_device, resolve_dtype
+from poft.schema import (
+    MESSAGES,
+    POFT_ID,
+    REF_SCORE,
+    SCORE_PREFIXES,
+    n_tokens_column,
+    reference_columns,
+    score_column,
+    write_score_record,
+)
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
+from poft.stage import open_stage
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
-REF_SCORE = "ref_score"
-SCORE_PREFIXES = ("score_", "n_tokens_")
 SHOWN_ROWS = 5  # rows named in an error
 
 
@@ -264,11 +263,11 @@ def score_reference(
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
     scored = cache.load()
 
-    ids = dataset["poft_id"]
+    ids = dataset[POFT_ID]
     pending = sorted({i for i in ids if i not in scored})
     mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
     todo: dict[str, EncodedConversation] = {}
-    for row, (poft_id, messages) in enumerate(zip(ids, dataset["messages"], strict=True), start=1):
+    for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
         if poft_id in mine and poft_id not in todo:
             try:
                 todo[poft_id] = encoder.encode(messages)
@@ -427,7 +426,7 @@ def score_dataset(
     config = config or ScoringOptions()
     if not models:
         raise OptionError("Give at least one reference model (--model PATH_OR_HUB_ID).")
-    missing = {"messages", "poft_id"} - set(dataset.column_names)
+    missing = {MESSAGES, POFT_ID} - set(dataset.column_names)
     if missing:
         raise DataError(f"The dataset lacks {sorted(missing)}; load it with poft.load_sft_dataset first.")
     references = [m if isinstance(m, Reference) else parse_references([m])[0] for m in models]
@@ -437,8 +436,8 @@ def score_dataset(
     columns: dict[str, list] = {}
     for reference in references:
         scores, counts = score_reference(dataset, reference, config, describe_row)
-        columns[f"score_{reference.name}"], columns[f"n_tokens_{reference.name}"] = scores, counts
-    per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
+        columns[score_column(reference.name)], columns[n_tokens_column(reference.name)] = scores, counts
+    per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():
@@ -465,71 +464,50 @@ def _check_references(references: Sequence[Reference]) -> None:
         seen[key] = reference
 
 
-def reconcile_columns(
-    dataset: Dataset, references: Sequence[Reference], source: str, overwrite: bool
-) -> tuple[Dataset, list[str], list[str]]:
-    """Make room for this run's score columns, so that ref_score and the score_ columns agree.
-
-    A column this run writes (ref_score, score_<name>, n_tokens_<name>) that the input already has is
-    refused unless poft wrote it or `overwrite`. Score columns poft wrote for references not named in
-    this run are dropped (they are not part of the new ref_score); score columns poft did not write are
-    kept as they are. Returns the dataset and the dropped and kept columns.
-    """
-    ours = poft_columns(source)
-    new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
-    foreign_columns(dataset.column_names, new, source, overwrite)
-    dropped = [c for c in dataset.column_names if c in ours and c not in new and c.startswith(SCORE_PREFIXES)]
-    kept = [c for c in dataset.column_names if c not in new and c not in ours and c.startswith(SCORE_PREFIXES)]
-    if dropped:
-        logger.warning(
-            "Dropped %s: scores of references not named in this run, which are not part of the new %s.",
-            ", ".join(dropped),
-            REF_SCORE,
-        )
-    if kept:
-        logger.info("Kept %s as they are: columns poft did not write, not part of %s.", ", ".join(kept), REF_SCORE)
-    return dataset.remove_columns(dropped), dropped, kept
-
-
 def run_score(config: ScoreConfig) -> Dataset:
-    """`poft score`: load, score with every reference, save to `config.output` with its record, atomically.
+    """`poft score`: score every row with every reference; save to `config.output` with its record, atomically.
 
     The output is refused, before anything is scored, where it would replace the input or another
-    output (see `poft.outputs.check_output`); it is built in a temporary sibling directory and moved
-    into place only when complete.
+    output (see `poft.stage`). Score columns poft wrote for references not named in this run are
+    dropped (they are not part of the new ref_score); score columns poft did not write are kept as
+    they are.
     """
-    if not config.data or not config.output:
-        raise OptionError("poft score needs --data and --output.")
+    stage = open_stage(config, "score")
     if not config.model:
         raise OptionError("poft score needs at least one reference: --model PATH_OR_HUB_ID (repeat for several).")
-    check_output(config.output, [config.data], config.overwrite)
     references = parse_references(config.model)
     _check_references(references)  # before the data is read, so a typo fails in a second
-    filter_history = read_filter_history(config.data)
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
-    inherited = poft_columns(config.data)
-    new = {REF_SCORE} | {f"{p}{r.name}" for r in references for p in SCORE_PREFIXES}
-    columns = {c for c in inherited if not c.startswith(SCORE_PREFIXES)} | new
-    writing = atomic_output(config.output, "score", columns) if state.is_main_process else nullcontext(None)
-    with writing as tmp:
-        dataset = config.load_input(tmp)
-        dataset, dropped, kept = reconcile_columns(dataset, references, config.data, config.overwrite)
-        scored = score_dataset(dataset, references, config)
-        if tmp is None:
-            return scored
-        scored.save_to_disk(str(tmp))
-        unscorable = [i for i, s in zip(scored["poft_id"], scored[REF_SCORE], strict=True) if s is None]
-        record = {
-            "config": asdict(config),
-            "references": [asdict(r) for r in references],
-            "rows": len(scored),
-            "dropped_columns": dropped,
-            "kept_columns": kept,
-            "unscorable_poft_ids": unscorable,
-        }
-        atomic_write_text(tmp / "poft_score.json", json.dumps(record, indent=2))
-        if filter_history:  # provenance of an earlier `poft filter` follows the data
-            atomic_write_text(tmp / FILTER_HISTORY, json.dumps(filter_history, indent=2))
-    logger.info("Saved %d scored conversations to %s", len(scored), config.output)
-    return scored
+    new = reference_columns(r.name for r in references)
+
+    def kept_columns(column_names: list[str]) -> list[str]:
+        return [c for c in column_names if c not in new and c not in stage.inherited and c.startswith(SCORE_PREFIXES)]
+
+    def score(dataset: Dataset) -> Dataset:
+        if kept := kept_columns(dataset.column_names):
+            logger.info("Kept %s as they are: columns poft did not write, not part of %s.", ", ".join(kept), REF_SCORE)
+        return score_dataset(dataset, references, config)
+
+    def record(directory: Path, scored: Dataset, dropped: list[str]) -> None:
+        unscorable = [i for i, s in zip(scored[POFT_ID], scored[REF_SCORE], strict=True) if s is None]
+        write_score_record(
+            directory,
+            {
+                "config": asdict(config),
+                "references": [asdict(r) for r in references],
+                "rows": len(scored),
+                "dropped_columns": dropped,
+                "kept_columns": kept_columns(scored.column_names),
+                "unscorable_poft_ids": unscorable,
+            },
+        )
+
+    return stage.write(
+        new,
+        score,
+        stale=lambda c: c.startswith(SCORE_PREFIXES),
+        stale_reason=f"scores of references not named in this run, which are not part of the new {REF_SCORE}.",
+        record=record,
+        main_process=state.is_main_process,
+    )

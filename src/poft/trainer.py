@@ -14,7 +14,6 @@ compute_loss_func, label smoothing) are TRL's own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,7 +39,8 @@ from poft.objectives import (
     sequence_mean_log_probs,
 )
 from poft.runtime import default_bf16, output_dir_for, train_and_save
-from poft.validation import check_model_source, is_numeric
+from poft.schema import MESSAGES, POFT_ID, REF_SCORE, is_numeric, read_score_record
+from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class PoFTConfig(SFTConfig):
     )
     gamma: float = field(default=0.0, metadata={"help": "Offset of the Bradley-Terry logit (the paper uses 0)."})
     ref_score_column: str = field(
-        default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
+        default=REF_SCORE, metadata={"help": "Dataset column holding the references' score r_ref."}
     )
     chat_template: str | None = field(
         default=None,
@@ -221,7 +221,7 @@ class PoFTTrainer(SFTTrainer):
             raise TypeError(f"PoFTTrainer needs a datasets.Dataset for {dataset_name}, got {type(dataset).__name__}")
         if formatting_func is not None:
             raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
-        if "messages" not in dataset.column_names:
+        if MESSAGES not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
                 "Load it with poft.load_sft_dataset, which accepts messages, prompt/completion, Alpaca and ShareGPT."
@@ -277,7 +277,7 @@ class PoFTTrainer(SFTTrainer):
         if self.objective in NEEDS_REFERENCES:
             dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
-            ["poft_num_response_tokens", "poft_truncated", "poft_row", "poft_id"] + ([ref_column] if has_ref else [])
+            ["poft_num_response_tokens", "poft_truncated", "poft_row", POFT_ID] + ([ref_column] if has_ref else [])
         )
         if packing:
             columns = ["input_ids", "labels"] + ([REF_TOKENS] if has_ref else [])
@@ -424,7 +424,7 @@ def _num_sequences(batch: dict[str, Any]) -> int:
 
 def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
     try:
-        encoded = encoder.encode(example["messages"])
+        encoded = encoder.encode(example[MESSAGES])
     except ChatTemplateError as error:
         raise ChatTemplateError(f"row {index}: {error}") from error
     out = {
@@ -433,7 +433,7 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         "poft_num_response_tokens": encoded.num_response_tokens,
         "poft_truncated": encoded.truncated,
         "poft_row": index,
-        "poft_id": example.get("poft_id") or "",
+        POFT_ID: example.get(POFT_ID) or "",
     }
     if ref_column is not None:
         ref = out[ref_column] = example[ref_column]
@@ -464,7 +464,7 @@ def _drop_null_reference_scores(dataset: Dataset, ref_column: str, dataset_name:
     or none marked by its template): such a row has no r_ref to compare with, so it is left out, with a warning.
     A NaN or infinite score is never written by poft, so it means broken data and stops the run.
     """
-    columns = zip(dataset[ref_column], dataset["poft_row"], dataset["poft_id"], strict=True)
+    columns = zip(dataset[ref_column], dataset["poft_row"], dataset[POFT_ID], strict=True)
     bad = [(row, poft_id) for value, row, poft_id in columns if value is not None and not math.isfinite(value)]
     if bad:
         shown = ", ".join(f"row {row}" + (f" (poft_id {poft_id})" if poft_id else "") for row, poft_id in bad[:5])
@@ -525,11 +525,9 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
 
 def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
     """r_ref and r_theta cover the same tokens only if scoring and training truncate alike."""
-    record = os.path.join(dataset_path, "poft_score.json")
-    if training_args.objective not in NEEDS_REFERENCES or not os.path.isfile(record):
+    scored = read_score_record(dataset_path).get("config")
+    if training_args.objective not in NEEDS_REFERENCES or not scored:
         return
-    with open(record, encoding="utf-8") as f:
-        scored = json.load(f)["config"]
     for option in ("max_length", "truncation_mode"):
         if scored[option] != getattr(training_args, option):
             logger.warning(

@@ -3,8 +3,7 @@ or missing or truncated weights each end in one line naming the folder and the f
 transformers happens to say (a repo-id format error for a missing path, a sentencepiece hint for
 missing tokenizer files, a deserialisation error for a truncated file).
 
-A name that is not a local path is a hub id and is checked by loading it. `is_numeric` is the one test
-of a score column's type that training, filtering and the report share.
+A name that is not a local path is a hub id and is checked by loading it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 from poft.errors import ModelError
 from poft.gguf_models import GGUF_INSTALL, gguf_file, require_gguf
 
-NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
@@ -94,12 +92,3 @@ def safetensors_problem(file: Path) -> str | None:
     if size < 8 + length + end:
         return f"truncated ({size} bytes of {8 + length + end})"
     return None
-
-
-def is_numeric(feature, allow_null: bool = False) -> bool:
-    """A `datasets` feature holding numbers (and, with `allow_null`, a column of nulls only)."""
-    from datasets import Value
-
-    if not isinstance(feature, Value):
-        return False
-    return feature.dtype.startswith(NUMERIC_DTYPES) or (allow_null and feature.dtype == "null")

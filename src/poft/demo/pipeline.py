@@ -37,10 +37,10 @@ from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
-from poft.formats import conversation_id
-from poft.noise import NOISE_COLUMN, add_noise
+from poft.noise import add_noise
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
+from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
 
@@ -219,7 +219,7 @@ class World:
 def _rows(examples) -> Dataset:
     records = [e.record() for e in examples]
     for r in records:
-        r["poft_id"] = conversation_id(r["messages"])
+        r[POFT_ID] = conversation_id(r[MESSAGES])
     return Dataset.from_list(records)
 
 
@@ -348,10 +348,10 @@ class Grid:
             scored = score_dataset(
                 noised, w.references, ScoreConfig(**{**asdict(self.score_config), "cache_dir": cache})
             )
-            noisy = scored[NOISE_COLUMN]
+            noisy = scored[NOISE]
             if any(noisy):
-                clean_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if not n]
-                noisy_scores = [s for s, n in zip(scored["ref_score"], noisy, strict=True) if n]
+                clean_scores = [s for s, n in zip(scored[REF_SCORE], noisy, strict=True) if not n]
+                noisy_scores = [s for s, n in zip(scored[REF_SCORE], noisy, strict=True) if n]
                 self.separation.append(
                     {
                         "world": world,
@@ -372,10 +372,10 @@ class Grid:
         scored = self.scored_data(spec.world, spec.noise_kind, spec.noise_rate, spec.seed)
         sample = scored.shuffle(seed=0).select(range(min(400, len(scored))))
         if spec.method == "oracle":
-            return scored.filter(lambda n: not n, input_columns=NOISE_COLUMN), sample
+            return scored.filter(lambda n: not n, input_columns=NOISE), sample
         if spec.method.startswith("filter"):
             keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
-            return scored.sort("ref_score", reverse=True).select(range(keep)), sample
+            return scored.sort(REF_SCORE, reverse=True).select(range(keep)), sample
         return scored, sample
 
     def _arguments(self, spec: RunSpec) -> tuple:

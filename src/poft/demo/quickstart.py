@@ -18,6 +18,7 @@ from poft.data import load_sft_dataset
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.errors import OutputError
 from poft.outputs import atomic_output
+from poft.schema import MARKER, MESSAGES, REF_SCORE
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -41,7 +42,7 @@ def check_quickstart_output(output: Path) -> None:
     """The quickstart fills its folder with models and data: only an empty folder or its own earlier output."""
     if output.is_file():
         raise OutputError(f"--output {output} is a file; give a folder for the quickstart's models and data.")
-    if output.is_dir() and any(output.iterdir()) and not (output / "scored" / "poft_output.json").is_file():
+    if output.is_dir() and any(output.iterdir()) and not (output / "scored" / MARKER).is_file():
         raise OutputError(
             f"--output {output} is a non-empty folder that is not a quickstart output; give a new or empty folder."
         )
@@ -52,7 +53,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     output = Path(config.output)
     check_quickstart_output(output)
     dataset = load_sft_dataset(str(bundled_data_path()))
-    texts = [m["content"] for conversation in dataset["messages"] for m in conversation]
+    texts = [m["content"] for conversation in dataset[MESSAGES] for m in conversation]
     char_tok = char_tokenizer("".join(texts))
     bpe_tok = bpe_tokenizer(texts, vocab_size=400)
     references = [
@@ -63,9 +64,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     scored = score_dataset(
         dataset, references, ScoreConfig(device=config.device, max_length=256, cache_dir=str(output / "cache"))
     )
-    with atomic_output(output / "scored", "score", [c for c in scored.column_names if c != "messages"]) as tmp:
+    with atomic_output(output / "scored", "score", [c for c in scored.column_names if c != MESSAGES]) as tmp:
         scored.save_to_disk(str(tmp))  # the quickstart's own folder: a rerun replaces it
-    logger.info("Scored %d conversations; mean ref_score %.3f", len(scored), sum(scored["ref_score"]) / len(scored))
+    logger.info("Scored %d conversations; mean ref_score %.3f", len(scored), sum(scored[REF_SCORE]) / len(scored))
     args = PoFTConfig(
         output_dir=str(output / "poft-target"),
         max_steps=config.max_steps,

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, P
 
 from poft.chat import ConversationEncoder
 from poft.evaluation import exact_match_per_row
-from poft.noise import NOISE_COLUMN
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
+from poft.schema import MESSAGES, NOISE, REF_SCORE
 from poft.scoring import model_scores
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -105,9 +105,9 @@ def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -
 
 def clean_and_noisy_weights(model, tokenizer, sample: Dataset) -> tuple[float | None, float | None]:
     """Mean sigmoid(r_ref - r_theta) over the sample's clean and its noisy rows (PoFT's weight, for any model)."""
-    r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), sample["messages"]))
-    weights = poft_weights(r_theta, torch.tensor(sample["ref_score"]))
-    noisy = torch.tensor(sample[NOISE_COLUMN])
+    r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), sample[MESSAGES]))
+    weights = poft_weights(r_theta, torch.tensor(sample[REF_SCORE]))
+    noisy = torch.tensor(sample[NOISE])
     clean = weights[~noisy].mean().item() if (~noisy).any() else None
     return clean, (weights[noisy].mean().item() if noisy.any() else None)
 

@@ -13,6 +13,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from poft.schema import MESSAGES
+
 CONSONANTS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
 
@@ -91,7 +93,7 @@ class Example:
     def record(self) -> dict:
         """A chat row with its checkable answer."""
         return {
-            "messages": [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}],
+            MESSAGES: [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}],
             "answer": self.answer,
             "family": self.family,
         }
