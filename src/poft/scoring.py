@@ -53,6 +53,7 @@ from poft.outputs import (
 )
 from poft.runtime import resolve_device, resolve_dtype
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
+from poft.score_settings import score_feature
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -423,6 +424,7 @@ def score_dataset(
     `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). `ref_score` is the mean of
     exactly these references; the same model given twice is refused. A row whose response is truncated
     away entirely (or that the template marks no response in) gets null scores and is reported, never NaN.
+    The score columns carry the truncation settings (`poft.score_settings`), which `PoFTTrainer` checks.
     """
     config = config or ScoringOptions()
     if not models:
@@ -441,8 +443,9 @@ def score_dataset(
     per_row = zip(*(columns[f"score_{r.name}"] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+    scores = score_feature(config)  # the trainer checks that it truncates as these scores were computed
     for name, values in columns.items():
-        dataset = dataset.add_column(name, values)
+        dataset = dataset.add_column(name, values, feature=None if name.startswith("n_tokens_") else scores)
     return dataset
 
 

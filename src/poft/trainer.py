@@ -14,7 +14,6 @@ compute_loss_func, label smoothing) are TRL's own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from poft.objectives import (
     sequence_mean_log_probs,
 )
 from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source, is_numeric
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,14 @@ class PoFTConfig(SFTConfig):
         },
     )
     system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
+    allow_truncation_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Train even though the reference scores were computed with another max_length, "
+            "truncation_mode or system_turns (a warning instead of an error): long conversations are then "
+            "scored on other tokens than they are trained on."
+        },
+    )
     # TRL's default (checkpointing on) under transformers' current name, so that no deprecation warning is printed
     # for an option the user did not set; the old name still works and warns as transformers does.
     activation_checkpointing: bool | None = field(
@@ -236,6 +244,7 @@ class PoFTTrainer(SFTTrainer):
             )
         if self.objective in NEEDS_REFERENCES:
             _check_reference_column(dataset, ref_column, dataset_name)
+            self._check_scoring_settings(dataset, args, dataset_name)
         encoder = ConversationEncoder(
             self._tokenizer,
             fallback_template=args.chat_template,
@@ -288,6 +297,26 @@ class PoFTTrainer(SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
+
+    def _check_scoring_settings(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> None:
+        """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike."""
+        ref_column = args.ref_score_column
+        scored = scoring_settings(dataset, ref_column)
+        if scored is None:
+            return
+        training = {"max_length": self._truncate_to, **{k: getattr(args, k) for k in SETTINGS[1:]}}
+        differ = mismatches(scored, training)
+        if not differ:
+            return
+        message = (
+            f"The {dataset_name} dataset's {ref_column!r} was computed with other settings than training uses "
+            f"({'; '.join(differ)}), so long conversations are scored on other tokens than they are trained on."
+        )
+        if not args.allow_truncation_mismatch:
+            raise OptionError(
+                f"{message} Use the same values in `poft score` and `poft train`, or set allow_truncation_mismatch."
+            )
+        logger.warning("%s (allow_truncation_mismatch is set)", message)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Sequences (poft, sft_norm) or response tokens (sft, poft_token) in the whole optimizer step, across
@@ -513,7 +542,6 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             eval_dataset = load_sft_dataset(
                 data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
             )
-        _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
         logger.info(
             "Training %s with objective=%s on %d conversations",
             model_args.model_name_or_path,
@@ -521,22 +549,3 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             len(train_dataset),
         )
         return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
-
-
-def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
-    """r_ref and r_theta cover the same tokens only if scoring and training truncate alike."""
-    record = os.path.join(dataset_path, "poft_score.json")
-    if training_args.objective not in NEEDS_REFERENCES or not os.path.isfile(record):
-        return
-    with open(record, encoding="utf-8") as f:
-        scored = json.load(f)["config"]
-    for option in ("max_length", "truncation_mode"):
-        if scored[option] != getattr(training_args, option):
-            logger.warning(
-                "The reference scores were computed with %s=%s but training uses %s=%s: long conversations are "
-                "then scored on different tokens. Use the same value in `poft score` and `poft train`.",
-                option,
-                scored[option],
-                option,
-                getattr(training_args, option),
-            )
