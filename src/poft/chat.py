@@ -265,10 +265,15 @@ class ConversationEncoder:
             messages = merge_system_turns(messages)
         return messages
 
-    def render(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        """The text a model completes to answer `messages` (the turns before a response): read as `encode` reads
+        them (system-turn policy, content shape, fallback template), plus the template's generation prompt."""
+        return self.render(self.prepare(messages), add_generation_prompt=True)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for prepared `messages`; any failure of the template is a `ChatTemplateError`."""
         try:
-            return self._apply(messages)
+            return self._apply(messages, add_generation_prompt)
         except Exception as error:  # templates fail in many ways: raise_exception, KeyError, TypeError, ...
             hint = self.template_fix
             if any(m["role"] == "system" for m in messages):
@@ -280,10 +285,12 @@ class ConversationEncoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def _apply(self, messages: Sequence[Message]) -> str:
+    def _apply(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         if self.content_as_parts:
             messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False)
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _probe_content_shape(self) -> bool:
         """True when the template renders content only given as a list of text parts."""

@@ -174,13 +174,14 @@ def parse_references(specs: Sequence[str]) -> list[Reference]:
     return references
 
 
-def load_reference_model(
+def load_model(
     path: str,
     device: torch.device,
     dtype: torch.dtype,
-    trust_remote_code: bool,
+    trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
+    """A causal LM from safetensors weights (or a GGUF file), on `device`, in eval mode: scoring's and eval's loader."""
     from safetensors import SafetensorError
 
     source, gguf = load_args(path)
@@ -197,10 +198,20 @@ def load_reference_model(
             f"--model {path}: the weights cannot be loaded ({str(error).splitlines()[0]}). Save or download the "
             "model again (poft loads safetensors weights)."
         ) from error
-    model = model.to(device)
+    return model.to(device).eval()
+
+
+def load_reference_model(
+    path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None = None,
+):
+    """`load_model`, with the attention that packs when it pays and TRL's fused LM head, for scoring."""
+    model = load_model(path, device, dtype, trust_remote_code, attn_implementation)
     if attn_implementation is None and use_varlen_by_default(model, device):
         model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
-    model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     return model
 
