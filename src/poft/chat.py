@@ -95,6 +95,14 @@ class EncodedConversation:
         return [t if m else -100 for t, m in zip(self.input_ids, self.response_mask, strict=True)]
 
 
+def check_reading_options(truncation_mode: str, system_turns: str) -> None:
+    """The one check of `truncation_mode` and `system_turns`, for the encoder and every command's options."""
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    if system_turns not in SYSTEM_TURNS:
+        raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+
+
 def partly_truncated(kept: Sequence[int], total: int, max_length: int | None, truncation_mode: str) -> str:
     """The line that says how many conversations lost part of their response to truncation (`kept`: the response
     tokens each still has), shared by `poft score` and `poft train` so both count alike."""
@@ -169,10 +177,7 @@ class ConversationEncoder:
         system_turns: SystemTurns = "auto",
         name: str | None = None,
     ):
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-        if system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+        check_reading_options(truncation_mode, system_turns)
         self.name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not tokenizer.is_fast:
             raise ChatTemplateError(
@@ -183,7 +188,7 @@ class ConversationEncoder:
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.system_turns = system_turns
-        self.method = MASK_RULE
+        self.mask_rule_version = MASK_RULE
         template = tokenizer.chat_template
         if isinstance(template, dict):
             template = template.get("default")

@@ -19,7 +19,8 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, shorten
+from poft import options
+from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, shorten
 from poft.errors import DataError, DependencyError, OptionError
 from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
@@ -232,19 +233,11 @@ class EvalConfig:
     answer_column: str = field(default="answer", metadata={"help": "Column of --data holding the expected answer."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for the exact-match evaluation."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
-    max_length: int | None = field(
-        default=1024,
-        metadata={"help": "Truncate conversations to this many tokens for the held-out likelihood (as poft score)."},
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template (.jinja file or text) for models whose tokenizer has none."},
-    )
-    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."}
-    )
+    max_length: int | None = options.max_length_field()
+    chat_template: str | None = options.chat_template_field()
+    system_turns: str = options.system_turns_field()
+    device: str = options.device_field()
+    dtype: str = options.dtype_field()
     output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
 
     def __post_init__(self):
@@ -253,9 +246,8 @@ class EvalConfig:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
                 raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
-        from poft.runtime import resolve_device, resolve_dtype
-
-        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
+        check_reading_options("keep_start", self.system_turns)
+        options.check_device_and_dtype(self.device, self.dtype)
 
 
 def parse_task(task: str) -> tuple[str, int | None]:

@@ -29,19 +29,26 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from poft.attention import VARLEN, use_varlen_by_default
-from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
+from poft.attention import VARLEN, packs, use_varlen_by_default
+from poft.batching import iter_scores, pad_token_id
 from poft.chat import (
-    SYSTEM_TURNS,
-    SYSTEM_TURNS_HELP,
     ChatTemplateError,
     ConversationEncoder,
     EncodedConversation,
+    check_reading_options,
     partly_truncated,
 )
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.gguf_models import load_args
+from poft.options import (
+    chat_template_field,
+    check_device_and_dtype,
+    device_field,
+    dtype_field,
+    max_length_field,
+    system_turns_field,
+)
 from poft.outputs import (
     FILTER_HISTORY,
     atomic_output,
@@ -68,29 +75,16 @@ class ScoringOptions:
     """How a model reads and scores conversations: shared by `poft score` and `poft filter --ifd_model`."""
 
     # reading: template and truncation, the same rules as training
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Truncate conversations to this many tokens; use the same value for training "
-            "(TRL's default is 1024)."
-        },
-    )
+    max_length: int | None = max_length_field()
     truncation_mode: str = field(
         default="keep_start",
         metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."},
     )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template (.jinja file or text) for models whose tokenizer has none."},
-    )
-    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
+    chat_template: str | None = chat_template_field()
+    system_turns: str = system_turns_field()
     # loading
-    device: str = field(
-        default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."}
-    )
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."}
-    )
+    device: str = device_field()
+    dtype: str = dtype_field()
     attn_implementation: str | None = field(
         default=None,
         metadata={
@@ -128,15 +122,12 @@ class ScoringOptions:
     )
 
     def __post_init__(self):
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise OptionError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
-        if self.system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
+        check_reading_options(self.truncation_mode, self.system_turns)
         if self.batch_tokens is not None and self.batch_tokens <= 0:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
-        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass
@@ -263,7 +254,7 @@ def score_reference(
     covered = {  # what the fingerprint covers: the model's content and the settings, never how its path is spelled
         "model_fingerprint": model_id,
         "chat_template": encoder.template,
-        "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
+        "masking": encoder.mask_rule_version,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
         "max_length": config.max_length,
         "truncation_mode": config.truncation_mode,
@@ -297,7 +288,7 @@ def score_reference(
         unique - len(pending),
         cache.directory,
         len(pending),
-        encoder.method,
+        encoder.mask_rule_version,
         f"; this process scores {len(todo)}" if shard is not None else "",
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
@@ -398,7 +389,7 @@ def _score_into_cache(
     describe_row: Callable[[int], str],
 ) -> None:
     model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
-    packing = uses_varlen_attention(model, device) if config.packing is None else config.packing
+    packing = packs(model, device, config.packing)
     keys, encoded = list(todo), list(todo.values())
     for batch, means, counts in iter_scores(
         model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing

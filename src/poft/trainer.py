@@ -27,7 +27,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, partly_truncated
+from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
 from poft.objectives import (
@@ -38,6 +38,7 @@ from poft.objectives import (
     poft_weights,
     sequence_mean_log_probs,
 )
+from poft.options import chat_template_field, skip_invalid_field, system_turns_field
 from poft.runtime import default_bf16, output_dir_for, train_and_save
 from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source, is_numeric
@@ -63,10 +64,7 @@ OBJECTIVE_HELP = (
 class TrainDataArguments(ScriptArguments):
     """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
 
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
-    )
+    skip_invalid: bool = skip_invalid_field("OUTPUT_DIR/invalid_rows.jsonl")
 
 
 @dataclass
@@ -90,14 +88,10 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default="ref_score", metadata={"help": "Dataset column holding the references' score r_ref."}
     )
-    chat_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Chat template (.jinja file or text) for a target whose tokenizer has none, e.g. Zephyr's for "
-            "a base model; it is saved with the trained model. The same option as poft score's."
-        },
+    chat_template: str | None = chat_template_field(
+        "For training: the target's, e.g. Zephyr's for a base model; it is saved with the trained model."
     )
-    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
+    system_turns: str = system_turns_field()
     allow_truncation_mismatch: bool = field(
         default=False,
         metadata={
@@ -141,8 +135,7 @@ class PoFTConfig(SFTConfig):
             )
         if self.label_smoothing_factor and self.objective != "sft":
             raise OptionError(f"label_smoothing_factor applies with objective='sft' only, not {self.objective!r}.")
-        if self.system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
+        check_reading_options(self.truncation_mode, self.system_turns)
         if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
         if not math.isfinite(self.gamma):
