@@ -178,8 +178,6 @@ def test_varlen_is_the_default_only_for_plain_causal_attention(model):
 
 
 def test_models_with_their_own_attention_code_are_not_packed_by_default(model):
-    from poft.batching import uses_varlen_attention
-
     model.set_attn_implementation(attention.VARLEN)
     assert attention.routes_attention(model)
 
@@ -187,4 +185,5 @@ def test_models_with_their_own_attention_code_are_not_packed_by_default(model):
         config = model.config
 
     assert not attention.routes_attention(OwnAttention())
-    assert not uses_varlen_attention(OwnAttention(), torch.device("cuda"))
+    assert not attention.packs(OwnAttention(), torch.device("cuda"))
+    assert attention.packs(OwnAttention(), torch.device("cuda"), requested=True)  # the user's choice stands

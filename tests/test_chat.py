@@ -18,7 +18,7 @@ def masked_text(tokenizer, encoded) -> str:
 def test_mask_covers_assistant_content_and_end_of_turn(tiny_models, conversations, name):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
     encoder = ConversationEncoder(tokenizer)
-    assert encoder.method == MASK_RULE
+    assert encoder.mask_rule_version == MASK_RULE
     for messages in conversations:
         encoded = encoder.encode(messages)
         expected = "".join(m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant")

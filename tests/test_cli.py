@@ -100,7 +100,7 @@ def test_merge_repeated_model_flags():
     ]
 
 
-def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_path, caplog):
+def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_path, caplog, capsys):
     data = write_jsonl(tmp_path / "chats.jsonl", conversations)
     scored = tmp_path / "scored"
     code = main(
@@ -143,11 +143,12 @@ def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_
     assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--beta", "2.0", "--logging-steps", "1"]) == 0
     assert (tmp_path / "trained" / "model.safetensors").exists()
     assert (tmp_path / "trained" / "trainer_state.json").exists()
+    shorter = ["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]
+    assert main(shorter) == 2
+    assert "max_length: scored with 256, training with 200" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING):
-        assert (
-            main(["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]) == 0
-        )
-    assert "max_length=256 but training uses max_length=200" in caplog.text
+        assert main([*shorter, "--allow_truncation_mismatch"]) == 0
+    assert "max_length: scored with 256, training with 200" in caplog.text
 
 
 def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):

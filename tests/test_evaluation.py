@@ -156,3 +156,33 @@ def test_eval_writes_every_prediction_and_logs_examples(chatml, tiny_models, tmp
     assert "row 4:" not in caplog.text  # a few examples, not every row
     if predictions[2]["verdict"] == "wrong":
         assert "wrong generations contain the answer within longer text" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen3", "gemma"])
+def test_prompts_render_as_scoring_and_training_read_the_conversation(template_models, name):
+    """The prompt a model completes is the start of the conversation as `encode` renders it (the same system-turn
+    policy: Gemma's template rejects system turns, so both merge them), up to where the response begins."""
+    from poft.chat import ConversationEncoder
+
+    encoder = ConversationEncoder(AutoTokenizer.from_pretrained(template_models[name]))
+    for conversation in make_conversations(4, seed=3):
+        conversation = [{"role": "system", "content": "Answer briefly."}, *conversation]
+        prompt = encoder.render_prompt(conversation[:-1])
+        full = encoder.render(encoder.prepare(conversation))
+        assert full.startswith(prompt)
+        assert conversation[-1]["content"] in full[len(prompt) :]
+
+
+def test_eval_loads_safetensors_weights_only(tiny_models, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(tiny_models["chatml"], tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text(json.dumps({"messages": make_conversations(1)[0], "answer": "x"}) + "\n")
+    args = ["eval", "--model", str(pickled), "--tasks", "none", "--data", str(rows), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "ev")]) == 2
+    assert "safetensors" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -213,6 +214,37 @@ def test_null_reference_score_is_skipped_with_a_warning(tiny_models, conversatio
 def test_missing_reference_column_names_the_fix(tiny_models, conversations, tmp_path):
     with pytest.raises(ValueError, match="poft score"):
         PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations))
+
+
+def through_disk_and_filter(dataset, tmp_path):
+    """What `poft filter` and `poft train` do to a saved scored dataset: save, load, filter, save, load."""
+    from poft.data import load_sft_dataset
+    from poft.filtering import filter_by_score
+
+    dataset.save_to_disk(str(tmp_path / "scored"))
+    filtered, _ = filter_by_score(load_sft_dataset(str(tmp_path / "scored")), "ref_score", top_fraction=0.9)
+    filtered.save_to_disk(str(tmp_path / "filtered"))
+    return load_sft_dataset(str(tmp_path / "filtered"))
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+@pytest.mark.parametrize(
+    ("option", "value"), [("max_length", 200), ("truncation_mode", "keep_end"), ("system_turns", "merge")]
+)
+def test_training_refuses_scores_read_with_other_settings(tiny_models, scored, tmp_path, caplog, where, option, value):
+    dataset = scored["chatml"] if where == "memory" else through_disk_and_filter(scored["chatml"], tmp_path)
+    scored_with = {"max_length": 256, "truncation_mode": "keep_start", "system_turns": "auto"}[option]
+    expected = f"{option}: scored with {scored_with!r}, training with {value!r}"
+    with pytest.raises(OptionError, match=re.escape(expected) + ".*allow_truncation_mismatch"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, **{option: value}), train_dataset=dataset)
+    with caplog.at_level(logging.WARNING, logger="poft.trainer"):
+        PoFTTrainer(
+            tiny_models["chatml"],
+            args=config(tmp_path, allow_truncation_mismatch=True, **{option: value}),
+            train_dataset=dataset,
+        )
+    assert expected in caplog.text
+    PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=dataset)  # the same settings train
 
 
 def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_path):

@@ -78,6 +78,14 @@ def use_varlen_by_default(model, device: torch.device) -> bool:
     return torch_varlen_supported(device) and routes_attention(model) and plain_causal(model.config)
 
 
+def packs(model, device: torch.device, requested: bool | None = None) -> bool:
+    """The packing decision: as `requested`, else (auto) only where it is safe (`routes_attention`) and pays
+    (`packing_pays`) for the attention `model` runs."""
+    if requested is not None:
+        return requested
+    return routes_attention(model) and packing_pays(getattr(model.config, "_attn_implementation", None), device)
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Conversation boundaries of one packed row (positions restart at 0), as TRL's collator computes them."""
     row = position_ids.reshape(-1)
@@ -157,6 +165,7 @@ __all__ = [
     "cu_seqlens_from_position_ids",
     "plain_causal",
     "packing_pays",
+    "packs",
     "routes_attention",
     "torch_varlen_kernel",
     "torch_varlen_supported",

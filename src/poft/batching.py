@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.attention import packing_pays, routes_attention
 from poft.chat import EncodedConversation
 from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
@@ -109,11 +108,6 @@ def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def default_batch_tokens(device: torch.device) -> int:
     return GPU_BATCH_TOKENS if device.type in ("cuda", "xpu") else CPU_BATCH_TOKENS
-
-
-def uses_varlen_attention(model, device: torch.device) -> bool:
-    """Pack by default only where it is safe and attention skips the pairs across conversations (`poft.attention`)."""
-    return routes_attention(model) and packing_pays(getattr(model.config, "_attn_implementation", None), device)
 
 
 def iter_scores(

@@ -95,6 +95,14 @@ class EncodedConversation:
         return [t if m else -100 for t, m in zip(self.input_ids, self.response_mask, strict=True)]
 
 
+def check_reading_options(truncation_mode: str, system_turns: str) -> None:
+    """The one check of `truncation_mode` and `system_turns`, for the encoder and every command's options."""
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    if system_turns not in SYSTEM_TURNS:
+        raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+
+
 def partly_truncated(kept: Sequence[int], total: int, max_length: int | None, truncation_mode: str) -> str:
     """The line that says how many conversations lost part of their response to truncation (`kept`: the response
     tokens each still has), shared by `poft score` and `poft train` so both count alike."""
@@ -169,10 +177,7 @@ class ConversationEncoder:
         system_turns: SystemTurns = "auto",
         name: str | None = None,
     ):
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-        if system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
+        check_reading_options(truncation_mode, system_turns)
         self.name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not tokenizer.is_fast:
             raise ChatTemplateError(
@@ -183,7 +188,7 @@ class ConversationEncoder:
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.system_turns = system_turns
-        self.method = MASK_RULE
+        self.mask_rule_version = MASK_RULE
         template = tokenizer.chat_template
         if isinstance(template, dict):
             template = template.get("default")
@@ -265,10 +270,15 @@ class ConversationEncoder:
             messages = merge_system_turns(messages)
         return messages
 
-    def render(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        """The text a model completes to answer `messages` (the turns before a response): read as `encode` reads
+        them (system-turn policy, content shape, fallback template), plus the template's generation prompt."""
+        return self.render(self.prepare(messages), add_generation_prompt=True)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for prepared `messages`; any failure of the template is a `ChatTemplateError`."""
         try:
-            return self._apply(messages)
+            return self._apply(messages, add_generation_prompt)
         except Exception as error:  # templates fail in many ways: raise_exception, KeyError, TypeError, ...
             hint = self.template_fix
             if any(m["role"] == "system" for m in messages):
@@ -280,10 +290,12 @@ class ConversationEncoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def _apply(self, messages: Sequence[Message]) -> str:
+    def _apply(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         if self.content_as_parts:
             messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False)
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _probe_content_shape(self) -> bool:
         """True when the template renders content only given as a list of text parts."""

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from poft.errors import DataError
 from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, detect_format, normalize_example
+from poft.options import skip_invalid_field
 from poft.outputs import atomic_write_text
 from poft.schema import MESSAGES, POFT_ID, conversation_id
 from poft.sources import Row, column_union, open_source
@@ -218,10 +219,7 @@ class StageIO:
     output: str | None = field(
         default=None, metadata={"help": "Directory for the output dataset (loadable with datasets.load_from_disk)."}
     )
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows, writing them to OUTPUT/invalid_rows.jsonl, instead of stopping."},
-    )
+    skip_invalid: bool = skip_invalid_field("OUTPUT/invalid_rows.jsonl")
     overwrite: bool = field(
         default=False,
         metadata={

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
-from poft.chat import ConversationEncoder, shorten
+from poft import options
+from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, shorten
 from poft.errors import DataError, DependencyError, OptionError
 from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
@@ -40,13 +42,40 @@ def prompt_messages(messages: Sequence[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
 
 
+def as_encoder(reader: ConversationEncoder | PreTrainedTokenizerBase) -> ConversationEncoder:
+    """An encoder as given, or a tokenizer's with the default options (its own template, system_turns=auto)."""
+    return reader if isinstance(reader, ConversationEncoder) else ConversationEncoder(reader)
+
+
+def render_prompts(encoder: ConversationEncoder, prompts: Sequence[Sequence[dict]]) -> list[str]:
+    """Each prompt as the model completes it (`ConversationEncoder.render_prompt`); a template error names it."""
+    texts = []
+    for row, prompt in enumerate(prompts, start=1):
+        try:
+            texts.append(encoder.render_prompt(prompt))
+        except ChatTemplateError as error:
+            raise ChatTemplateError(f"prompt {row}: {error}") from error
+    return texts
+
+
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 32, batch_size: int = 64
+    model,
+    reader: ConversationEncoder | PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
 ) -> list[str]:
-    """Greedy completions of each prompt (a message list), special tokens removed."""
+    """Greedy completions of each prompt (a message list), special tokens removed.
+
+    Prompts are rendered by `poft.chat`, the code that reads conversations for scoring and training; pass a
+    `ConversationEncoder` to choose its template and system-turn policy, or a tokenizer for the defaults.
+    """
+    encoder = as_encoder(reader)
+    tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
-    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = render_prompts(encoder, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
@@ -74,7 +103,7 @@ def generate_responses(
 
 def exact_match_per_row(
     model,
-    tokenizer,
+    reader: ConversationEncoder | PreTrainedTokenizerBase,
     dataset: Dataset,
     *,
     answer_column: str = "answer",
@@ -85,14 +114,14 @@ def exact_match_per_row(
     if answer_column not in dataset.column_names:
         raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
     prompts = [prompt_messages(m) for m in dataset[MESSAGES]]
-    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = generate_responses(model, reader, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True)]
     return correct, predictions
 
 
 def exact_match_accuracy(
     model,
-    tokenizer,
+    reader: ConversationEncoder | PreTrainedTokenizerBase,
     dataset: Dataset,
     *,
     answer_column: str = "answer",
@@ -101,14 +130,20 @@ def exact_match_accuracy(
 ) -> tuple[float, list[str]]:
     """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
     correct, predictions = exact_match_per_row(
-        model, tokenizer, dataset, answer_column=answer_column, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, reader, dataset, answer_column=answer_column, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     return sum(correct) / max(len(predictions), 1), predictions
 
 
-def heldout_log_likelihood(model, tokenizer, dataset: Dataset, *, max_length: int | None = None) -> float:
-    """Mean over rows of the mean response log-prob (the PoFT score) on held-out data."""
-    scores = model_scores(model, ConversationEncoder(tokenizer, max_length=max_length), dataset[MESSAGES])
+def heldout_log_likelihood(
+    model, reader: ConversationEncoder | PreTrainedTokenizerBase, dataset: Dataset, *, max_length: int | None = None
+) -> float:
+    """Mean over rows of the mean response log-prob (the PoFT score) on held-out data.
+
+    Given a tokenizer, conversations are truncated to `max_length`; an encoder truncates as it was built to.
+    """
+    encoder = reader if isinstance(reader, ConversationEncoder) else ConversationEncoder(reader, max_length=max_length)
+    scores = model_scores(model, encoder, dataset[MESSAGES])
     kept = [s for s in scores if s is not None]
     return sum(kept) / max(len(kept), 1)
 
@@ -199,10 +234,11 @@ class EvalConfig:
     answer_column: str = field(default="answer", metadata={"help": "Column of --data holding the expected answer."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for the exact-match evaluation."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."}
-    )
+    max_length: int | None = options.max_length_field()
+    chat_template: str | None = options.chat_template_field()
+    system_turns: str = options.system_turns_field()
+    device: str = options.device_field()
+    dtype: str = options.dtype_field()
     output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
 
     def __post_init__(self):
@@ -211,9 +247,8 @@ class EvalConfig:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
                 raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
-        from poft.runtime import resolve_device, resolve_dtype
-
-        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
+        check_reading_options("keep_start", self.system_turns)
+        options.check_device_and_dtype(self.device, self.dtype)
 
 
 def parse_task(task: str) -> tuple[str, int | None]:
@@ -264,12 +299,12 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
 
 def run_eval(config: EvalConfig) -> dict:
     """`poft eval`: every model on the lm-eval tasks and/or the answer-checked data; JSON plus a comparison table."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from poft.data import load_sft_dataset
     from poft.report import eval_table
     from poft.runtime import resolve_device, resolve_dtype
-    from poft.scoring import parse_references
+    from poft.scoring import load_model, parse_references
 
     if not config.model:
         raise OptionError("poft eval needs at least one --model.")
@@ -282,19 +317,22 @@ def run_eval(config: EvalConfig) -> dict:
     predictions: list[dict] = []
     for reference in references:
         logger.info("Evaluating %s", reference.path)
-        check_model_source(reference.path, "--model", gguf=True)
+        check_model_source(reference.path, "--model", safetensors_only=True, gguf=True)
         source, gguf = load_args(reference.path)
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        model = (
-            AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype, device), **gguf)
-            .to(device)
-            .eval()
-        )
+        model = load_model(reference.path, device, resolve_dtype(config.dtype, device))
         scores = run_lm_eval(model, tokenizer, config.tasks, config) if config.tasks else {}
         if data is not None:
+            encoder = ConversationEncoder(
+                tokenizer,
+                fallback_template=config.chat_template,
+                max_length=config.max_length,
+                system_turns=config.system_turns,  # type: ignore[arg-type]
+                name=reference.path,
+            )
             correct, generations = exact_match_per_row(
                 model,
-                tokenizer,
+                encoder,
                 data,
                 answer_column=config.answer_column,
                 max_new_tokens=config.max_new_tokens,
@@ -305,7 +343,7 @@ def run_eval(config: EvalConfig) -> dict:
             log_examples(reference.name, rows)
             scores[f"data:{Path(config.data).name}"] = {
                 "exact_match": sum(correct) / max(len(correct), 1),
-                "response_log_likelihood": heldout_log_likelihood(model, tokenizer, data),
+                "response_log_likelihood": heldout_log_likelihood(model, encoder, data),
             }
         results[reference.name] = scores
     output = Path(config.output)

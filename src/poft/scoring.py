@@ -28,19 +28,26 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from poft.attention import VARLEN, use_varlen_by_default
-from poft.batching import iter_scores, pad_token_id, uses_varlen_attention
+from poft.attention import VARLEN, packs, use_varlen_by_default
+from poft.batching import iter_scores, pad_token_id
 from poft.chat import (
-    SYSTEM_TURNS,
-    SYSTEM_TURNS_HELP,
     ChatTemplateError,
     ConversationEncoder,
     EncodedConversation,
+    check_reading_options,
     partly_truncated,
 )
 from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.gguf_models import load_args
+from poft.options import (
+    chat_template_field,
+    check_device_and_dtype,
+    device_field,
+    dtype_field,
+    max_length_field,
+    system_turns_field,
+)
 from poft.runtime import resolve_device, resolve_dtype
 from poft.schema import (
     MESSAGES,
@@ -53,6 +60,7 @@ from poft.schema import (
     write_score_record,
 )
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
+from poft.score_settings import score_feature
 from poft.stage import open_stage
 from poft.validation import check_model_source
 
@@ -66,29 +74,16 @@ class ScoringOptions:
     """How a model reads and scores conversations: shared by `poft score` and `poft filter --ifd_model`."""
 
     # reading: template and truncation, the same rules as training
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Truncate conversations to this many tokens; use the same value for training "
-            "(TRL's default is 1024)."
-        },
-    )
+    max_length: int | None = max_length_field()
     truncation_mode: str = field(
         default="keep_start",
         metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."},
     )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template (.jinja file or text) for models whose tokenizer has none."},
-    )
-    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
+    chat_template: str | None = chat_template_field()
+    system_turns: str = system_turns_field()
     # loading
-    device: str = field(
-        default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."}
-    )
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."}
-    )
+    device: str = device_field()
+    dtype: str = dtype_field()
     attn_implementation: str | None = field(
         default=None,
         metadata={
@@ -126,15 +121,12 @@ class ScoringOptions:
     )
 
     def __post_init__(self):
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise OptionError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
-        if self.system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"--system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
+        check_reading_options(self.truncation_mode, self.system_turns)
         if self.batch_tokens is not None and self.batch_tokens <= 0:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
-        resolve_dtype(self.dtype, resolve_device(self.device))  # a bad --device or --dtype fails before any work
+        check_device_and_dtype(self.device, self.dtype)
 
 
 @dataclass
@@ -172,13 +164,14 @@ def parse_references(specs: Sequence[str]) -> list[Reference]:
     return references
 
 
-def load_reference_model(
+def load_model(
     path: str,
     device: torch.device,
     dtype: torch.dtype,
-    trust_remote_code: bool,
+    trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
+    """A causal LM from safetensors weights (or a GGUF file), on `device`, in eval mode: scoring's and eval's loader."""
     from safetensors import SafetensorError
 
     source, gguf = load_args(path)
@@ -195,10 +188,20 @@ def load_reference_model(
             f"--model {path}: the weights cannot be loaded ({str(error).splitlines()[0]}). Save or download the "
             "model again (poft loads safetensors weights)."
         ) from error
-    model = model.to(device)
+    return model.to(device).eval()
+
+
+def load_reference_model(
+    path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None = None,
+):
+    """`load_model`, with the attention that packs when it pays and TRL's fused LM head, for scoring."""
+    model = load_model(path, device, dtype, trust_remote_code, attn_implementation)
     if attn_implementation is None and use_varlen_by_default(model, device):
         model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
-    model.eval()
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
     return model
 
@@ -250,7 +253,7 @@ def score_reference(
     covered = {  # what the fingerprint covers: the model's content and the settings, never how its path is spelled
         "model_fingerprint": model_id,
         "chat_template": encoder.template,
-        "masking": encoder.method,  # the response rule's version: a new rule never reuses old scores
+        "masking": encoder.mask_rule_version,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
         "max_length": config.max_length,
         "truncation_mode": config.truncation_mode,
@@ -284,7 +287,7 @@ def score_reference(
         unique - len(pending),
         cache.directory,
         len(pending),
-        encoder.method,
+        encoder.mask_rule_version,
         f"; this process scores {len(todo)}" if shard is not None else "",
     )
     unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
@@ -385,7 +388,7 @@ def _score_into_cache(
     describe_row: Callable[[int], str],
 ) -> None:
     model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
-    packing = uses_varlen_attention(model, device) if config.packing is None else config.packing
+    packing = packs(model, device, config.packing)
     keys, encoded = list(todo), list(todo.values())
     for batch, means, counts in iter_scores(
         model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
@@ -422,6 +425,7 @@ def score_dataset(
     `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). `ref_score` is the mean of
     exactly these references; the same model given twice is refused. A row whose response is truncated
     away entirely (or that the template marks no response in) gets null scores and is reported, never NaN.
+    The score columns carry the truncation settings (`poft.score_settings`), which `PoFTTrainer` checks.
     """
     config = config or ScoringOptions()
     if not models:
@@ -440,8 +444,9 @@ def score_dataset(
     per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+    scores = score_feature(config)  # the trainer checks that it truncates as these scores were computed
     for name, values in columns.items():
-        dataset = dataset.add_column(name, values)
+        dataset = dataset.add_column(name, values, feature=None if name.startswith("n_tokens_") else scores)
     return dataset
 
 

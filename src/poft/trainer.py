@@ -27,7 +27,7 @@ from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import SYSTEM_TURNS, SYSTEM_TURNS_HELP, ChatTemplateError, ConversationEncoder, partly_truncated
+from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
 from poft.objectives import (
@@ -38,8 +38,10 @@ from poft.objectives import (
     poft_weights,
     sequence_mean_log_probs,
 )
+from poft.options import chat_template_field, skip_invalid_field, system_turns_field
 from poft.runtime import default_bf16, output_dir_for, train_and_save
-from poft.schema import MESSAGES, POFT_ID, REF_SCORE, is_numeric, read_score_record
+from poft.schema import MESSAGES, POFT_ID, REF_SCORE, is_numeric
+from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,7 @@ OBJECTIVE_HELP = (
 class TrainDataArguments(ScriptArguments):
     """TRL's ScriptArguments; `dataset_name` may be a local file or directory as well as a hub id."""
 
-    skip_invalid: bool = field(
-        default=False,
-        metadata={"help": "Skip invalid data rows (written to OUTPUT_DIR/invalid_rows.jsonl) instead of stopping."},
-    )
+    skip_invalid: bool = skip_invalid_field("OUTPUT_DIR/invalid_rows.jsonl")
 
 
 @dataclass
@@ -90,14 +89,18 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default=REF_SCORE, metadata={"help": "Dataset column holding the references' score r_ref."}
     )
-    chat_template: str | None = field(
-        default=None,
+    chat_template: str | None = chat_template_field(
+        "For training: the target's, e.g. Zephyr's for a base model; it is saved with the trained model."
+    )
+    system_turns: str = system_turns_field()
+    allow_truncation_mismatch: bool = field(
+        default=False,
         metadata={
-            "help": "Chat template (.jinja file or text) for a target whose tokenizer has none, e.g. Zephyr's for "
-            "a base model; it is saved with the trained model. The same option as poft score's."
+            "help": "Train even though the reference scores were computed with another max_length, "
+            "truncation_mode or system_turns (a warning instead of an error): long conversations are then "
+            "scored on other tokens than they are trained on."
         },
     )
-    system_turns: str = field(default="auto", metadata={"help": SYSTEM_TURNS_HELP, "choices": list(SYSTEM_TURNS)})
     # TRL's default (checkpointing on) under transformers' current name, so that no deprecation warning is printed
     # for an option the user did not set; the old name still works and warns as transformers does.
     activation_checkpointing: bool | None = field(
@@ -133,8 +136,7 @@ class PoFTConfig(SFTConfig):
             )
         if self.label_smoothing_factor and self.objective != "sft":
             raise OptionError(f"label_smoothing_factor applies with objective='sft' only, not {self.objective!r}.")
-        if self.system_turns not in SYSTEM_TURNS:
-            raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {self.system_turns!r}")
+        check_reading_options(self.truncation_mode, self.system_turns)
         if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
         if not math.isfinite(self.gamma):
@@ -236,6 +238,7 @@ class PoFTTrainer(SFTTrainer):
             )
         if self.objective in NEEDS_REFERENCES:
             _check_reference_column(dataset, ref_column, dataset_name)
+            self._check_scoring_settings(dataset, args, dataset_name)
         encoder = ConversationEncoder(
             self._tokenizer,
             fallback_template=args.chat_template,
@@ -288,6 +291,26 @@ class PoFTTrainer(SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
+
+    def _check_scoring_settings(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> None:
+        """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike."""
+        ref_column = args.ref_score_column
+        scored = scoring_settings(dataset, ref_column)
+        if scored is None:
+            return
+        training = {"max_length": self._truncate_to, **{k: getattr(args, k) for k in SETTINGS[1:]}}
+        differ = mismatches(scored, training)
+        if not differ:
+            return
+        message = (
+            f"The {dataset_name} dataset's {ref_column!r} was computed with other settings than training uses "
+            f"({'; '.join(differ)}), so long conversations are scored on other tokens than they are trained on."
+        )
+        if not args.allow_truncation_mismatch:
+            raise OptionError(
+                f"{message} Use the same values in `poft score` and `poft train`, or set allow_truncation_mismatch."
+            )
+        logger.warning("%s (allow_truncation_mismatch is set)", message)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Sequences (poft, sft_norm) or response tokens (sft, poft_token) in the whole optimizer step, across
@@ -513,7 +536,6 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             eval_dataset = load_sft_dataset(
                 data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
             )
-        _warn_on_truncation_mismatch(data_args.dataset_name, training_args)
         logger.info(
             "Training %s with objective=%s on %d conversations",
             model_args.model_name_or_path,
@@ -521,20 +543,3 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             len(train_dataset),
         )
         return train_and_save(PoFTTrainer, model_args, training_args, train_dataset, eval_dataset)
-
-
-def _warn_on_truncation_mismatch(dataset_path: str, training_args: PoFTConfig) -> None:
-    """r_ref and r_theta cover the same tokens only if scoring and training truncate alike."""
-    scored = read_score_record(dataset_path).get("config")
-    if training_args.objective not in NEEDS_REFERENCES or not scored:
-        return
-    for option in ("max_length", "truncation_mode"):
-        if scored[option] != getattr(training_args, option):
-            logger.warning(
-                "The reference scores were computed with %s=%s but training uses %s=%s: long conversations are "
-                "then scored on different tokens. Use the same value in `poft score` and `poft train`.",
-                option,
-                scored[option],
-                option,
-                getattr(training_args, option),
-            )

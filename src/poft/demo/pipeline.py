@@ -38,6 +38,7 @@ from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, tr
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
 from poft.noise import add_noise
+from poft.options import device_field
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
 from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
@@ -116,7 +117,7 @@ class DemoConfig:
         },
     )
     workers: int = field(default=1, metadata={"help": "Processes training runs in parallel (1: in this process)."})
-    device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda."})
+    device: str = device_field()
     cache_dir: str | None = field(
         default=None,
         metadata={

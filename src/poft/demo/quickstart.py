@@ -17,6 +17,7 @@ from pathlib import Path
 from poft.data import load_sft_dataset
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.errors import OutputError
+from poft.options import device_field
 from poft.outputs import atomic_output
 from poft.schema import MARKER, MESSAGES, REF_SCORE
 from poft.scoring import ScoreConfig, score_dataset
@@ -31,7 +32,7 @@ class QuickstartConfig:
         default="poft-quickstart", metadata={"help": "Directory for the models, scores and the trained target."}
     )
     max_steps: int = field(default=20, metadata={"help": "PoFT training steps."})
-    device: str = field(default="auto", metadata={"help": "Device for scoring: auto, cpu or cuda."})
+    device: str = device_field()
 
 
 def bundled_data_path() -> Path:
