@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from poft.errors import DataError
 from poft.formats import match_format, type_name
+from poft.validation import looks_local
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -52,7 +53,7 @@ def open_source(source: str, split: str) -> list[Row] | datasets.Dataset:
         return load_saved(path, source, split)
     if path.is_file():
         return read_file(path, source)
-    if looks_like_path(source):
+    if looks_local(source, FILE_SUFFIXES):
         raise DataError(f"{source}: file not found. Check the path (relative paths start from {os.getcwd()}).")
     return load_hub(source, split)
 
@@ -60,10 +61,6 @@ def open_source(source: str, split: str) -> list[Row] | datasets.Dataset:
 def column_union(records: Iterable[dict]) -> list[str]:
     """All keys in first-seen order: JSONL rows need not share one set of keys."""
     return list(dict.fromkeys(key for record in records for key in record))
-
-
-def looks_like_path(source: str) -> bool:
-    return source.startswith(("./", "../", "/", "~")) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
 def read_file(path: Path, source: str) -> list[Row]:

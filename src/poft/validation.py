@@ -20,9 +20,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id (`org/name`): absolute, relative with ./ or ~, or more than two parts."""
-    return name.startswith(("/", "./", "../", "~", ".")) or os.path.isabs(name) or name.count("/") > 1
+def looks_local(name: str, file_suffixes: tuple[str, ...] = ()) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, relative with ./ or ~, more than two parts, or a name
+    ending in one of `file_suffixes`. The one rule for models and data alike."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or os.path.isabs(name)
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in file_suffixes
+    )
 
 
 def check_model_source(
