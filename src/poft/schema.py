@@ -31,7 +31,6 @@ CONTENT_SCORES = (REF_SCORE, SCORE_PREFIX, N_TOKENS_PREFIX, IFD)  # prefixes of 
 MARKER = "poft_output.json"
 SCORE_RECORD = "poft_score.json"
 FILTER_HISTORY = "filter_summary.json"
-LEGACY_MARKERS = (SCORE_RECORD,)  # scored sets written before the marker existed
 
 NUMERIC_DTYPES = ("int", "uint", "float", "double", "half")
 
@@ -77,7 +76,7 @@ def _write_json(path: Path, value) -> None:
 
 
 def is_poft_output(path: Path) -> bool:
-    return any((path / name).is_file() for name in (MARKER, *LEGACY_MARKERS))
+    return (path / MARKER).is_file()
 
 
 def write_marker(directory: Path, stage: str, columns: Iterable[str]) -> None:
