@@ -194,7 +194,7 @@ class PoFTTrainer(SFTTrainer):
             )
         if args.assistant_only_loss or args.completion_only_loss:
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
-        if args.objective != "sft" and (kwargs.get("compute_loss_func") is not None):
+        if args.objective != "sft" and kwargs.get("compute_loss_func") is not None:
             raise OptionError("compute_loss_func replaces the loss; it applies with objective='sft' only.")
         # Workaround (TRL 1.16, pinned <1.17): SFTTrainer refuses max_length with padding-free batches because it
         # would not truncate them; the encoder truncates every conversation itself, so it is lifted while TRL sets up.
