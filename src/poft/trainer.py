@@ -76,7 +76,7 @@ class PoFTConfig(SFTConfig):
     # None until __post_init__: whether the user chose an objective decides if a legacy loss_type contradicts it
     objective: str | None = field(
         default=None,
-        metadata={"help": f"{OBJECTIVE_HELP} Default: {DEFAULT_OBJECTIVE}.", "choices": list(OBJECTIVES)},
+        metadata={"help": f"{OBJECTIVE_HELP} Unset means {DEFAULT_OBJECTIVE}.", "choices": list(OBJECTIVES)},
     )
     loss_type: str = field(
         default="nll",
