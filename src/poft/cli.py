@@ -78,7 +78,7 @@ COMMANDS: dict[str, Command] = {
         "Fine-tune a model with PoFT (--objective poft or poft_token, needs a ref_score column from `poft score`) "
         "or a baseline (--objective sft with TRL's --loss_type nll or dft, or sft_norm). Every SFTConfig / "
         "TrainingArguments option is accepted.",
-        ("poft.trainer:TrainDataArguments", "poft.trainer:PoFTConfig", "trl:ModelConfig"),
+        ("poft.trainer:TrainDataArguments", "poft.trainer:PoFTConfig", "poft.model_config:PoftModelConfig"),
         "poft.trainer:run_train",
     ),
     "dpo": Command(
@@ -86,7 +86,7 @@ COMMANDS: dict[str, Command] = {
         "DPO on preference pairs (prompt/chosen/rejected, e.g. HuggingFaceH4/ultrafeedback_binarized split "
         "train_prefs) from a PoFT or SFT checkpoint: the paper's second stage. Every DPOConfig / TrainingArguments "
         "option is accepted.",
-        ("poft.dpo:DPODataArguments", "poft.dpo:PoFTDPOConfig", "trl:ModelConfig"),
+        ("poft.dpo:DPODataArguments", "poft.dpo:PoFTDPOConfig", "poft.model_config:PoftModelConfig"),
         "poft.dpo:run_dpo",
     ),
     "eval": Command(

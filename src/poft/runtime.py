@@ -6,10 +6,12 @@ train`, `poft dpo` and the demo alike.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +25,12 @@ from poft.optional import check_model_extras
 from poft.outputs import disk_error
 
 logger = logging.getLogger(__name__)
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, without importing it here
+RESUME_LAST = ("true", "1", "yes")
+RESUME_FRESH = ("false", "0", "no", "none", "")
+# What torch.save's C++ writer raises when a write fails part-way (it reports no errno): PyTorch 2.x's messages.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "inline_container.cc", "iostream error", "file write failed")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,6 +127,7 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
 
     check_model_extras(model_args)
     quantization = quantization_config(model_args)
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -144,11 +153,11 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
     output_dir = training_args.output_dir
     before = set(_checkpoints(output_dir))
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(output_dir)
         trainer.save_state()
-    except OSError as error:  # a full or read-only disk while checkpointing or saving: one line, no half checkpoint
-        translated = disk_error(error, f"checkpoints or the model to {output_dir}")
+    except Exception as error:  # a full or read-only disk while checkpointing or saving: one line, no half checkpoint
+        translated = save_error(error, f"checkpoints or the model to {output_dir}", output_dir)
         if translated is None:
             raise
         for partial in set(_checkpoints(output_dir)) - before:
@@ -161,20 +170,100 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
     return output_dir
 
 
+def resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names, or None for a fresh run.
+
+    true (True, 1, yes): the last complete checkpoint in `output_dir`, as transformers' example scripts resolve it
+    with get_last_checkpoint; where there is none, a fresh run with a warning, so that one command serves a job's
+    first start and every restart. A path: that checkpoint. false, none, 0 or empty: a fresh run.
+    TrainingArguments types the option as a path, so without this the flag's `true` reaches Trainer.train as a
+    folder name. A checkpoint cut off by a kill or a full disk (see `_complete_checkpoint`) is never resumed from.
+    """
+    if value is None or value is False:
+        return None
+    text = str(value).strip()
+    if text.lower() in RESUME_FRESH:
+        return None
+    if value is True or text.lower() in RESUME_LAST:
+        by_step = sorted(_checkpoints(output_dir), key=_checkpoint_step, reverse=True)
+        for path in by_step:
+            if _complete_checkpoint(path):
+                return path
+            logger.warning(
+                "%s is incomplete (no readable trainer_state.json: a kill or a full disk cut it off); it is not "
+                "resumed from.",
+                path,
+            )
+        logger.warning(
+            "--resume_from_checkpoint %s: no complete checkpoint in --output_dir %s, so training starts from the "
+            "beginning.",
+            text,
+            output_dir,
+        )
+        return None
+    if not os.path.isdir(text):
+        raise OptionError(
+            f"--resume_from_checkpoint {text}: no such folder. Give a checkpoint-N folder of an earlier run, or true "
+            "for the last complete one in --output_dir."
+        )
+    if not _complete_checkpoint(text):
+        raise OptionError(
+            f"--resume_from_checkpoint {text} is not a complete checkpoint (no readable trainer_state.json, which "
+            "the trainer writes last). Give another checkpoint-N folder, or true for the last complete one in "
+            "--output_dir."
+        )
+    return text
+
+
+def save_error(error: BaseException, what: str, directory: str) -> OutputError | None:
+    """A one-line OutputError for a full, read-only or forbidden disk while saving, whichever library was writing;
+    None for any other error.
+
+    json and tokenizer files raise OSError; safetensors a SafetensorError ending in "(os error 28)"; torch.save (the
+    optimizer, scheduler and RNG states) a RuntimeError from its C++ writer, which drops errno, so the disk itself
+    is asked what is wrong.
+    """
+    if isinstance(error, OSError):
+        return disk_error(error, what)
+    text = str(error)
+    code = re.search(r"\(os error (\d+)\)", text)
+    if code is not None:
+        number = int(code.group(1))
+        return disk_error(OSError(number, os.strerror(number)), what)
+    if not isinstance(error, RuntimeError) or not any(mark in text for mark in TORCH_WRITE_FAILURES):
+        return None
+    try:
+        disk = os.statvfs(directory)
+    except OSError:
+        return None
+    if disk.f_flag & os.ST_RDONLY:
+        return disk_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), what)
+    free = disk.f_bavail * disk.f_frsize / 2**20
+    return OutputError(
+        f"cannot write {what}: torch.save stopped part-way with {free:.1f} MiB left on that disk (full, or over "
+        "quota). Free space or pick a writable location, then rerun."
+    )
+
+
 def _checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
-    return [os.path.join(output_dir, d) for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+    return [os.path.join(output_dir, d) for d in os.listdir(output_dir) if _checkpoint_step(d) is not None]
+
+
+def _checkpoint_step(path: str) -> int | None:
+    """N of a `checkpoint-N` folder (the Trainer's naming), else None."""
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(path))
+    return int(match.group(1)) if match else None
 
 
 def _complete_checkpoint(path: str) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint whose state does not parse was cut off."""
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            json.load(f)
+            return isinstance(json.load(f), dict)
     except (OSError, ValueError):
         return False
-    return True
 
 
 @contextmanager

@@ -73,7 +73,11 @@ class PoFTConfig(SFTConfig):
     """SFTConfig plus PoFT's options. `objective` is poft's (see OBJECTIVE_HELP); `loss_type` stays TRL's and
     applies with `objective="sft"`, so TRL's DFT is a baseline too."""
 
-    objective: str = field(default=DEFAULT_OBJECTIVE, metadata={"help": OBJECTIVE_HELP, "choices": list(OBJECTIVES)})
+    # None until __post_init__: whether the user chose an objective decides if a legacy loss_type contradicts it
+    objective: str | None = field(
+        default=None,
+        metadata={"help": f"{OBJECTIVE_HELP} Unset means {DEFAULT_OBJECTIVE}.", "choices": list(OBJECTIVES)},
+    )
     loss_type: str = field(
         default="nll",
         metadata={
@@ -112,7 +116,7 @@ class PoFTConfig(SFTConfig):
 
     def __post_init__(self):
         if self.loss_type in LEGACY_LOSS_TYPES:
-            if self.objective not in (self.loss_type, DEFAULT_OBJECTIVE):
+            if self.objective not in (self.loss_type, None):
                 raise OptionError(
                     f"loss_type={self.loss_type!r} (poft's former spelling of the objective) contradicts "
                     f"objective={self.objective!r}. Set only --objective."
@@ -123,6 +127,8 @@ class PoFTConfig(SFTConfig):
                 self.loss_type,
             )
             self.objective, self.loss_type = self.loss_type, "nll"
+        if self.objective is None:
+            self.objective = DEFAULT_OBJECTIVE
         if self.loss_type not in ("nll", "dft", "chunked_nll"):
             raise OptionError(
                 f"loss_type must be TRL's nll or dft, got {self.loss_type!r} (poft's objectives are "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from poft.data import load_sft_dataset
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
-from poft.errors import OutputError
+from poft.errors import OptionError, OutputError
 from poft.options import device_field
 from poft.outputs import atomic_output
 from poft.schema import MARKER, MESSAGES, REF_SCORE
@@ -25,14 +25,20 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
 
+LOGGING_STEPS = 5
+
 
 @dataclass
 class QuickstartConfig:
     output: str = field(
         default="poft-quickstart", metadata={"help": "Directory for the models, scores and the trained target."}
     )
-    max_steps: int = field(default=20, metadata={"help": "PoFT training steps."})
+    max_steps: int = field(default=20, metadata={"help": "PoFT training steps (at least 1)."})
     device: str = device_field()
+
+    def __post_init__(self):
+        if self.max_steps < 1:  # -1 would mean "train by epochs" to the Trainer; the quickstart counts steps
+            raise OptionError(f"--max_steps must be at least 1 (PoFT training steps), got {self.max_steps}.")
 
 
 def bundled_data_path() -> Path:
@@ -74,7 +80,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         per_device_train_batch_size=8,
         learning_rate=1e-3,
         max_length=256,
-        logging_steps=5,
+        logging_steps=min(LOGGING_STEPS, config.max_steps),  # so that a short run logs a step too
         activation_checkpointing=False,
         save_strategy="no",
         report_to=[],
@@ -82,7 +88,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     trainer = PoFTTrainer(target, args=args, train_dataset=scored)
     trainer.train()
     trainer.save_model()
-    last = [h for h in trainer.state.log_history if "poft/weight" in h][-1]
+    last = [h for h in trainer.state.log_history if "loss" in h and "poft/weight" in h][-1]  # a step's log
     summary = {
         k: last[k] for k in ("loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref")
     }

@@ -1,0 +1,365 @@
+"""A training run survives what real runs meet: a kill, a full disk while checkpointing, and resuming after either.
+
+Each test runs `poft train` as a user does (`poft.cli.main`, or a subprocess where the run must be killed) on
+conftest's tiny model, and checks the outcome against a run that was not interrupted or against the files left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import Trainer
+
+import poft
+from poft.cli import main, parse
+from poft.errors import OptionError
+from poft.runtime import resume_checkpoint, save_error
+from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig
+from tests.conftest import make_conversations
+
+STEPS_PER_EPOCH = 4  # 16 conversations in batches of 4
+
+
+def error_lines(capsys) -> list[str]:
+    return re.findall(r"poft \w+: error: .*", capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def scored_data(tmp_path_factory) -> str:
+    """16 conversations with made-up reference scores: enough for PoFT to train on, 4 steps per epoch."""
+    path = tmp_path_factory.mktemp("data") / "scored.jsonl"
+    rows = [{"messages": m, "ref_score": -1.0 - 0.1 * i} for i, m in enumerate(make_conversations(16))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def train_argv(data: str, model: str, output: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        *("train", "--dataset_name", data, "--model_name_or_path", model, "--output_dir", str(output)),
+        *("--max_steps", str(max_steps), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"),
+        *("--logging_steps", "1", "--max_length", "256", "--activation_checkpointing", "false"),
+        *("--report_to", "none", "--seed", "0", "--use_cpu", "true"),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[str]:
+    """The checkpoints the Trainer loads weights from, in order."""
+    seen: list[str] = []
+    original = Trainer._load_from_checkpoint
+
+    def record(self, resume_from_checkpoint, *args, **kwargs):
+        seen.append(resume_from_checkpoint)
+        return original(self, resume_from_checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_load_from_checkpoint", record)
+    return seen
+
+
+def cut_checkpoint(complete: Path, target: Path, damage: str) -> Path:
+    """A copy of `complete` as a kill or a full disk leaves it: trainer_state.json missing or cut off."""
+    target.mkdir()
+    for file in complete.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    optimizer = target / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    state = target / "trainer_state.json"
+    if damage == "no state":
+        state.unlink()
+    else:
+        state.write_text(state.read_text()[:40])
+    return target
+
+
+# --------------------------------------------------------------------------- --resume_from_checkpoint
+
+
+def test_resume_true_loads_the_last_complete_checkpoint(tiny_models, scored_data, tmp_path, loaded):
+    run = tmp_path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_steps", "1")) == 0
+    for value in ("true", "True", "1"):
+        loaded.clear()
+        argv = train_argv(scored_data, tiny_models["chatml"], run, 3, "--save_strategy", "no")
+        assert main([*argv, "--resume_from_checkpoint", value]) == 0
+        assert loaded == [str(run / "checkpoint-2")]
+
+
+def test_resume_true_without_a_checkpoint_starts_fresh_with_a_warning(
+    tiny_models, scored_data, tmp_path, loaded, caplog
+):
+    run = tmp_path / "run"
+    argv = train_argv(scored_data, tiny_models["chatml"], run, 1, "--save_strategy", "no")
+    with caplog.at_level(logging.WARNING, logger="poft.runtime"):
+        assert main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert loaded == []
+    assert (
+        f"--resume_from_checkpoint true: no complete checkpoint in --output_dir {run}, so training starts from the "
+        "beginning." in caplog.text
+    )
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_resume_from_a_path_and_what_false_means(tiny_models, scored_data, tmp_path, loaded):
+    run = tmp_path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_steps", "1")) == 0
+    first = str(run / "checkpoint-1")
+    assert resume_checkpoint(first, str(run)) == first
+    for fresh in (None, False, "false", "False", "none", "0", ""):
+        assert resume_checkpoint(fresh, str(run)) is None
+    argv = train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_strategy", "no")
+    assert main([*argv, "--resume_from_checkpoint", first]) == 0
+    assert loaded == [first]
+
+
+@pytest.mark.parametrize("damage", ["no state", "cut state"])
+def test_a_half_written_checkpoint_is_never_resumed_from(tiny_models, scored_data, tmp_path, capsys, caplog, damage):
+    run = tmp_path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_steps", "2")) == 0
+    half = cut_checkpoint(run / "checkpoint-2", run / "checkpoint-3", damage)
+    with caplog.at_level(logging.WARNING, logger="poft.runtime"):
+        assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-2")
+    assert f"{half} is incomplete (no readable trainer_state.json" in caplog.text
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 3, "--resume_from_checkpoint", str(half))) == 2
+    assert error_lines(capsys) == [
+        f"poft train: error: --resume_from_checkpoint {half} is not a complete checkpoint (no readable "
+        "trainer_state.json, which the trainer writes last). Give another checkpoint-N folder, or true for the last "
+        "complete one in --output_dir."
+    ]
+
+
+def test_resume_from_a_missing_folder_is_one_line(tiny_models, scored_data, tmp_path, capsys):
+    missing = tmp_path / "run" / "checkpoint-7"
+    argv = train_argv(
+        scored_data, tiny_models["chatml"], tmp_path / "run", 1, "--resume_from_checkpoint", str(missing)
+    )
+    assert main(argv) == 2
+    assert error_lines(capsys) == [
+        f"poft train: error: --resume_from_checkpoint {missing}: no such folder. Give a checkpoint-N folder of an "
+        "earlier run, or true for the last complete one in --output_dir."
+    ]
+
+
+# --------------------------------------------------------------------------- a kill, then resuming
+
+KILLED_RUN = """
+import io, os, signal, sys
+import torch
+from transformers import Trainer
+from poft.cli import main
+
+kill_at, where = int(sys.argv[1]), sys.argv[2]
+real_save, real_checkpoint = torch.save, Trainer._save_checkpoint
+
+def save(obj, f, *args, **kwargs):
+    if where == "inside" and str(f).endswith(os.path.join(f"checkpoint-{kill_at}", "optimizer.pt")):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[: buffer.tell() // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+def save_checkpoint(self, *args, **kwargs):
+    real_checkpoint(self, *args, **kwargs)
+    if where == "after" and self.state.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save, Trainer._save_checkpoint = save, save_checkpoint
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def logged_losses(run: Path) -> list[tuple[int, float]]:
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, scored_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 6, "--save_steps", "2")) == 0
+    return run
+
+
+@pytest.mark.parametrize(
+    ("where", "resumed_from"),
+    [("after", "checkpoint-4"), ("inside", "checkpoint-2")],
+    ids=["killed-after-checkpoint-4", "killed-while-writing-checkpoint-4"],
+)
+def test_a_killed_run_resumes_exactly(tiny_models, scored_data, uninterrupted, tmp_path, loaded, where, resumed_from):
+    """SIGKILL after checkpoint-4 is written, or while its optimizer.pt is half written; `--resume_from_checkpoint
+    true` then ends with the uninterrupted run's weights and logged losses (steps cross an epoch boundary)."""
+    run = tmp_path / "run"
+    argv = train_argv(scored_data, tiny_models["chatml"], run, 6, "--save_steps", "2")
+    source = str(Path(poft.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, "4", where, *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run / "model.safetensors").exists()  # the run did not finish
+    half = run / "checkpoint-4"
+    assert (half / "trainer_state.json").exists() == (where == "after")
+    assert main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert loaded == [str(run / resumed_from)]
+    expected, resumed = load_file(uninterrupted / "model.safetensors"), load_file(run / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(resumed[name], tensor, rtol=0, atol=1e-6), name
+    assert logged_losses(run) == logged_losses(uninterrupted)
+    assert [step for step, _ in logged_losses(run)] == list(range(1, 7))
+
+
+# --------------------------------------------------------------------------- a full disk while checkpointing
+
+
+def real_full_disk_error() -> RuntimeError:
+    """What torch.save raises on a full disk (its C++ writer reports no errno): a write to /dev/full."""
+    try:
+        torch.save({"weights": torch.zeros(4096)}, "/dev/full")
+    except RuntimeError as error:
+        return error
+    raise AssertionError("torch.save to /dev/full succeeded")
+
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+@needs_dev_full
+def test_full_disk_in_torch_save_is_one_line_and_leaves_no_half_checkpoint(
+    tiny_models, scored_data, tmp_path, monkeypatch, capsys
+):
+    real_save = torch.save
+
+    def fill_the_disk(obj, f, *args, **kwargs):
+        """Write half of checkpoint-2's optimizer.pt, then fail as torch.save does on a full disk."""
+        if str(f).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            Path(f).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+            real_save(obj, "/dev/full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    run = tmp_path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 3, "--save_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = re.findall(r"poft \w+: error: .*", err)
+    assert len(lines) == 1
+    assert re.fullmatch(
+        re.escape(
+            f"poft train: error: cannot write checkpoints or the model to {run}: torch.save stopped part-way with "
+        )
+        + r"\d+\.\d MiB"
+        + re.escape(
+            " left on that disk (full, or over quota). Free space or pick a writable location, then rerun. Complete "
+            f"checkpoints in {run} are kept: resume with --resume_from_checkpoint true."
+        ),
+        lines[0],
+    )
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-1")
+
+
+@needs_dev_full
+def test_save_errors_of_every_writer_are_recognised(tmp_path):
+    what = f"checkpoints or the model to {tmp_path}"
+    fix = "Free space or pick a writable location, then rerun."
+    oserror = save_error(OSError(28, "No space left on device"), what, str(tmp_path))
+    assert str(oserror) == f"cannot write {what}: the disk is full (Errno 28). {fix}"
+    # safetensors' own wording for model.safetensors on a full disk
+    safetensors = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert str(save_error(safetensors, what, str(tmp_path))) == str(oserror)
+    quota = SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert (
+        str(save_error(quota, what, str(tmp_path)))
+        == f"cannot write {what}: the disk quota is exceeded (Errno 122). {fix}"
+    )
+    torch_error = save_error(real_full_disk_error(), what, str(tmp_path))
+    assert str(torch_error).startswith(f"cannot write {what}: torch.save stopped part-way with ")
+    for unrelated in (RuntimeError("CUDA out of memory"), ValueError("bad"), SafetensorError("invalid header")):
+        assert save_error(unrelated, what, str(tmp_path)) is None
+
+
+# --------------------------------------------------------------------------- options that contradict each other
+
+
+@pytest.mark.parametrize("objective", ["poft_token", "poft", "sft_norm"])
+@pytest.mark.parametrize("source", ["flags", "yaml", "python"])
+def test_an_explicit_objective_contradicted_by_a_legacy_loss_type_is_refused(tmp_path, capsys, objective, source):
+    legacy = "sft" if objective != "sft" else "poft"
+    expected = (
+        f"loss_type={legacy!r} (poft's former spelling of the objective) contradicts objective={objective!r}. "
+        "Set only --objective."
+    )
+    if source == "python":
+        with pytest.raises(OptionError) as error:
+            PoFTConfig(output_dir=str(tmp_path / "o"), objective=objective, loss_type=legacy)
+        assert str(error.value) == expected
+        return
+    argv = ["train", "--dataset_name", "d.jsonl", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")]
+    if source == "flags":
+        argv += ["--objective", objective, "--loss_type", legacy]
+    else:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"objective: {objective}\nloss_type: {legacy}\n")
+        argv += ["--config", str(recipe)]
+    assert main(argv) == 2
+    assert error_lines(capsys) == [f"poft train: error: {expected}"]
+
+
+def test_objective_defaults_and_agreeing_legacy_spellings(tmp_path):
+    out = str(tmp_path / "o")
+    assert PoFTConfig(output_dir=out).objective == DEFAULT_OBJECTIVE == "poft_token"
+    assert PoFTConfig(output_dir=out, loss_type="sft").objective == "sft"
+    assert PoFTConfig(output_dir=out, objective="poft", loss_type="poft").objective == "poft"
+    common = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", out]
+    assert parse("train", common)[1].objective == DEFAULT_OBJECTIVE
+    assert parse("train", [*common, "--loss_type", "sft_norm"])[1].objective == "sft_norm"
+
+
+def test_4bit_and_8bit_together_name_both_and_the_fix(tmp_path, capsys):
+    argv = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "o")]
+    for command in ("train", "dpo"):
+        assert main([command, *argv, "--load_in_4bit", "true", "--load_in_8bit", "true", "--use_peft", "true"]) == 2
+        assert error_lines(capsys) == [
+            f"poft {command}: error: --load_in_4bit and --load_in_8bit are both set; choose one (4-bit is QLoRA's "
+            "usual choice)."
+        ]
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_quickstart_refuses_no_steps(tmp_path, capsys, steps):
+    assert main(["quickstart", "--output", str(tmp_path / "q"), "--max_steps", steps]) == 2
+    assert error_lines(capsys) == [
+        f"poft quickstart: error: --max_steps must be at least 1 (PoFT training steps), got {steps}."
+    ]
+    assert not (tmp_path / "q").exists()
+
+
+def test_quickstart_with_fewer_steps_than_its_logging_interval(tmp_path):
+    from poft.demo.quickstart import LOGGING_STEPS, QuickstartConfig, run_quickstart
+
+    steps = LOGGING_STEPS - 1
+    summary = run_quickstart(QuickstartConfig(output=str(tmp_path / "q"), max_steps=steps, device="cpu"))
+    assert set(summary) == {"loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref"}
+    assert all(math.isfinite(value) for value in summary.values())
+    assert 0 < summary["poft/weight"] < 1
