@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"fsdp2": ROOT / "recipes/accelerate/fsdp.yaml", "zero3": ROOT / "recipes/accelerate/zero3.yaml"}
 ENGINE_FILE = "engine.json"
 LORA = ("--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0", "--lora_target_modules", "q_proj", "v_proj")
-# what a trainable head looks like to accelerate: its own FSDP group (peft's wrap policy), the case FSDP2 broke
+# a trainable head under LoRA: peft's wrap policy shards it as its own FSDP group, the case FSDP2 got wrong
 TRAINABLE_HEAD = ("--lora_modules_to_save", "lm_head")
 
 
@@ -44,7 +44,8 @@ def _shard_on_cpu() -> None:
 
 
 def _record_engine(output_dir: str) -> None:
-    """Write (rank 0) the class of the model each training step gets, and which of its modules FSDP sharded."""
+    """Write (rank 0) the class of the model each training step gets, which of its modules FSDP sharded, and the
+    modules sharded in one group with the LM head (accelerate groups it with the final norm; peft's policy, alone)."""
     from poft.trainer import PoFTTrainer
 
     compute_loss = PoFTTrainer.compute_loss
@@ -54,9 +55,13 @@ def _record_engine(output_dir: str) -> None:
             from torch.distributed.fsdp import FSDPModule
 
             stage = getattr(model, "zero_optimization_stage", None)
+            names = {m: name for name, m in model.named_modules()}
+            head = next((m for m, name in names.items() if name.endswith("lm_head")), None)
+            group = head._get_fsdp_state()._fsdp_param_group if isinstance(head, FSDPModule) else None
             engine = {
                 "wrapper": f"{type(model).__module__}.{type(model).__qualname__}",
-                "fsdp_modules": [name for name, m in model.named_modules() if isinstance(m, FSDPModule)],
+                "fsdp_modules": [name for m, name in names.items() if isinstance(m, FSDPModule)],
+                "head_group": [] if group is None else [names[m] for m in group.modules],
                 "zero_stage": stage() if callable(stage) else None,
                 "distributed_type": str(self.accelerator.distributed_type),
                 "num_processes": self.accelerator.num_processes,

@@ -49,7 +49,7 @@ def test_fsdp2_lora_with_a_trainable_head_equals_one_process(tiny_models, scored
     engine = result.engine
     assert (engine["distributed_type"], engine["num_processes"]) == ("DistributedType.FSDP", 2)
     assert "" in engine["fsdp_modules"], engine  # the model itself is an FSDPModule: FSDP2 wrapped it
-    assert any(name.endswith("lm_head") for name in engine["fsdp_modules"]), engine  # the head, its own group
+    assert engine["head_group"] == ["base_model.model.lm_head"], engine  # the head sharded alone
     assert_equal_to_one_process(result)
 
 
