@@ -15,16 +15,18 @@ from poft.schema import conversation_id
 from tests.real_templates import tokenizer_for
 
 
-def two_cpu_processes(*program: str) -> list[str]:
+def two_cpu_processes(*program: str, config_file: str | None = None) -> list[str]:
     """`program` (by default `-m poft.cli`) under accelerate with two CPU processes (gloo): the multi-process
     paths, tested without a GPU. The processes meet on a free port, so test suites running side by side on one
-    machine do not collide on accelerate's default 29500."""
+    machine do not collide on accelerate's default 29500. `config_file`: an accelerate config (FSDP, DeepSpeed)
+    in place of plain data parallelism."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    engine = ("--multi_gpu",) if config_file is None else ("--config_file", config_file)
     return [
         sys.executable,
-        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1"),
         *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
         *(program or ("-m", "poft.cli")),
     ]

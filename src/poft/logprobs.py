@@ -16,13 +16,14 @@ through TRL's fused head instead, with the same result at the old cost.
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, maybe_gather_lm_head_ctx
 
@@ -91,9 +92,21 @@ def response_head_supported(causal_lm) -> bool:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is not config or any(getattr(text, name, None) is not None for name in _SCALED_LOGITS):
         return False
-    head = causal_lm.get_output_embeddings()
     backbone = getattr(causal_lm, "base_model", causal_lm)
-    return isinstance(head, torch.nn.Linear) and backbone is not causal_lm
+    return isinstance(output_head(causal_lm), torch.nn.Linear) and backbone is not causal_lm
+
+
+def output_head(causal_lm) -> torch.nn.Module | None:
+    """The module the LM head's forward runs: the head, or under peft's `modules_to_save` (a trainable head) the
+    active adapter's copy of it, or the original where adapters are off."""
+    head = causal_lm.get_output_embeddings()
+    peft = sys.modules.get("peft.utils.other")  # a model peft wrapped means peft is imported
+    if peft is None or not isinstance(head, peft.ModulesToSaveWrapper):
+        return head
+    adapters = head.active_adapters
+    if head.disable_adapters or not adapters or any(name not in head.modules_to_save for name in adapters):
+        return head.original_module
+    return head.modules_to_save[adapters[0]]
 
 
 def install_response_head(causal_lm) -> None:
@@ -142,10 +155,8 @@ def _response_forward(
         hidden_states, labels = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
     else:
         hidden_states, labels = backbone_outputs.last_hidden_state, shift_labels
-    head = self.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if isinstance(weight, DTensor):  # FSDP2 shards the head; the kernel needs it whole, as in TRL's fused head
-        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    head = output_head(self)
+    weight, bias = _whole(head.weight), _whole(head.bias)
     hidden_states, labels = hidden_states.to(weight.device), labels.to(weight.device)
     mask = labels != -100
     rows = hidden_states[mask]
@@ -193,6 +204,21 @@ def _response_forward(
     )
 
 
+def _whole(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The head's weight or bias whole, for the kernel, with its gradient averaged over the processes.
+
+    FSDP2 leaves the head sharded (a DTensor) when it is its own group, as peft's wrap policy makes a trainable
+    head, since the kernel reads it without calling the module. The whole tensor's gradient on each process comes
+    from that process's micro-batch only; `Partial("avg")` reduce-scatters it back to the shards averaged over the
+    processes, as FSDP averages every other gradient (a replicated gradient would keep each shard's own process's
+    share). Over a tensor-parallel mesh dimension every process holds the same batch, so the average is that
+    gradient itself.
+    """
+    if not isinstance(parameter, DTensor):
+        return parameter
+    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
+
+
 def _load_balancing_loss(text_config, router_logits, attention_mask) -> torch.Tensor:
     """The MoE load-balancing loss that TRL's fused head and the models' own forwards add (Mixtral's)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -201,4 +227,11 @@ def _load_balancing_loss(text_config, router_logits, attention_mask) -> torch.Te
     return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
-__all__ = ["HeadRequest", "causal_lm_of", "install_response_head", "response_head_supported", "response_log_probs"]
+__all__ = [
+    "HeadRequest",
+    "causal_lm_of",
+    "install_response_head",
+    "output_head",
+    "response_head_supported",
+    "response_log_probs",
+]
