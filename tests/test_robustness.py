@@ -4,13 +4,22 @@ know, two runs sharing a cache, a corrupt cache line, and a kill while an output
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from poft import outputs
 from poft.cli import main
+from poft.schema import is_poft_output
 from tests.conftest import write_jsonl
 
 
@@ -76,3 +85,153 @@ def test_a_whole_gguf_passes_the_check_and_its_last_byte_is_needed(gguf_bytes, t
     (tmp_path / "short.gguf").write_bytes(whole[:-1])
     assert gguf_problem(tmp_path / "whole.gguf") is None
     assert gguf_problem(tmp_path / "short.gguf") is not None
+
+
+# --- an output folder that cannot be renamed (a mount point) -----------------------------------------------------
+
+
+def write_rows(folder: Path, n: int) -> str:
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(n)
+    ]
+    return write_jsonl(folder / "data.jsonl", [r["messages"] for r in rows])
+
+
+def temporaries(*folders: Path) -> list[str]:
+    return [p.name for f in folders for p in f.iterdir() if outputs.TMP_TAG in p.name or outputs.OLD_TAG in p.name]
+
+
+@pytest.fixture
+def mount_point(tmp_path, monkeypatch) -> Path:
+    """An empty folder that, like a mount point, cannot be renamed or exchanged (EBUSY), though what is inside can."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    rename, exchange = os.rename, outputs._exchange
+
+    def busy(path) -> None:
+        if Path(path).absolute() == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+
+    monkeypatch.setattr(outputs.os, "rename", lambda a, b: busy(a) or busy(b) or rename(a, b))
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: busy(a) or busy(b) or exchange(a, b))
+    return out
+
+
+def test_an_output_folder_that_cannot_be_renamed_is_filled_in_place(mount_point, tmp_path, capsys):
+    data = write_rows(tmp_path, 40)
+    assert main(["noise", "--data", data, "--output", str(mount_point), "--rate", "0.5"]) == 0, capsys.readouterr().err
+    first = load_from_disk(str(mount_point))
+    assert len(first) == 40 and sum(first["poft_noise"]) == 20 and is_poft_output(mount_point)
+    argv = ["noise", "--data", data, "--output", str(mount_point), "--rate", "0.25", "--overwrite"]
+    assert main(argv) == 0
+    second = load_from_disk(str(mount_point))
+    assert len(second) == 40 and sum(second["poft_noise"]) == 10
+    assert temporaries(tmp_path, mount_point) == []
+
+
+def test_a_mount_point_gets_its_temporary_inside_it(tmp_path, monkeypatch):
+    """Where the folder is a mount point, the temporary is made inside it (its parent may be read-only), and the
+    output still appears whole."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(outputs.os.path, "ismount", lambda p: Path(p) == out)
+    with outputs.atomic_output(out, "test") as tmp:
+        assert tmp.parent == out
+        Dataset.from_dict({"version": [1] * 5}).save_to_disk(str(tmp))
+    assert load_from_disk(str(out))["version"] == [1] * 5 and temporaries(tmp_path, out) == []
+
+
+def dead_owner() -> str:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{dead.stdout.strip()}.{outputs._host()}"
+
+
+@pytest.mark.parametrize("renames_before_the_kill", range(8))
+def test_a_kill_while_filling_in_place_is_finished_by_the_next_run(
+    mount_point, tmp_path, monkeypatch, renames_before_the_kill
+):
+    """Killed after any number of renames while filling the folder: the next run (here its recovery) leaves the
+    old output whole or the new one whole, nothing of the other and no temporary."""
+    with outputs.atomic_output(mount_point, "test") as tmp:
+        Dataset.from_dict({"version": [1] * 30}).save_to_disk(str(tmp))
+        (tmp / "old_only.txt").write_text("an entry the new output does not have")
+    count, rename = [0], outputs.os.rename
+
+    def killed(a, b):
+        if count[0] == renames_before_the_kill:
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after it runs
+        count[0] += 1
+        rename(a, b)
+
+    monkeypatch.setattr(outputs.os, "rename", killed)
+    killed_at_the_end = False
+    try:
+        with outputs.atomic_output(mount_point, "test") as tmp:
+            Dataset.from_dict({"version": [2] * 30}).save_to_disk(str(tmp))
+        killed_at_the_end = True
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    owner = dead_owner()
+    for leftover in list(mount_point.glob(f"{outputs.TMP_TAG}*")):  # as a SIGKILLed run of another process leaves it
+        rename(leftover, leftover.with_name(leftover.name.replace(outputs._owner(), owner)))
+    outputs.check_output(mount_point, overwrite=True)  # what the next run does first
+    versions = set(load_from_disk(str(mount_point))["version"])
+    assert versions in ({1}, {2}) and temporaries(tmp_path, mount_point) == []
+    assert (mount_point / "old_only.txt").exists() == (versions == {1})
+    assert is_poft_output(mount_point)
+    if killed_at_the_end:
+        assert versions == {2}
+
+
+# --- a kill while an output is swapped in ------------------------------------------------------------------------
+
+SRC = str(Path(__file__).parent.parent / "src")
+KILLED_WRITER = """
+import sys, types
+from datasets import Dataset
+package = types.ModuleType("poft")  # poft.outputs alone, without the package's heavy imports
+package.__path__ = [sys.argv[3]]
+sys.modules["poft"] = package
+from poft import outputs
+if sys.argv[2] == "aside":
+    outputs._exchange = lambda a, b: False
+print("ready", flush=True)
+version = 1
+while True:
+    with outputs.atomic_output(sys.argv[1], "test") as tmp:
+        Dataset.from_dict({"version": [version] * 100_000, "text": ["x" * 20] * 100_000}).save_to_disk(tmp)
+    version += 1
+"""
+
+
+def test_what_a_killed_swap_leaves_is_removed_by_the_next_run_writing_beside_it(tmp_path):
+    """A real process replacing its output again and again, SIGKILLed at several moments: whatever it left (a
+    temporary, an old output renamed aside) is gone after the next run writing any output or file in that folder,
+    and the killed run's output is whole."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    left = []
+    for k, (mode, delay) in enumerate([("exchange", 0.3), ("exchange", 0.9), ("aside", 0.5), ("aside", 1.2)]):
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_WRITER, str(out), mode, str(Path(SRC) / "poft")],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        left.append(temporaries(tmp_path))
+        if k % 2:
+            outputs.atomic_write_text(tmp_path / "notes.txt", "a single file written beside it")
+        else:
+            with outputs.atomic_output(tmp_path / f"other{k}", "test") as tmp:
+                Dataset.from_dict({"x": [k]}).save_to_disk(str(tmp))
+        assert temporaries(tmp_path) == [], (mode, delay)
+        assert out.exists() or k == 0  # an old output renamed aside is restored
+        if out.exists():
+            assert len(load_from_disk(str(out))) == 100_000
+    assert any(left)  # at least one kill left something to clean up
