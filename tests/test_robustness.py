@@ -235,3 +235,34 @@ def test_what_a_killed_swap_leaves_is_removed_by_the_next_run_writing_beside_it(
         if out.exists():
             assert len(load_from_disk(str(out))) == 100_000
     assert any(left)  # at least one kill left something to clean up
+
+
+# --- a score cache that cannot be created ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["read-only", "/proc"])
+def test_a_cache_dir_that_cannot_be_created_is_one_line(
+    tiny_models, conversations, where, tmp_path, monkeypatch, capsys
+):
+    if where == "read-only":  # root writes through chmod, so the read-only file system is simulated
+        cache = tmp_path / "readonly" / "scores"
+        mkdir = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if tmp_path / "readonly" in (self, *self.parents):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    else:
+        cache = Path("/proc/poft-scores")  # a real file system where no folder can be made
+    data = write_jsonl(tmp_path / "d.jsonl", conversations[:3])
+    argv = ["score", "--data", data, "--model", tiny_models["chatml"], "--output", str(tmp_path / "o")]
+    assert main([*argv, "--cache_dir", str(cache), "--device", "cpu"]) == 2
+    (line,) = error_lines(capsys)
+    assert re.fullmatch(
+        rf"poft score: error: the score cache folder {re.escape(str(cache))} cannot be created \(.+\)\. Give a "
+        r"writable --cache_dir, or set POFT_CACHE to a writable folder\.",
+        line,
+    )
+    assert not (tmp_path / "o").exists()

@@ -122,6 +122,11 @@ class ScoreCache:
             if not meta_path.exists():
                 atomic_write_text(meta_path, json.dumps(meta, indent=2))
         except OSError as error:  # a read-only cache can still serve what it holds; appending will say so
+            if not directory.is_dir():
+                raise CacheError(
+                    f"the score cache folder {directory} cannot be created ({error.strerror or error}). Give a "
+                    "writable --cache_dir, or set POFT_CACHE to a writable folder."
+                ) from error
             if disk_error(error, "") is None:
                 raise
 
