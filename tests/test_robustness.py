@@ -5,7 +5,9 @@ know, two runs sharing a cache, a corrupt cache line, and a kill while an output
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -15,12 +17,16 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import poft.chat as chat_module
 from poft import outputs
+from poft.chat import ConversationEncoder
 from poft.cli import main
 from poft.schema import is_poft_output
-from tests.conftest import write_jsonl
+from poft.score_settings import scoring_settings
+from poft.scoring import ScoreConfig, score_dataset
+from tests.conftest import as_dataset, write_jsonl
 
 
 def error_lines(capsys) -> list[str]:
@@ -266,3 +272,93 @@ def test_a_cache_dir_that_cannot_be_created_is_one_line(
         line,
     )
     assert not (tmp_path / "o").exists()
+
+
+# --- max_length past the model's context, and huge rows ----------------------------------------------------------
+
+
+def long_chats(n: int, chars: int, seed: int = 0) -> list[list[dict]]:
+    """Chats whose turns are `chars` characters of the tiny models' words, so most run past 512 tokens."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pixel"]
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(chars // 6))[: rng.randint(chars // 2, chars)]
+
+    chats = []
+    for i in range(n):
+        chat = [{"role": "system", "content": "Answer briefly."}] if i % 2 else []
+        for _ in range(1 + i % 3):
+            chat += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        chats.append(chat)
+    return chats
+
+
+def test_max_length_past_the_context_reads_up_to_the_context_and_records_it(tiny_models, tmp_path, caplog):
+    """The tiny references have 512 positions: --max_length 2048 scores as --max_length 512 does, says so naming
+    both, and the score columns record 512, the truncation really used."""
+    dataset = as_dataset(long_chats(6, 400))
+    model = tiny_models["chatml"]  # one token per character
+    assert AutoConfig.from_pretrained(model).max_position_embeddings == 512
+    at_context = score_dataset(dataset, [model], ScoreConfig(max_length=512, cache_dir=str(tmp_path / "a")))
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        past = score_dataset(dataset, [model], ScoreConfig(max_length=2048, cache_dir=str(tmp_path / "b")))
+    assert max(past["n_tokens_chatml"]) > 0 and past["score_chatml"] == at_context["score_chatml"]
+    assert (
+        "chatml: --max_length 2048 is beyond the model's context (max_position_embeddings=512); it reads "
+        "conversations up to 512 tokens, as its scores record." in caplog.text
+    )
+    for column in ("score_chatml", "ref_score"):
+        assert scoring_settings(past, column)["max_length"] == 512
+    unbounded = score_dataset(dataset, [model], ScoreConfig(max_length=None, cache_dir=str(tmp_path / "c")))
+    assert unbounded["score_chatml"] == at_context["score_chatml"]
+
+
+def reference_encoding(encoder, messages) -> tuple[list[int], list[int], bool]:
+    """The whole conversation tokenized, then cut to max_length: what `encode` returns, computed the long way."""
+    ids, mask, _ = encoder.encode_spans(messages)
+    n = encoder.max_length
+    if len(ids) <= n:
+        return ids, mask, False
+    window = slice(None, n) if encoder.truncation_mode == "keep_start" else slice(-n, None)
+    return ids[window], mask[window], True
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_a_long_conversation_read_in_a_window_equals_it_read_whole(tiny_models, template_models, mode):
+    chats = long_chats(12, 3000, seed=1) + [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "apple river " * 4000}],
+        [{"role": "user", "content": "apple " * 4000}, {"role": "assistant", "content": "stone"}],
+    ]
+    for path in [*tiny_models.values(), *template_models.values()]:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        for max_length in (16, 100, 700):
+            encoder = ConversationEncoder(tokenizer, max_length=max_length, truncation_mode=mode, system_turns="merge")
+            windows = 0
+            for chat in chats:
+                encoded = encoder.encode(chat)
+                assert (encoded.input_ids, encoded.response_mask, encoded.truncated) == reference_encoding(
+                    encoder, chat
+                ), (path, max_length)
+                windows += len(encoder.render(encoder.prepare(chat))) > chat_module.WINDOW_CHARS_PER_TOKEN * (
+                    max_length + chat_module.WINDOW_MARGIN
+                )
+            assert windows  # the window was used
+
+
+def test_a_huge_row_is_tokenized_only_near_what_is_kept(tiny_models, monkeypatch):
+    """A 5 MB response with max_length 512: the tokenizer reads a window of it, not 5 MB."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    encoder = ConversationEncoder(tokenizer, max_length=512)
+    read = []
+    call = type(tokenizer).__call__
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, text, **kw: read.append(len(text)) or call(self, text, **kw)
+    )
+    huge = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ("apple river stone " * 300_000)[:5_000_000]},
+    ]
+    encoded = encoder.encode(huge)
+    assert len(encoded.input_ids) == 512 and encoded.truncated and sum(encoded.response_mask) > 400
+    assert max(read) < 100_000

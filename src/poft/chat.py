@@ -60,6 +60,9 @@ SYSTEM_TURNS = ("auto", "keep", "merge")
 # Version of the response definition above; score caches are keyed by it, so changing which tokens are
 # scored makes earlier cache entries unreachable instead of silently reused.
 MASK_RULE = "content+closing_token/v2"
+# a conversation longer than max_length is tokenized in a window of its text (`ConversationEncoder._windowed`): first
+# WINDOW_CHARS_PER_TOKEN characters per token, widened until WINDOW_MARGIN tokens more than are kept lie in it
+WINDOW_CHARS_PER_TOKEN, WINDOW_MARGIN = 16, 64
 
 CHAT_TEMPLATE_FIX = (
     "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
@@ -222,8 +225,16 @@ class ConversationEncoder:
     # ------------------------------------------------------------------ public
 
     def encode(self, messages: Sequence[Message]) -> EncodedConversation:
-        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`."""
-        input_ids, mask, _ = self.encode_spans(messages)
+        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`.
+
+        A conversation far longer than max_length tokens is tokenized only in a window of its rendered text at the
+        end truncation keeps (`_windowed`), so a 5 MB row costs about what its kept tokens cost."""
+        full, contents = self._locate_contents(self.prepare(messages))
+        if self.max_length is not None:
+            windowed = self._windowed(full, contents)
+            if windowed is not None:
+                return windowed
+        input_ids, mask, _ = self._tokenize_and_mask(full, contents)
         truncated = self.max_length is not None and len(input_ids) > self.max_length
         if truncated:
             window = (
@@ -234,15 +245,42 @@ class ConversationEncoder:
 
     def encode_spans(self, messages: Sequence[Message]) -> tuple[list[int], list[int], list[ResponseSpan]]:
         """Untruncated token ids, response mask and each assistant turn's response span, checked by the guard."""
-        messages = self.prepare(messages)
-        full, contents = self._locate_contents(messages)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        spans = [self._response_span(turn, text, start, full, input_ids, offsets) for turn, text, start in contents]
-        mask = [0] * len(input_ids)
-        for span in spans:
-            self._check(span, input_ids)
+        return self._tokenize_and_mask(*self._locate_contents(self.prepare(messages)))
+
+    def _windowed(self, full: str, contents: list[tuple[int, str, int]]) -> EncodedConversation | None:
+        """The kept max_length tokens read from a window of `full` (its start for keep_start, its end for keep_end)
+        that grows until it holds WINDOW_MARGIN tokens more than are kept: a cut changes the tokens only next to
+        it, and those are dropped. None where the window would be the whole text."""
+        assert self.max_length is not None
+        size = WINDOW_CHARS_PER_TOKEN * (self.max_length + WINDOW_MARGIN)
+        while size < len(full):
+            start, end = (len(full) - size, len(full)) if self.truncation_mode == "keep_end" else (0, size)
+            input_ids, mask, _ = self._tokenize_and_mask(full, contents, start, end)
+            if len(input_ids) >= self.max_length + WINDOW_MARGIN:
+                window = slice(-self.max_length, None) if start else slice(None, self.max_length)
+                return EncodedConversation(input_ids=input_ids[window], response_mask=mask[window], truncated=True)
+            size *= 4
+        return None
+
+    def _tokenize_and_mask(
+        self, full: str, contents: list[tuple[int, str, int]], start: int = 0, end: int | None = None
+    ) -> tuple[list[int], list[int], list[ResponseSpan]]:
+        """Token ids of `full[start:end]`, its response mask and the response spans in it; a turn cut by the window
+        is masked on the part inside it, and the guard checks the turns it holds whole."""
+        end = len(full) if end is None else end
+        enc = self.tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(enc["input_ids"])
+        offsets = [(a + start, b + start) for a, b in enc["offset_mapping"]]
+        mask, spans = [0] * len(input_ids), []
+        for turn, text, at in contents:
+            if at + len(text) <= start or at >= end:
+                continue  # outside the window
+            cut_after = at + len(text) > end
+            span = self._response_span(turn, text, at, full, input_ids, offsets, cut_after)
+            if start <= at and not cut_after:
+                self._check(span, input_ids)
             mask[span.first_token : span.end_token] = [1] * (span.end_token - span.first_token)
+            spans.append(span)
         return input_ids, mask, spans
 
     def prepare(self, messages: Sequence[Message]) -> list[Message]:
@@ -400,14 +438,25 @@ class ConversationEncoder:
     # ------------------------------------------------------------------ tokens
 
     def _response_span(
-        self, turn: int, text: str, start: int, full: str, input_ids: list[int], offsets: list[tuple[int, int]]
+        self,
+        turn: int,
+        text: str,
+        start: int,
+        full: str,
+        input_ids: list[int],
+        offsets: list[tuple[int, int]],
+        cut_after: bool = False,
     ) -> ResponseSpan:
+        """The tokens of one assistant turn's content and its closing token; `cut_after`: the tokens end inside the
+        content (a window of the text), so no closing token is looked for."""
         end = start + len(text)
         # offsets are sorted, so the tokens overlapping [start, end) are found by bisection (long conversations)
         first = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
         last = bisect.bisect_left(offsets, end, key=lambda offset: offset[0]) - 1
         if first > last:
             raise self._guard_error(turn, "no token covers its content")
+        if cut_after:
+            return ResponseSpan(turn, text, first, last + 1, None)
         closing = last + 1
         while (  # whitespace between the content and the closing token is generated too (Llama 2's ' </s>')
             closing < len(input_ids)

@@ -21,11 +21,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from poft.attention import VARLEN, packs, use_varlen_by_default
@@ -206,6 +207,26 @@ def load_reference_model(
     return model
 
 
+def model_max_length(max_length: int | None, model_config, name: str) -> int | None:
+    """Where one model's reading stops: `max_length`, but never past the model's context (`max_position_embeddings`),
+    whose later positions it never learned (scores there are noise; learned position embeddings fail outright).
+    transformers' tokenizers cap truncation at their `model_max_length` alike; a lowered `max_length` is said once,
+    naming both, and None (no truncation) reads up to the context."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        return max_length
+    if max_length is not None and max_length > context:
+        logger.warning(
+            "%s: --max_length %d is beyond the model's context (max_position_embeddings=%d); it reads conversations "
+            "up to %d tokens, as its scores record.",
+            name,
+            max_length,
+            context,
+            context,
+        )
+    return context if max_length is None else min(max_length, context)
+
+
 def data_row(row: int) -> str:
     """How messages name a row of the user's data (1-based)."""
     return f"conversation {row} of the data"
@@ -213,8 +234,9 @@ def data_row(row: int) -> str:
 
 def score_reference(
     dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
-) -> tuple[list[float | None], list[int]]:
-    """Scores and response-token counts of every row for one reference, through its cache.
+) -> tuple[list[float | None], list[int], int | None]:
+    """Scores and response-token counts of every row for one reference, through its cache, and the max_length it
+    read them with (`model_max_length`).
 
     `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
     as IFD does, names the user's row they come from).
@@ -228,6 +250,7 @@ def score_reference(
     source, gguf = load_args(reference.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
         model_id = model_fingerprint(reference.path)
     except (OSError, ValueError) as error:
         raise ModelError(
@@ -242,10 +265,11 @@ def score_reference(
             reference.path,
             dtype,
         )
+    max_length = model_max_length(config.max_length, model_config, reference.name)
     encoder = ConversationEncoder(
         tokenizer,
         fallback_template=config.chat_template,
-        max_length=config.max_length,
+        max_length=max_length,
         truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
         system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
@@ -255,7 +279,7 @@ def score_reference(
         "chat_template": encoder.template,
         "masking": encoder.mask_rule_version,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
-        "max_length": config.max_length,
+        "max_length": max_length,
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
     }
@@ -314,19 +338,19 @@ def score_reference(
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
+    _report_null_scores(entries, ids, reference, max_length, describe_row, encoder.template_fix)
     kept = [e.n_tokens for e in entries if e.score is not None and e.truncated]
     if kept:
-        message = partly_truncated(kept, len(ids), config.max_length, config.truncation_mode)
+        message = partly_truncated(kept, len(ids), max_length, config.truncation_mode)
         logger.warning("reference %r: %s", reference.name, message)
-    return [e.score for e in entries], [e.n_tokens for e in entries]
+    return [e.score for e in entries], [e.n_tokens for e in entries], max_length
 
 
 def _report_null_scores(
     entries,
     ids: Sequence[str],
     reference: Reference,
-    config: ScoringOptions,
+    max_length: int | None,
     describe_row: Callable[[int], str],
     template_fix: str,
 ) -> None:
@@ -344,7 +368,7 @@ def _report_null_scores(
         )
     if truncated:
         causes.append(
-            f"{truncated} have no response token left after truncation to {config.max_length} tokens; raise "
+            f"{truncated} have no response token left after truncation to {max_length} tokens; raise "
             "--max_length to keep them"
         )
     message = f"reference {reference.name!r}: {len(null)} of {len(ids)} conversations have a null score: " + "; ".join(
@@ -438,15 +462,23 @@ def score_dataset(
         references = parse_references([r.path for r in references])
     _check_references(references)
     columns: dict[str, list] = {}
+    read_to: dict[str, int | None] = {}  # each score column's max_length: the model's context may lower it
     for reference in references:
-        scores, counts = score_reference(dataset, reference, config, describe_row)
+        scores, counts, max_length = score_reference(dataset, reference, config, describe_row)
         columns[score_column(reference.name)], columns[n_tokens_column(reference.name)] = scores, counts
+        read_to[score_column(reference.name)] = max_length
     per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
+    read_to[REF_SCORE] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
-    scores = score_feature(config)  # the trainer checks that it truncates as these scores were computed
     for name, values in columns.items():
-        dataset = dataset.add_column(name, values, feature=None if name.startswith("n_tokens_") else scores)
+        # the trainer checks that it truncates as these scores were computed
+        settings = SimpleNamespace(
+            max_length=read_to.get(name), truncation_mode=config.truncation_mode, system_turns=config.system_turns
+        )
+        dataset = dataset.add_column(
+            name, values, feature=None if name.startswith("n_tokens_") else score_feature(settings)
+        )
     return dataset
 
 
