@@ -305,13 +305,23 @@ def test_max_length_past_the_context_reads_up_to_the_context_and_records_it(tiny
         past = score_dataset(dataset, [model], ScoreConfig(max_length=2048, cache_dir=str(tmp_path / "b")))
     assert max(past["n_tokens_chatml"]) > 0 and past["score_chatml"] == at_context["score_chatml"]
     assert (
-        "chatml: --max_length 2048 is beyond the model's context (max_position_embeddings=512); it reads "
-        "conversations up to 512 tokens, as its scores record." in caplog.text
+        "reference 'chatml': --max_length 2048 is beyond the model's context (max_position_embeddings=512), so "
+        "conversations are read up to 512 tokens, as its scores record." in caplog.text
     )
     for column in ("score_chatml", "ref_score"):
         assert scoring_settings(past, column)["max_length"] == 512
     unbounded = score_dataset(dataset, [model], ScoreConfig(max_length=None, cache_dir=str(tmp_path / "c")))
     assert unbounded["score_chatml"] == at_context["score_chatml"]
+    assert scoring_settings(unbounded, "ref_score")["max_length"] == 512
+
+
+def test_a_max_length_past_the_context_that_cuts_nothing_is_recorded_as_asked(tiny_models, conversations, tmp_path):
+    """No conversation reaches the context: the scores are those --max_length 2048 gives, recorded as such, and
+    nothing is said."""
+    scored = score_dataset(
+        as_dataset(conversations), [tiny_models["chatml"]], ScoreConfig(max_length=2048, cache_dir=str(tmp_path))
+    )
+    assert scoring_settings(scored, "ref_score")["max_length"] == 2048
 
 
 def reference_encoding(encoder, messages) -> tuple[list[int], list[int], bool]:
@@ -362,3 +372,45 @@ def test_a_huge_row_is_tokenized_only_near_what_is_kept(tiny_models, monkeypatch
     encoded = encoder.encode(huge)
     assert len(encoded.input_ids) == 512 and encoded.truncated and sum(encoded.response_mask) > 400
     assert max(read) < 100_000
+
+
+# --- characters the tokenizer does not know ----------------------------------------------------------------------
+
+
+def test_a_character_the_tokenizer_does_not_know_is_named_with_its_row_not_blamed_on_the_template(
+    tiny_models, conversations, tmp_path, caplog
+):
+    """The char-level reference maps '€' to <unk>; a response also holding the text '<unk>' used to fail the
+    template guard. It is scored, with one warning naming the character, the row and the tokenizer's vocabulary."""
+    chats = [
+        *conversations[:3],
+        [{"role": "user", "content": "Price?"}, {"role": "assistant", "content": "say <unk> 5 €"}],
+    ]
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        scored = score_dataset(as_dataset(chats), [tiny_models["chatml"]], ScoreConfig(cache_dir=str(tmp_path)))
+    assert all(s is not None for s in scored["score_chatml"])
+    assert (
+        "reference 'chatml': 1 conversations have response text its tokenizer reads as its unknown token: '<unk>', "
+        "'€' (U+20AC) (first: conversation 4 of the data). This is the tokenizer's vocabulary, not the chat template"
+        in caplog.text
+    )
+
+
+def test_an_undeclared_unknown_token_is_known_by_the_tokenizer_model(tiny_models):
+    """A tokenizer built from a `tokenizers` object that does not declare its unknown token: '€' reads as the
+    model's <unk>, and the mask covers it as it covers any response character."""
+    from transformers import PreTrainedTokenizerFast
+
+    from poft.demo.builders import CHATML_SPECIALS
+
+    declared = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    undeclared = PreTrainedTokenizerFast(
+        tokenizer_object=declared.backend_tokenizer, pad_token="<pad>", eos_token="<|im_end|>"
+    )
+    undeclared.add_special_tokens({"additional_special_tokens": CHATML_SPECIALS})
+    undeclared.chat_template = declared.chat_template
+    assert undeclared.unk_token is None
+    chat = [{"role": "user", "content": "Price?"}, {"role": "assistant", "content": "5 € each"}]
+    got = ConversationEncoder(undeclared).encode(chat)
+    want = ConversationEncoder(declared).encode(chat)
+    assert (got.input_ids, got.response_mask, got.unknown) == (want.input_ids, want.response_mask, ("€",))

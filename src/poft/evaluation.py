@@ -326,7 +326,7 @@ def run_eval(config: EvalConfig) -> dict:
             encoder = ConversationEncoder(
                 tokenizer,
                 fallback_template=config.chat_template,
-                max_length=model_max_length(config.max_length, model.config, reference.name),
+                max_length=model_max_length(config.max_length, model.config),
                 system_turns=config.system_turns,  # type: ignore[arg-type]
                 name=reference.path,
             )

@@ -207,23 +207,13 @@ def load_reference_model(
     return model
 
 
-def model_max_length(max_length: int | None, model_config, name: str) -> int | None:
+def model_max_length(max_length: int | None, model_config) -> int | None:
     """Where one model's reading stops: `max_length`, but never past the model's context (`max_position_embeddings`),
-    whose later positions it never learned (scores there are noise; learned position embeddings fail outright).
-    transformers' tokenizers cap truncation at their `model_max_length` alike; a lowered `max_length` is said once,
-    naming both, and None (no truncation) reads up to the context."""
+    whose later positions it never learned (scores there are noise; learned position embeddings fail outright), as
+    transformers' tokenizers cap truncation at their `model_max_length`. None (no truncation) reads up to it."""
     context = getattr(model_config, "max_position_embeddings", None)
     if not isinstance(context, int) or isinstance(context, bool) or context < 2:
         return max_length
-    if max_length is not None and max_length > context:
-        logger.warning(
-            "%s: --max_length %d is beyond the model's context (max_position_embeddings=%d); it reads conversations "
-            "up to %d tokens, as its scores record.",
-            name,
-            max_length,
-            context,
-            context,
-        )
     return context if max_length is None else min(max_length, context)
 
 
@@ -235,8 +225,8 @@ def data_row(row: int) -> str:
 def score_reference(
     dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
 ) -> tuple[list[float | None], list[int], int | None]:
-    """Scores and response-token counts of every row for one reference, through its cache, and the max_length it
-    read them with (`model_max_length`).
+    """Scores and response-token counts of every row for one reference, through its cache, and the max_length they
+    were read with: the model's context where `config.max_length` goes past it and a conversation reaches it.
 
     `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
     as IFD does, names the user's row they come from).
@@ -265,7 +255,7 @@ def score_reference(
             reference.path,
             dtype,
         )
-    max_length = model_max_length(config.max_length, model_config, reference.name)
+    max_length = model_max_length(config.max_length, model_config)
     encoder = ConversationEncoder(
         tokenizer,
         fallback_template=config.chat_template,
@@ -302,6 +292,7 @@ def score_reference(
                 raise ChatTemplateError(
                     f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
                 ) from error
+    _report_unknown_characters(todo, ids, reference, describe_row)
     unique = len(set(ids))
     logger.info(
         "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
@@ -343,7 +334,38 @@ def score_reference(
     if kept:
         message = partly_truncated(kept, len(ids), max_length, config.truncation_mode)
         logger.warning("reference %r: %s", reference.name, message)
-    return [e.score for e in entries], [e.n_tokens for e in entries], max_length
+    capped = max_length != config.max_length and any(e.truncated or e.null_reason == "truncated" for e in entries)
+    if capped:
+        logger.warning(
+            "reference %r: %s is beyond the model's context (max_position_embeddings=%d), so conversations are read "
+            "up to %d tokens, as its scores record.",
+            reference.name,
+            "no --max_length" if config.max_length is None else f"--max_length {config.max_length}",
+            max_length,
+            max_length,
+        )
+    # where no conversation reaches the context, the scores are those the requested max_length gives
+    return [e.score for e in entries], [e.n_tokens for e in entries], max_length if capped else config.max_length
+
+
+def _report_unknown_characters(
+    todo: dict[str, EncodedConversation], ids: Sequence[str], reference: Reference, describe_row: Callable[[int], str]
+) -> None:
+    """Say which response characters the reference's tokenizer reads as its unknown token, and in which rows."""
+    rows = [row for row, poft_id in enumerate(ids, start=1) if poft_id in todo and todo[poft_id].unknown]
+    if not rows:
+        return
+    pieces = list(dict.fromkeys(piece for row in rows for piece in todo[ids[row - 1]].unknown))
+    named = [f"{p!r} (U+{ord(p):04X})" if len(p) == 1 else repr(p) for p in pieces[:SHOWN_ROWS]]
+    logger.warning(
+        "reference %r: %d conversations have response text its tokenizer reads as its unknown token: %s (first: %s). "
+        "This is the tokenizer's vocabulary, not the chat template: replace them in the data, or use a reference "
+        "whose tokenizer knows them.",
+        reference.name,
+        len(rows),
+        ", ".join(named) + (" ..." if len(pieces) > SHOWN_ROWS else ""),
+        describe_row(rows[0]),
+    )
 
 
 def _report_null_scores(
