@@ -5,6 +5,7 @@ know, two runs sharing a cache, a corrupt cache line, and a kill while an output
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -414,3 +415,38 @@ def test_an_undeclared_unknown_token_is_known_by_the_tokenizer_model(tiny_models
     got = ConversationEncoder(undeclared).encode(chat)
     want = ConversationEncoder(declared).encode(chat)
     assert (got.input_ids, got.response_mask, got.unknown) == (want.input_ids, want.response_mask, ("€",))
+
+
+# --- a score cache with corrupt lines ----------------------------------------------------------------------------
+
+
+def count_scored(monkeypatch) -> list[int]:
+    """The number of conversations each call of the scoring loop is given."""
+    import poft.scoring as scoring
+
+    counts, original = [], scoring.iter_scores
+    monkeypatch.setattr(scoring, "iter_scores", lambda m, e, *a: counts.append(len(e)) or original(m, e, *a))
+    return counts
+
+
+def test_corrupt_cache_lines_are_rescored_with_one_warning(tiny_models, conversations, tmp_path, monkeypatch, caplog):
+    dataset = as_dataset(conversations)
+    config = ScoreConfig(cache_dir=str(tmp_path))
+    first = score_dataset(dataset, [tiny_models["chatml"]], config)
+    (path,) = tmp_path.glob("*.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    records[0]["score"] = "high"  # wrong type
+    records[1]["score"] = float("nan")  # non-finite
+    records[2] = {"id": records[2]["poft_id"], "score": records[2]["score"]}  # wrong key
+    lines[:3] = [json.dumps(r).encode() + b"\n" for r in records[:3]]
+    lines[3] = b"\x00\xff{not json\n"
+    path.write_bytes(b"".join(lines))
+    counts = count_scored(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        again = score_dataset(dataset, [tiny_models["chatml"]], config)
+    assert counts == [4] and again["score_chatml"] == pytest.approx(first["score_chatml"], abs=1e-6)
+    assert caplog.text.count("are corrupt and ignored") == 1
+    assert (
+        f"{path}: 4 of {len(lines)} lines are corrupt and ignored (first: line 1, wrong fields or types" in caplog.text
+    )
