@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -450,3 +451,39 @@ def test_corrupt_cache_lines_are_rescored_with_one_warning(tiny_models, conversa
     assert (
         f"{path}: 4 of {len(lines)} lines are corrupt and ignored (first: line 1, wrong fields or types" in caplog.text
     )
+
+
+# --- two runs sharing a score cache ------------------------------------------------------------------------------
+
+
+def test_two_runs_sharing_a_cache_score_each_row_once(tiny_models, conversations, tmp_path, monkeypatch, caplog):
+    """A second run starts while the first is scoring (held there for a second): it waits, then reads what the first
+    wrote, and every row is scored once in all, with the scores of one run alone."""
+    import poft.scoring as scoring
+
+    dataset = as_dataset(conversations)
+    alone = score_dataset(dataset, [tiny_models["zephyr"]], ScoreConfig(cache_dir=str(tmp_path / "alone")))
+    config = ScoreConfig(cache_dir=str(tmp_path / "shared"))
+    counts, scoring_started, original = [], threading.Event(), scoring.iter_scores
+
+    def slow_scores(model, encoded, *args):
+        counts.append(len(encoded))
+        scoring_started.set()
+        time.sleep(1.0)  # the second run starts meanwhile
+        yield from original(model, encoded, *args)
+
+    monkeypatch.setattr(scoring, "iter_scores", slow_scores)
+    results = {}
+
+    def run(name: str) -> None:
+        results[name] = score_dataset(dataset, [tiny_models["zephyr"]], config)
+
+    first = threading.Thread(target=run, args=("first",))
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        first.start()
+        assert scoring_started.wait(60)
+        run("second")
+        first.join()
+    assert sum(counts) == len(set(dataset["poft_id"]))
+    assert results["first"]["score_zephyr"] == results["second"]["score_zephyr"] == alone["score_zephyr"]
+    assert "Another run is scoring this reference into" in caplog.text

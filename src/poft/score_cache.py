@@ -2,7 +2,8 @@
 
 A cache file belongs to one reference fingerprint (`model_fingerprint` plus the scoring settings), so a
 killed run resumes where it stopped, a fourth reference scores only itself, and concurrent runs can
-share one cache directory.
+share one cache directory: a second run scoring the same reference waits for the first (`ScoreCache.exclusive`)
+and scores only what it left.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class ScoreCache:
     def __init__(self, directory: Path, fingerprint: str, meta: dict, shard: int | None = None):
         if directory.exists() and not directory.is_dir():
             raise CacheError(f"--cache_dir {directory} is a file; give a folder (or leave --cache_dir out).")
-        self.directory, self.fingerprint = directory, fingerprint
+        self.directory, self.fingerprint, self.shard = directory, fingerprint, shard
         self._warned: set[Path] = set()  # cache files whose corrupt lines were reported
         self.path = directory / (f"{fingerprint}.jsonl" if shard is None else f"{fingerprint}.shard{shard}.jsonl")
         try:
@@ -158,6 +159,38 @@ class ScoreCache:
                     *corrupt[0],
                 )
         return entries
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this cache's lock file while reading what is cached and scoring the rest: a second run scoring the
+        same reference into the same cache waits here, then reads what the first wrote and scores only what it
+        left. The lock goes with a killed holder's process. Not taken by the processes of one multi-process run
+        (each scores its own share into its own shard), nor where the lock file cannot be made (a read-only cache,
+        which scores nothing new anyway)."""
+        if fcntl is None or self.shard is not None:
+            yield
+            return
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            f = open(lock, "a")
+        except OSError:
+            yield
+            return
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning(
+                    "Another run is scoring this reference into %s (it holds %s); waiting for it, then scoring only "
+                    "the rows it leaves.",
+                    self.directory,
+                    lock.name,
+                )
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def append(self, records: list[dict]) -> None:
         try:

@@ -278,54 +278,55 @@ def score_reference(
     state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
     shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
-    scored = cache.load()
+    with cache.exclusive():  # a second run sharing this cache waits, then scores only what is left
+        scored = cache.load()
 
-    ids = dataset[POFT_ID]
-    pending = sorted({i for i in ids if i not in scored})
-    mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
-    todo: dict[str, EncodedConversation] = {}
-    for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
-        if poft_id in mine and poft_id not in todo:
-            try:
-                todo[poft_id] = encoder.encode(messages)
-            except ChatTemplateError as error:
-                raise ChatTemplateError(
-                    f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
-                ) from error
-    _report_unknown_characters(todo, ids, reference, describe_row)
-    unique = len(set(ids))
-    logger.info(
-        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
-        reference.name,
-        len(ids),
-        unique,
-        unique - len(pending),
-        cache.directory,
-        len(pending),
-        encoder.mask_rule_version,
-        f"; this process scores {len(todo)}" if shard is not None else "",
-    )
-    unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
-    if unscorable:
-        cache.append(
-            [
-                {
-                    "poft_id": i,
-                    "score": None,
-                    "n_tokens": 0,
-                    "null_reason": "truncated" if todo[i].truncated else "no_response",
-                }
-                for i in unscorable
-            ]
+        ids = dataset[POFT_ID]
+        pending = sorted({i for i in ids if i not in scored})
+        mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
+        todo: dict[str, EncodedConversation] = {}
+        for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
+            if poft_id in mine and poft_id not in todo:
+                try:
+                    todo[poft_id] = encoder.encode(messages)
+                except ChatTemplateError as error:
+                    raise ChatTemplateError(
+                        f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
+                    ) from error
+        _report_unknown_characters(todo, ids, reference, describe_row)
+        unique = len(set(ids))
+        logger.info(
+            "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
+            reference.name,
+            len(ids),
+            unique,
+            unique - len(pending),
+            cache.directory,
+            len(pending),
+            encoder.mask_rule_version,
+            f"; this process scores {len(todo)}" if shard is not None else "",
         )
-        for i in unscorable:
-            todo.pop(i)
-    if todo:
-        device = state.device if shard is not None and config.device == "auto" else device
-        rows = {}
-        for row, poft_id in enumerate(ids, start=1):
-            rows.setdefault(poft_id, row)
-        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
+        unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
+        if unscorable:
+            cache.append(
+                [
+                    {
+                        "poft_id": i,
+                        "score": None,
+                        "n_tokens": 0,
+                        "null_reason": "truncated" if todo[i].truncated else "no_response",
+                    }
+                    for i in unscorable
+                ]
+            )
+            for i in unscorable:
+                todo.pop(i)
+        if todo:
+            device = state.device if shard is not None and config.device == "auto" else device
+            rows = {}
+            for row, poft_id in enumerate(ids, start=1):
+                rows.setdefault(poft_id, row)
+            _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
