@@ -86,13 +86,17 @@ def test_a_corrupt_gguf_is_one_line_naming_the_file_in_score_and_eval(gguf_bytes
 
 
 def test_a_whole_gguf_passes_the_check_and_its_last_byte_is_needed(gguf_bytes, tmp_path):
-    from poft.gguf_models import gguf_problem
+    from poft.errors import ModelError
+    from poft.gguf_models import convert_gguf, gguf_problem
 
     whole, _, _ = gguf_bytes
     (tmp_path / "whole.gguf").write_bytes(whole)
     (tmp_path / "short.gguf").write_bytes(whole[:-1])
     assert gguf_problem(tmp_path / "whole.gguf") is None
     assert gguf_problem(tmp_path / "short.gguf") is not None
+    with pytest.raises(ModelError, match=r"^convert_gguf .*short.gguf: short.gguf is cut off or corrupt"):
+        convert_gguf(str(tmp_path / "short.gguf"), str(tmp_path / "converted"))
+    assert not (tmp_path / "converted").exists()
 
 
 # --- an output folder that cannot be renamed (a mount point) -----------------------------------------------------

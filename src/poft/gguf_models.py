@@ -116,6 +116,9 @@ def convert_gguf(file: str, output: str) -> Path:
 
     path = Path(file).expanduser()
     require_gguf(path, "convert_gguf")
+    problem = gguf_problem(path)
+    if problem:
+        raise ModelError(f"convert_gguf {file}: {path.name} {problem}")
     if Path(output).exists():
         raise OutputError(f"{output} exists; give convert_gguf a new folder.")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
