@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +59,9 @@ SYSTEM_TURNS = ("auto", "keep", "merge")
 # Version of the response definition above; score caches are keyed by it, so changing which tokens are
 # scored makes earlier cache entries unreachable instead of silently reused.
 MASK_RULE = "content+closing_token/v2"
+# a conversation longer than max_length is tokenized in a window of its text (`ConversationEncoder._windowed`): first
+# WINDOW_CHARS_PER_TOKEN characters per token, widened until WINDOW_MARGIN tokens more than are kept lie in it
+WINDOW_CHARS_PER_TOKEN, WINDOW_MARGIN = 16, 64
 
 CHAT_TEMPLATE_FIX = (
     "Pass a template with --chat_template (a .jinja file or the template text), or use a tokenizer that ships one."
@@ -84,6 +86,7 @@ class EncodedConversation:
     input_ids: list[int]
     response_mask: list[int]
     truncated: bool
+    unknown: tuple[str, ...] = ()  # pieces of the response text the tokenizer reads as its unknown token, each once
 
     @property
     def num_response_tokens(self) -> int:
@@ -209,11 +212,12 @@ class ConversationEncoder:
                 else "the given chat template"
             )
         self.template = template
+        self.unknown_ids = _unknown_ids(tokenizer)
         # tokens that can close a turn: the special ones, but never a beginning-of-sequence or unknown token
         self.closing_ids = (
             set(tokenizer.all_special_ids)
             | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-        ) - {tokenizer.bos_token_id, tokenizer.unk_token_id}
+        ) - {tokenizer.bos_token_id, *self.unknown_ids}
         self.content_as_parts = self._probe_content_shape()
         self.renders_system = self._probe_system_turns()
         self.default_system = self._probe_default_system()
@@ -222,28 +226,67 @@ class ConversationEncoder:
     # ------------------------------------------------------------------ public
 
     def encode(self, messages: Sequence[Message]) -> EncodedConversation:
-        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`."""
-        input_ids, mask, _ = self.encode_spans(messages)
+        """Render and tokenize `messages`, mask the response tokens, then truncate to `max_length`.
+
+        A conversation far longer than max_length tokens is tokenized only in a window of its rendered text at the
+        end truncation keeps (`_windowed`), so a 5 MB row costs about what its kept tokens cost."""
+        full, contents = self._locate_contents(self.prepare(messages))
+        if self.max_length is not None:
+            windowed = self._windowed(full, contents)
+            if windowed is not None:
+                return windowed
+        input_ids, mask, _, unknown = self._tokenize_and_mask(full, contents)
         truncated = self.max_length is not None and len(input_ids) > self.max_length
         if truncated:
             window = (
                 slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             )
             input_ids, mask = input_ids[window], mask[window]
-        return EncodedConversation(input_ids=input_ids, response_mask=mask, truncated=truncated)
+        return EncodedConversation(input_ids=input_ids, response_mask=mask, truncated=truncated, unknown=unknown)
 
     def encode_spans(self, messages: Sequence[Message]) -> tuple[list[int], list[int], list[ResponseSpan]]:
         """Untruncated token ids, response mask and each assistant turn's response span, checked by the guard."""
-        messages = self.prepare(messages)
-        full, contents = self._locate_contents(messages)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        spans = [self._response_span(turn, text, start, full, input_ids, offsets) for turn, text, start in contents]
-        mask = [0] * len(input_ids)
-        for span in spans:
-            self._check(span, input_ids)
+        return self._tokenize_and_mask(*self._locate_contents(self.prepare(messages)))[:3]
+
+    def _windowed(self, full: str, contents: list[tuple[int, str, int]]) -> EncodedConversation | None:
+        """The kept max_length tokens read from a window of `full` (its start for keep_start, its end for keep_end)
+        that grows until it holds WINDOW_MARGIN tokens more than are kept: a cut changes the tokens only next to
+        it, and those are dropped. None where the window would be the whole text."""
+        assert self.max_length is not None
+        size = WINDOW_CHARS_PER_TOKEN * (self.max_length + WINDOW_MARGIN)
+        while size < len(full):
+            start, end = (len(full) - size, len(full)) if self.truncation_mode == "keep_end" else (0, size)
+            input_ids, mask, _, unknown = self._tokenize_and_mask(full, contents, start, end)
+            if len(input_ids) >= self.max_length + WINDOW_MARGIN:
+                window = slice(-self.max_length, None) if start else slice(None, self.max_length)
+                return EncodedConversation(input_ids[window], mask[window], truncated=True, unknown=unknown)
+            size *= 4
+        return None
+
+    def _tokenize_and_mask(
+        self, full: str, contents: list[tuple[int, str, int]], start: int = 0, end: int | None = None
+    ) -> tuple[list[int], list[int], list[ResponseSpan], tuple[str, ...]]:
+        """Token ids of `full[start:end]`, its response mask, the response spans in it and the pieces of response
+        text the tokenizer reads as its unknown token; a turn cut by the window is masked on the part inside it, and the guard checks
+        the turns it holds whole."""
+        end = len(full) if end is None else end
+        enc = self.tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(enc["input_ids"])
+        offsets = [(a + start, b + start) for a, b in enc["offset_mapping"]]
+        mask, spans = [0] * len(input_ids), []
+        for turn, text, at in contents:
+            if at + len(text) <= start or at >= end:
+                continue  # outside the window
+            cut_after = at + len(text) > end
+            span = self._response_span(turn, text, at, full, input_ids, offsets, cut_after)
+            if start <= at and not cut_after:
+                self._check(span, input_ids, [(a - at, b - at) for a, b in offsets])
             mask[span.first_token : span.end_token] = [1] * (span.end_token - span.first_token)
-        return input_ids, mask, spans
+            spans.append(span)
+        unknown = (
+            full[a:b] for t, m, (a, b) in zip(input_ids, mask, offsets, strict=True) if m and t in self.unknown_ids
+        )
+        return input_ids, mask, spans, tuple(dict.fromkeys(unknown))
 
     def prepare(self, messages: Sequence[Message]) -> list[Message]:
         """The turns as the template receives them: role and content only, system turns per the policy."""
@@ -400,14 +443,25 @@ class ConversationEncoder:
     # ------------------------------------------------------------------ tokens
 
     def _response_span(
-        self, turn: int, text: str, start: int, full: str, input_ids: list[int], offsets: list[tuple[int, int]]
+        self,
+        turn: int,
+        text: str,
+        start: int,
+        full: str,
+        input_ids: list[int],
+        offsets: list[tuple[int, int]],
+        cut_after: bool = False,
     ) -> ResponseSpan:
+        """The tokens of one assistant turn's content and its closing token; `cut_after`: the tokens end inside the
+        content (a window of the text), so no closing token is looked for."""
         end = start + len(text)
         # offsets are sorted, so the tokens overlapping [start, end) are found by bisection (long conversations)
         first = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
         last = bisect.bisect_left(offsets, end, key=lambda offset: offset[0]) - 1
         if first > last:
             raise self._guard_error(turn, "no token covers its content")
+        if cut_after:
+            return ResponseSpan(turn, text, first, last + 1, None)
         closing = last + 1
         while (  # whitespace between the content and the closing token is generated too (Llama 2's ' </s>')
             closing < len(input_ids)
@@ -426,27 +480,32 @@ class ConversationEncoder:
         )
         return ResponseSpan(turn, text, first, last + 1, None)
 
-    def _check(self, span: ResponseSpan, input_ids: list[int]) -> None:
+    def _check(self, span: ResponseSpan, input_ids: list[int], offsets: list[tuple[int, int]]) -> None:
         """The guard: the masked tokens must decode to the turn's content and then its closing token. Whitespace is
         not compared (a space glued to the first token, decoders that drop spaces in a slice); every other
-        character is, so dropped, rewritten, repeated or added text stops the run."""
+        character is, so dropped, rewritten, repeated or added text stops the run. A character the tokenizer does
+        not know is expected back as its unknown token (`offsets`: the tokens' characters in the content)."""
         body_end = span.end_token if span.closing_token is None else span.closing_token
         body = self.tokenizer.decode(input_ids[span.first_token : body_end])
         closing = "" if span.closing_token is None else self.tokenizer.decode([input_ids[span.closing_token]])
-        if not self._decodes_to(body, span.content) or (span.closing_token is not None and not closing):
+        expected, cursor, unknown = [], 0, ""
+        for token in range(span.first_token, body_end):
+            if input_ids[token] in self.unknown_ids:
+                a, b = max(offsets[token][0], cursor), offsets[token][1]
+                expected += [span.content[cursor:a], self.tokenizer.decode([input_ids[token]])]
+                unknown, cursor = unknown + span.content[a:b], max(b, cursor)
+        expected.append(span.content[cursor:])
+        if not _same_but_whitespace(body, "".join(expected)) or (span.closing_token is not None and not closing):
+            if unknown:
+                raise ChatTemplateError(
+                    f"{self.name}: the response of assistant turn at position {span.turn + 1} holds "
+                    f"{_characters(unknown)}, which the tokenizer does not know and does not decode back; this is the "
+                    "tokenizer's vocabulary, not the chat template. Replace the character in the data, or use a "
+                    "model whose tokenizer knows it."
+                )
             raise self._guard_error(
                 span.turn, f"its masked tokens decode to {body + closing!r}, not to the content and its closing token"
             )
-
-    def _decodes_to(self, decoded: str, content: str) -> bool:
-        """Equal up to whitespace, which decoders do not all restore inside a slice of a sequence (sentencepiece's
-        metaspace); an unknown-token marker stands for the characters it replaced."""
-        decoded, content = "".join(decoded.split()), "".join(content.split())
-        unknown = self.tokenizer.unk_token
-        if unknown and unknown in decoded and unknown not in content:
-            pattern = ".+?".join(re.escape(piece) for piece in decoded.split(unknown))
-            return re.fullmatch(pattern, content, flags=re.DOTALL) is not None
-        return decoded == content
 
     def _guard_error(self, turn: int | None, why: str) -> ChatTemplateError:
         where = f"assistant turn at position {turn + 1}" if turn is not None else "an assistant turn"
@@ -458,6 +517,26 @@ class ConversationEncoder:
         if key not in self._warned:
             self._warned.add(key)
             logger.log(level, message, *args)
+
+
+def _same_but_whitespace(a: str, b: str) -> bool:
+    return "".join(a.split()) == "".join(b.split())
+
+
+def _characters(text: str) -> str:
+    """Characters as a message names them: each quoted with its code point."""
+    return ", ".join(f"{c!r} (U+{ord(c):04X})" for c in dict.fromkeys(text))
+
+
+def _unknown_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the tokenizer's unknown token: the one it declares and the one its tokenizer model uses (a
+    tokenizer built from a `tokenizers` object may not declare it)."""
+    ids = {tokenizer.unk_token_id}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    token = getattr(getattr(backend, "model", None), "unk_token", None)  # BPE, WordPiece, WordLevel
+    if isinstance(token, str):
+        ids.add(backend.token_to_id(token))
+    return {i for i in ids if i is not None}
 
 
 class _Markers:

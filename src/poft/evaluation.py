@@ -304,7 +304,7 @@ def run_eval(config: EvalConfig) -> dict:
     from poft.data import load_sft_dataset
     from poft.report import eval_table
     from poft.runtime import resolve_device, resolve_dtype
-    from poft.scoring import load_model, parse_references
+    from poft.scoring import load_model, model_max_length, parse_references
 
     if not config.model:
         raise OptionError("poft eval needs at least one --model.")
@@ -326,7 +326,7 @@ def run_eval(config: EvalConfig) -> dict:
             encoder = ConversationEncoder(
                 tokenizer,
                 fallback_template=config.chat_template,
-                max_length=config.max_length,
+                max_length=model_max_length(config.max_length, model.config),
                 system_turns=config.system_turns,  # type: ignore[arg-type]
                 name=reference.path,
             )

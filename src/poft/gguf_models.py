@@ -12,6 +12,7 @@ import copy
 import hashlib
 import os
 import shutil
+import struct
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,6 +57,35 @@ def load_args(name: str, option: str = "--model") -> tuple[str, dict]:
     return str(file.parent), {"gguf_file": file.name}
 
 
+def gguf_problem(file: Path) -> str | None:
+    """What is wrong with a `.gguf` file that cannot load (empty, not GGUF, cut off in its header or its tensors) and
+    the fix, read with the `gguf` package's own reader; None if every tensor lies whole inside the file."""
+    from gguf import GGUFReader
+
+    again = "Download or convert the model again."
+    size = file.stat().st_size
+    if size == 0:
+        return f"is empty (0 bytes). {again}"
+    with file.open("rb") as f:
+        head = f.read(16)
+    if not head.startswith(b"GGUF"):
+        if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+            return (
+                "is a safetensors file, not GGUF. Put it in a model folder (config.json, tokenizer files, "
+                "model.safetensors) and give that folder."
+            )
+        return f"is not a GGUF file (it starts with {head[:8]!r}, not b'GGUF'). {again}"
+    try:
+        tensors = GGUFReader(str(file)).tensors
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as error:
+        said = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+        return f"is cut off or corrupt ({size} bytes; the GGUF reader says: {said}). {again}"
+    end = max((t.data_offset + t.n_bytes for t in tensors), default=0)
+    if not tensors:
+        return f"holds no tensors. {again}"
+    return f"is cut off ({size} bytes of {end}). {again}" if end > size else None
+
+
 def gguf_fingerprint(file: Path) -> str:
     """A GGUF file by content, cheaply: its whole header (metadata, tokenizer, template, every tensor's name, type,
     shape and offset) and three `SAMPLE_BYTES` samples of the tensor data (start, middle, end)."""
@@ -86,6 +116,9 @@ def convert_gguf(file: str, output: str) -> Path:
 
     path = Path(file).expanduser()
     require_gguf(path, "convert_gguf")
+    problem = gguf_problem(path)
+    if problem:
+        raise ModelError(f"convert_gguf {file}: {path.name} {problem}")
     if Path(output).exists():
         raise OutputError(f"{output} exists; give convert_gguf a new folder.")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

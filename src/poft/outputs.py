@@ -7,6 +7,12 @@ then deleted; where that call is missing the old one is renamed aside, the new o
 one deleted, and a later run restores an aside copy if a kill fell between the two renames. A failure
 (a full disk included) removes the temporary directory and leaves the old output as it was.
 
+An output folder that cannot be renamed (a mount point, such as a container's volume, or a folder in a
+read-only parent) is filled in place instead: the new output is staged whole inside it, then its old
+entries are deleted and the new ones moved in, one rename each, the marker last; a kill in between is
+finished by the next run. Every run writing into a folder first removes the temporaries that dead runs
+left there, beside any output.
+
 Every poft dataset output carries `poft_output.json` (the stage and the columns poft computed). An
 existing non-empty folder without it is never replaced; one with it is replaced only with
 `--overwrite`, and so is an output that is, contains or lies inside an input (the input is read,
@@ -17,20 +23,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from poft.errors import OutputError
-from poft.schema import is_poft_output, write_marker
+from poft.schema import MARKER, is_poft_output, write_marker
 
 logger = logging.getLogger(__name__)
 
 TMP_TAG, OLD_TAG = ".poft-tmp-", ".poft-old-"
+STAGED, MOVING = "-staged", "-moving"  # a whole new output inside its folder: before and after the old is gone
 DISK_ERRORS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -52,6 +61,7 @@ def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike |
     a local input.
     """
     out = Path(output).expanduser().resolve()
+    _recover(out)  # a folder a killed run was filling in place is finished first, then judged
     fix = "Choose another --output"
     overlapping = False
     for source in inputs:
@@ -110,7 +120,10 @@ def atomic_output(output: str | os.PathLike, stage: str, columns: Iterable[str] 
         )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+        if _renamable(out):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{_owner()}-", dir=out.parent))
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{_owner()}-", dir=out))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0o700 would make the output private
     except OSError as error:
         raise disk_error(error, f"--output {output}") or error from error
@@ -144,12 +157,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     it replaces, or a new file's usual mode (0o666 less the umask), not mkstemp's private 0o600.
     """
     path = Path(path)
-    _remove_dead_temporaries(path)
+    _remove_dead_temporaries(path.parent)
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~current_umask()
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{_owner()}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -171,17 +184,77 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _renamable(out: Path) -> bool:
+    """Whether `out` can be replaced by a rename: not an existing mount point nor a folder in a read-only parent."""
+    return not out.is_dir() or not (os.path.ismount(out) or not os.access(out.parent, os.W_OK))
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-    elif _exchange(tmp, out):
-        shutil.rmtree(tmp)  # now the old output
-    else:
-        aside = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
-        os.rename(out, aside)
-        os.rename(tmp, out)
-        shutil.rmtree(aside)
+    if tmp.parent == out:
+        _fill_in_place(tmp, out)
+        return
+    try:
+        if not out.exists():
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)  # now the old output
+        else:
+            aside = out.parent / f".{out.name}{OLD_TAG}{_owner()}"
+            os.rename(out, aside)
+            os.rename(tmp, out)
+            shutil.rmtree(aside)
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        logger.warning("%s cannot be renamed (a mount point?); filling it in place, one file at a time", out)
+        _fill_in_place(_stage_inside(tmp, out), out)
+        return
     _fsync_dir(out.parent)
+
+
+def _stage_inside(tmp: Path, out: Path) -> Path:
+    """Move (or, across file systems, copy) the complete new output `tmp` into a temporary inside `out`."""
+    staging = out / f"{TMP_TAG}{_owner()}-copy"
+    try:
+        os.rename(tmp, staging)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        try:
+            shutil.copytree(tmp, staging)
+            _fsync_tree(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp)
+    return staging
+
+
+def _fill_in_place(complete: Path, out: Path) -> None:
+    """Replace the contents of `out` with those of `complete`, a whole new output inside it, by renames alone.
+
+    `complete` is renamed to its STAGED name first, then to its MOVING name once out's old entries are
+    gone (the marker first), and its entries are moved up, the marker last: a run killed at any point
+    leaves a name that tells the next run's `_recover` where to pick up (`_finish_filling`).
+    """
+    staged = out / f"{TMP_TAG}{_owner()}{STAGED}"
+    os.rename(complete, staged)
+    _finish_filling(staged, out)
+
+
+def _finish_filling(staged: Path, out: Path) -> None:
+    if staged.name.endswith(STAGED):
+        (out / MARKER).unlink(missing_ok=True)  # from here on, out is no longer the old output
+        for entry in out.iterdir():
+            if not entry.name.startswith(TMP_TAG):
+                _remove(entry)
+        moving = staged.with_name(staged.name[: -len(STAGED)] + MOVING)
+        os.rename(staged, moving)
+        staged = moving
+    for entry in sorted(staged.iterdir(), key=lambda e: e.name == MARKER):  # the marker last
+        os.rename(entry, out / entry.name)
+    staged.rmdir()
+    _fsync_dir(out)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -199,36 +272,70 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _recover(out: Path) -> None:
-    """Undo what a killed run left next to `out`: restore an aside old output, delete dead runs' temporaries."""
+    """Undo what killed runs left: finish filling `out` in place, restore an aside old output (of `out` or of any
+    sibling), and delete dead runs' temporaries inside `out` and beside it, whichever output they were for."""
+    if out.is_dir() and not out.is_symlink():
+        for leftover in sorted(out.glob(f"{TMP_TAG}*")):
+            if leftover.name.endswith((STAGED, MOVING)) and not _alive(_owner_of(leftover.name, TMP_TAG)):
+                _finish_filling(leftover, out)
+                logger.warning("Finished filling %s from %s, left by a run killed while writing it", out, leftover)
+        _remove_dead_temporaries(out)
     if not out.parent.is_dir():
         return
-    for leftover in sorted(out.parent.glob(f".{out.name}{OLD_TAG}*")):
-        if _alive(leftover.name.rsplit(OLD_TAG, 1)[1]):
+    for leftover in sorted(out.parent.glob(f".*{OLD_TAG}*")):
+        owner = _owner_of(leftover.name, OLD_TAG)
+        if _alive(owner):
             continue
-        if out.exists():
+        original = out.parent / leftover.name[1 : -len(OLD_TAG + owner)]
+        if original.exists():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
-            os.rename(leftover, out)
-            logger.warning("Restored %s from %s, left by a run killed while replacing it", out, leftover)
-    _remove_dead_temporaries(out)
+            os.rename(leftover, original)
+            logger.warning("Restored %s from %s, left by a run killed while replacing it", original, leftover)
+    _remove_dead_temporaries(out.parent)
 
 
-def _remove_dead_temporaries(out: Path) -> None:
-    """Delete the temporary siblings of `out` (folders or files) whose writing process is gone."""
-    for leftover in out.parent.glob(f".{out.name}{TMP_TAG}*"):
-        if not _alive(leftover.name.rsplit(TMP_TAG, 1)[1].split("-", 1)[0]):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-            logger.info("Removed %s, the unfinished output of a run that was killed", leftover)
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Delete the temporaries in `folder` (of any output, folders or files) whose writing process is gone; a whole
+    output being filled in place is left to `_recover`, which finishes it."""
+    for leftover in folder.glob(f"*{TMP_TAG}*"):
+        if leftover.name.endswith((STAGED, MOVING)) or _alive(_owner_of(leftover.name, TMP_TAG)):
+            continue
+        _remove(leftover)
+        logger.info("Removed %s, the unfinished output of a run that was killed", leftover)
 
 
-def _alive(pid: str) -> bool:
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _owner() -> str:
+    """How temporaries name their writer: its process id and a digest of its host's name. Only the host that wrote
+    a temporary judges whether its writer is gone: a process id means nothing on another host or container."""
+    return f"{os.getpid()}.{_host()}"
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_of(name: str, tag: str) -> str:
+    """The writer (`_owner`) in a temporary's name (`...{tag}{owner}[-...]`)."""
+    return name.rsplit(tag, 1)[1].split("-", 1)[0]
+
+
+def _alive(owner: str) -> bool:
+    """Whether the writer `owner` may still be running: True unless it ran on this host and its process is gone."""
+    pid, _, host = owner.partition(".")
+    if host and host != _host():
+        return True  # not ours to judge
     try:
         os.kill(int(pid), 0)
     except ValueError:
-        return True  # not ours to judge: leave it
+        return True
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -2,7 +2,8 @@
 
 A cache file belongs to one reference fingerprint (`model_fingerprint` plus the scoring settings), so a
 killed run resumes where it stopped, a fourth reference scores only itself, and concurrent runs can
-share one cache directory.
+share one cache directory: a second run scoring the same reference waits for the first (`ScoreCache.exclusive`)
+and scores only what it left.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -27,6 +29,8 @@ from poft.errors import CacheError
 from poft.gguf_models import gguf_file, gguf_fingerprint
 from poft.outputs import atomic_write_text, disk_error
 from poft.runtime import cache_root
+
+logger = logging.getLogger(__name__)
 
 NULL_REASONS = ("truncated", "no_response")  # why a cached score is null: cut off by max_length, or none marked
 
@@ -106,15 +110,17 @@ class ScoreCache:
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
     writes its own shard file (`shard`), and every process reads all of them; files are locked while
-    read or written, so separate runs can share one cache. A NaN or infinite score (never written by
-    poft) reads as missing, so that row is scored again; any other malformed line is a `CacheError`
-    naming the file. A read-only cache is read as it is; only writing to it is an error.
+    read or written, so separate runs can share one cache. A line that is not poft's (not JSON, wrong
+    fields or types, a NaN or infinite score) reads as missing, so that row is scored again, and one
+    warning names the file and how many lines. A read-only cache is read as it is; only writing to it
+    is an error.
     """
 
     def __init__(self, directory: Path, fingerprint: str, meta: dict, shard: int | None = None):
         if directory.exists() and not directory.is_dir():
             raise CacheError(f"--cache_dir {directory} is a file; give a folder (or leave --cache_dir out).")
-        self.directory, self.fingerprint = directory, fingerprint
+        self.directory, self.fingerprint, self.shard = directory, fingerprint, shard
+        self._warned: set[Path] = set()  # cache files whose corrupt lines were reported
         self.path = directory / (f"{fingerprint}.jsonl" if shard is None else f"{fingerprint}.shard{shard}.jsonl")
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -122,6 +128,11 @@ class ScoreCache:
             if not meta_path.exists():
                 atomic_write_text(meta_path, json.dumps(meta, indent=2))
         except OSError as error:  # a read-only cache can still serve what it holds; appending will say so
+            if not directory.is_dir():
+                raise CacheError(
+                    f"the score cache folder {directory} cannot be created ({error.strerror or error}). Give a "
+                    "writable --cache_dir, or set POFT_CACHE to a writable folder."
+                ) from error
             if disk_error(error, "") is None:
                 raise
 
@@ -130,11 +141,56 @@ class ScoreCache:
         for path in sorted(self.directory.glob(f"{self.fingerprint}*.jsonl")) if self.directory.is_dir() else []:
             if not path.is_file():
                 raise CacheError(f"{path} is not a cache file (a folder?). Delete it to rescore this reference.")
-            for number, line in enumerate(_read_lines(path), start=1):
-                entry = _parse(line, path, number)
-                if entry is not None:
-                    entries[entry[0]] = entry[1]
+            corrupt: list[tuple[int, str]] = []
+            lines = _read_lines(path)
+            for number, line in enumerate(lines, start=1):
+                parsed = _parse(line)
+                if isinstance(parsed, str):
+                    corrupt.append((number, parsed))
+                else:
+                    entries[parsed[0]] = parsed[1]
+            if corrupt and path not in self._warned:
+                self._warned.add(path)
+                logger.warning(
+                    "%s: %d of %d lines are corrupt and ignored (first: line %d, %s); their rows are scored again.",
+                    path,
+                    len(corrupt),
+                    len(lines),
+                    *corrupt[0],
+                )
         return entries
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this cache's lock file while reading what is cached and scoring the rest: a second run scoring the
+        same reference into the same cache waits here, then reads what the first wrote and scores only what it
+        left. The lock goes with a killed holder's process. Not taken by the processes of one multi-process run
+        (each scores its own share into its own shard), nor where the lock file cannot be made (a read-only cache,
+        which scores nothing new anyway)."""
+        if fcntl is None or self.shard is not None:
+            yield
+            return
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            f = open(lock, "a")
+        except OSError:
+            yield
+            return
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning(
+                    "Another run is scoring this reference into %s (it holds %s); waiting for it, then scoring only "
+                    "the rows it leaves.",
+                    self.directory,
+                    lock.name,
+                )
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def append(self, records: list[dict]) -> None:
         try:
@@ -173,15 +229,15 @@ def _read_lines(path: Path) -> list[bytes]:
     return data.splitlines()
 
 
-def _parse(line: bytes, path: Path, number: int) -> tuple[str, Entry] | None:
-    """(poft_id, entry) of one cache line; None for a non-finite score, which is scored again."""
-    fix = "Delete the file to rescore this reference."
+def _parse(line: bytes) -> tuple[str, Entry] | str:
+    """(poft_id, entry) of one cache line, or what is wrong with it (not JSON, wrong fields or types, a non-finite
+    score: poft never writes one, so the line is not poft's)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheError(f"{path}: line {number} is corrupt (not JSON text: {error}). {fix}") from error
+        return f"not JSON text: {error}"
     if not isinstance(record, dict):
-        raise CacheError(f"{path}: line {number} is corrupt (not a JSON object). {fix}")
+        return "not a JSON object"
     poft_id, score, n_tokens = record.get("poft_id"), record.get("score", ...), record.get("n_tokens")
     number_types = (int, float)
     if not (
@@ -189,13 +245,14 @@ def _parse(line: bytes, path: Path, number: int) -> tuple[str, Entry] | None:
         and (score is None or isinstance(score, number_types) and not isinstance(score, bool))
         and isinstance(n_tokens, int)
         and not isinstance(n_tokens, bool)
+        and n_tokens >= 0
     ):
-        raise CacheError(
-            f"{path}: line {number} is corrupt (wrong fields or types: poft_id {type(poft_id).__name__}, "
-            f"score {type(score).__name__}, n_tokens {type(n_tokens).__name__}). {fix}"
+        return (
+            f"wrong fields or types: poft_id {type(poft_id).__name__}, score {type(score).__name__}, n_tokens "
+            f"{type(n_tokens).__name__}"
         )
     if score is not None and not math.isfinite(score):
-        return None
+        return f"a non-finite score {score}"
     reason = record.get("null_reason") if score is None else None
     return poft_id, Entry(None if score is None else float(score), n_tokens, reason, record.get("truncated") is True)
 

@@ -21,11 +21,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from poft.attention import VARLEN, packs, use_varlen_by_default
@@ -206,6 +207,16 @@ def load_reference_model(
     return model
 
 
+def model_max_length(max_length: int | None, model_config) -> int | None:
+    """Where one model's reading stops: `max_length`, but never past the model's context (`max_position_embeddings`),
+    whose later positions it never learned (scores there are noise; learned position embeddings fail outright), as
+    transformers' tokenizers cap truncation at their `model_max_length`. None (no truncation) reads up to it."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        return max_length
+    return context if max_length is None else min(max_length, context)
+
+
 def data_row(row: int) -> str:
     """How messages name a row of the user's data (1-based)."""
     return f"conversation {row} of the data"
@@ -213,8 +224,9 @@ def data_row(row: int) -> str:
 
 def score_reference(
     dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
-) -> tuple[list[float | None], list[int]]:
-    """Scores and response-token counts of every row for one reference, through its cache.
+) -> tuple[list[float | None], list[int], int | None]:
+    """Scores and response-token counts of every row for one reference, through its cache, and the max_length they
+    were read with: the model's context where `config.max_length` goes past it and a conversation reaches it.
 
     `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
     as IFD does, names the user's row they come from).
@@ -228,6 +240,7 @@ def score_reference(
     source, gguf = load_args(reference.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
         model_id = model_fingerprint(reference.path)
     except (OSError, ValueError) as error:
         raise ModelError(
@@ -242,10 +255,11 @@ def score_reference(
             reference.path,
             dtype,
         )
+    max_length = model_max_length(config.max_length, model_config)
     encoder = ConversationEncoder(
         tokenizer,
         fallback_template=config.chat_template,
-        max_length=config.max_length,
+        max_length=max_length,
         truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
         system_turns=config.system_turns,  # type: ignore[arg-type]
         name=reference.path,
@@ -255,7 +269,7 @@ def score_reference(
         "chat_template": encoder.template,
         "masking": encoder.mask_rule_version,  # the response rule's version: a new rule never reuses old scores
         "system_turns": config.system_turns,
-        "max_length": config.max_length,
+        "max_length": max_length,
         "truncation_mode": config.truncation_mode,
         "dtype": str(dtype),
     }
@@ -264,69 +278,102 @@ def score_reference(
     state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
     shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
-    scored = cache.load()
+    with cache.exclusive():  # a second run sharing this cache waits, then scores only what is left
+        scored = cache.load()
 
-    ids = dataset[POFT_ID]
-    pending = sorted({i for i in ids if i not in scored})
-    mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
-    todo: dict[str, EncodedConversation] = {}
-    for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
-        if poft_id in mine and poft_id not in todo:
-            try:
-                todo[poft_id] = encoder.encode(messages)
-            except ChatTemplateError as error:
-                raise ChatTemplateError(
-                    f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
-                ) from error
-    unique = len(set(ids))
-    logger.info(
-        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
-        reference.name,
-        len(ids),
-        unique,
-        unique - len(pending),
-        cache.directory,
-        len(pending),
-        encoder.mask_rule_version,
-        f"; this process scores {len(todo)}" if shard is not None else "",
-    )
-    unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
-    if unscorable:
-        cache.append(
-            [
-                {
-                    "poft_id": i,
-                    "score": None,
-                    "n_tokens": 0,
-                    "null_reason": "truncated" if todo[i].truncated else "no_response",
-                }
-                for i in unscorable
-            ]
+        ids = dataset[POFT_ID]
+        pending = sorted({i for i in ids if i not in scored})
+        mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
+        todo: dict[str, EncodedConversation] = {}
+        for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
+            if poft_id in mine and poft_id not in todo:
+                try:
+                    todo[poft_id] = encoder.encode(messages)
+                except ChatTemplateError as error:
+                    raise ChatTemplateError(
+                        f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
+                    ) from error
+        _report_unknown_characters(todo, ids, reference, describe_row)
+        unique = len(set(ids))
+        logger.info(
+            "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
+            reference.name,
+            len(ids),
+            unique,
+            unique - len(pending),
+            cache.directory,
+            len(pending),
+            encoder.mask_rule_version,
+            f"; this process scores {len(todo)}" if shard is not None else "",
         )
-        for i in unscorable:
-            todo.pop(i)
-    if todo:
-        device = state.device if shard is not None and config.device == "auto" else device
-        rows = {}
-        for row, poft_id in enumerate(ids, start=1):
-            rows.setdefault(poft_id, row)
-        _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
+        unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
+        if unscorable:
+            cache.append(
+                [
+                    {
+                        "poft_id": i,
+                        "score": None,
+                        "n_tokens": 0,
+                        "null_reason": "truncated" if todo[i].truncated else "no_response",
+                    }
+                    for i in unscorable
+                ]
+            )
+            for i in unscorable:
+                todo.pop(i)
+        if todo:
+            device = state.device if shard is not None and config.device == "auto" else device
+            rows = {}
+            for row, poft_id in enumerate(ids, start=1):
+                rows.setdefault(poft_id, row)
+            _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
     state.wait_for_everyone()
     scored = cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, config, describe_row, encoder.template_fix)
+    _report_null_scores(entries, ids, reference, max_length, describe_row, encoder.template_fix)
     kept = [e.n_tokens for e in entries if e.score is not None and e.truncated]
     if kept:
-        message = partly_truncated(kept, len(ids), config.max_length, config.truncation_mode)
+        message = partly_truncated(kept, len(ids), max_length, config.truncation_mode)
         logger.warning("reference %r: %s", reference.name, message)
-    return [e.score for e in entries], [e.n_tokens for e in entries]
+    capped = max_length != config.max_length and any(e.truncated or e.null_reason == "truncated" for e in entries)
+    if capped:
+        logger.warning(
+            "reference %r: %s is beyond the model's context (max_position_embeddings=%d), so conversations are read "
+            "up to %d tokens, as its scores record.",
+            reference.name,
+            "no --max_length" if config.max_length is None else f"--max_length {config.max_length}",
+            max_length,
+            max_length,
+        )
+    # where no conversation reaches the context, the scores are those the requested max_length gives
+    return [e.score for e in entries], [e.n_tokens for e in entries], max_length if capped else config.max_length
+
+
+def _report_unknown_characters(
+    todo: dict[str, EncodedConversation], ids: Sequence[str], reference: Reference, describe_row: Callable[[int], str]
+) -> None:
+    """Say which response characters the reference's tokenizer reads as its unknown token, and in which rows."""
+    rows = [row for row, poft_id in enumerate(ids, start=1) if poft_id in todo and todo[poft_id].unknown]
+    if not rows:
+        return
+    pieces = list(dict.fromkeys(piece for row in rows for piece in todo[ids[row - 1]].unknown))
+    named = [f"{p!r} (U+{ord(p):04X})" if len(p) == 1 else repr(p) for p in pieces[:SHOWN_ROWS]]
+    logger.warning(
+        "reference %r: %d conversations have response text its tokenizer reads as its unknown token: %s (first: %s). "
+        "This is the tokenizer's vocabulary, not the chat template: replace them in the data, or use a reference "
+        "whose tokenizer knows them.",
+        reference.name,
+        len(rows),
+        ", ".join(named) + (" ..." if len(pieces) > SHOWN_ROWS else ""),
+        describe_row(rows[0]),
+    )
 
 
 def _report_null_scores(
     entries,
     ids: Sequence[str],
     reference: Reference,
-    config: ScoringOptions,
+    max_length: int | None,
     describe_row: Callable[[int], str],
     template_fix: str,
 ) -> None:
@@ -344,7 +391,7 @@ def _report_null_scores(
         )
     if truncated:
         causes.append(
-            f"{truncated} have no response token left after truncation to {config.max_length} tokens; raise "
+            f"{truncated} have no response token left after truncation to {max_length} tokens; raise "
             "--max_length to keep them"
         )
     message = f"reference {reference.name!r}: {len(null)} of {len(ids)} conversations have a null score: " + "; ".join(
@@ -438,15 +485,23 @@ def score_dataset(
         references = parse_references([r.path for r in references])
     _check_references(references)
     columns: dict[str, list] = {}
+    read_to: dict[str, int | None] = {}  # each score column's max_length: the model's context may lower it
     for reference in references:
-        scores, counts = score_reference(dataset, reference, config, describe_row)
+        scores, counts, max_length = score_reference(dataset, reference, config, describe_row)
         columns[score_column(reference.name)], columns[n_tokens_column(reference.name)] = scores, counts
+        read_to[score_column(reference.name)] = max_length
     per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
+    read_to[REF_SCORE] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
-    scores = score_feature(config)  # the trainer checks that it truncates as these scores were computed
     for name, values in columns.items():
-        dataset = dataset.add_column(name, values, feature=None if name.startswith("n_tokens_") else scores)
+        # the trainer checks that it truncates as these scores were computed
+        settings = SimpleNamespace(
+            max_length=read_to.get(name), truncation_mode=config.truncation_mode, system_turns=config.system_turns
+        )
+        dataset = dataset.add_column(
+            name, values, feature=None if name.startswith("n_tokens_") else score_feature(settings)
+        )
     return dataset
 
 

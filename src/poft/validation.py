@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from poft.errors import ModelError
-from poft.gguf_models import GGUF_INSTALL, gguf_file, require_gguf
+from poft.gguf_models import GGUF_INSTALL, gguf_file, gguf_problem, require_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -37,11 +37,15 @@ def check_model_source(
     """Raise `ModelError` for a local model folder that cannot load; hub ids pass (they fail at loading).
 
     A GGUF file (or a folder holding one, see `poft.gguf_models`) passes where `gguf` (the stage reads them through
-    transformers) once the `gguf` package is there, and is refused, naming the conversion, where not."""
+    transformers) once the `gguf` package is there and the file is whole (`gguf_problem`), and is refused, naming the
+    conversion, where not."""
     file = gguf_file(name, option)
     if file is not None:
         if gguf:
             require_gguf(file, option)
+            problem = gguf_problem(file)
+            if problem:
+                raise ModelError(f"{option} {name}: {file.name} {problem}")
             return
         raise ModelError(
             f"{option} {name} is a GGUF file, which this command does not read (poft score and poft eval do). Convert "
