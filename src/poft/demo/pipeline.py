@@ -31,8 +31,9 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
-from poft.demo.analysis import SWEPT, arm_lr, best_learning_rates, summarise
+from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.demo.methods import preference_pairs, token_cleaning_data, token_cleaning_reference
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
@@ -49,7 +50,18 @@ logger = logging.getLogger(__name__)
 
 WORLD_VERSION = 3  # bump when the world's construction changes, to invalidate cached models
 WORLD_LEARNING_RATE = 1e-3  # references and base; the target's learning rate is --learning_rate
-METHODS = ("sft", "poft", "poft_token", "dft", "sft_norm", "oracle", "filter")
+METHODS = (
+    "sft",
+    "poft",
+    "poft_token",
+    "dft",
+    "sft_norm",
+    "oracle",
+    "filter",
+    "token_cleaning",
+    "sft+dpo",
+    "poft_token+dpo",
+)
 WORLDS = ("standard", "strong", "misaligned")
 NOISE_KINDS = ("paper", "subtle")
 FULL_SEEDS = 10
@@ -76,7 +88,9 @@ class DemoConfig:
         metadata={
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
-            "on the top --filter_fractions by ref_score)."
+            "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 60% of response tokens a same-tokenizer "
+            "reference learned most: Token Cleaning, fixed model), sft+dpo and poft_token+dpo (then DPO on 600 "
+            "correct-over-noised pairs on fresh prompts, 2 epochs)."
         },
     )
     baselines: bool = field(
@@ -214,6 +228,8 @@ class World:
     test: Dataset
     references: list[str]
     base: str
+    reference_data: Dataset  # what the references trained on (noised in the misaligned world)
+    words: list[str]  # the task suite's vocabulary, for drawing more prompts of the same world
     reference_accuracy: dict[str, float] = field(default_factory=dict)
 
 
@@ -261,6 +277,9 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
     train_examples = sample_examples(config.target_rows, seed=3, words=words, exclude=held_out)
     pretrain_examples = sample_examples(config.reference_rows, seed=4, words=words, exclude=held_out)
 
+    reference_data = _rows(reference_examples)
+    if name == "misaligned":
+        reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
     world = World(
         name=name,
@@ -270,6 +289,8 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         test=_rows(test_examples),
         references=[str(root / "ref-char"), str(root / "ref-bpe")],
         base=str(root / "base"),
+        reference_data=reference_data,
+        words=words,
     )
     if (root / "done").exists():
         logger.info("Reusing the cached %s world in %s", name, root)
@@ -278,9 +299,6 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
 
     texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
     tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
-    reference_data = _rows(reference_examples)
-    if name == "misaligned":
-        reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     epochs = config.strong_reference_epochs if strong else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
         logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
@@ -338,6 +356,7 @@ class Grid:
         self.scored: dict[tuple, Dataset] = {}
         self.separation: list[dict] = []
         self.distributions: dict[str, dict] = {}
+        self.pairs: dict[str, Dataset] = {}
 
     def scored_data(self, world: str, kind: str, rate: float, seed: int) -> Dataset:
         """The target split with noise of `kind` at `rate`, scored by the world's references (cached)."""
@@ -377,12 +396,24 @@ class Grid:
         if spec.method.startswith("filter"):
             keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
             return scored.sort(REF_SCORE, reverse=True).select(range(keep)), sample
+        if spec.method == "token_cleaning":
+            world = self.worlds[spec.world]
+            strong = spec.world == "strong"
+            epochs = self.config.strong_reference_epochs if strong else self.config.reference_epochs
+            scratch = Path(world.base).parent / "tmp-token-cleaning"
+            reference = token_cleaning_reference(world, _world_args(scratch, self.config, epochs=epochs, seed=2))
+            return token_cleaning_data(scored, world.base, reference), sample
         return scored, sample
 
     def _arguments(self, spec: RunSpec) -> tuple:
         data, sample = self.training_data(spec)
         world = self.worlds[spec.world]
-        return spec, self.settings, world.base, data, sample, world.validation, world.test
+        pairs = None
+        if spec.method.endswith(DPO_SUFFIX):
+            if spec.world not in self.pairs:
+                self.pairs[spec.world] = preference_pairs(world)
+            pairs = self.pairs[spec.world]
+        return spec, self.settings, world.base, data, sample, world.validation, world.test, pairs
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
         """Records of every spec, in order; prints progress and the estimated time left."""
