@@ -85,7 +85,10 @@ def test_demo_selection_is_the_authors_global_top_k(tiny_models, conversations, 
     encoder = ConversationEncoder(AutoTokenizer.from_pretrained(tiny_models["chatml"]), max_length=MAX_LENGTH)
     encoded = [encoder.encode(m) for m in chats]
     assert not any(e.truncated for e in encoded)
-    labels = [[t if m and j > 0 else -100 for j, (t, m) in enumerate(zip(e.input_ids, e.response_mask))] for e in encoded]
+    labels = [
+        [t if m and j > 0 else -100 for j, (t, m) in enumerate(zip(e.input_ids, e.response_mask, strict=True))]
+        for e in encoded
+    ]
     base = slow_token_losses(tiny_models["chatml"], encoder, chats)
     reference = slow_token_losses(same_tokenizer_reference, encoder, chats)
     diff = [[b - r for b, r in zip(rb, rr, strict=True)] for rb, rr in zip(base, reference, strict=True)]
