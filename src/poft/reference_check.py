@@ -8,7 +8,7 @@ top decile, not the mean, so that noise in the scored data (which lowers the mea
 reference.
 
 Measured in the demo (`bench/RESULTS.md`, "Reference check"): 0.93-0.98 with the standard references on clean,
-paper-noised and subtly noised data, 0.40 with references trained on 60%-noised data. Rank agreement between the
+paper-noised and subtly noised data, 0.34-0.40 with references trained on 60%-noised data. Rank agreement between the
 references (mean pairwise Spearman of the `score_<name>` columns) is reported beside it but is no quality
 signal: the misaligned references agree with each other as much as the standard ones do.
 
@@ -29,7 +29,7 @@ from itertools import combinations
 from poft.schema import REF_SCORE, SCORE_PREFIX
 
 TOP_SHARE = 0.1  # the rows the references like best
-CONFIDENT = 0.6  # below: weak or noise-trained references (demo: >= 0.93 standard, 0.40 misaligned)
+CONFIDENT = 0.6  # below: weak or noise-trained references (demo: >= 0.93 standard, <= 0.40 misaligned)
 
 
 @dataclass(frozen=True)
