@@ -104,3 +104,32 @@ def test_token_cleaning_mask_keeps_the_papers_share(tmp_path):
     assert data[MESSAGES] == plain[MESSAGES]
     kept = sum(sum(m) for m in data[COMPLETION_MASK])
     assert kept == int(0.6 * sum(len(m[1]["content"]) + 1 for m in data[MESSAGES]))  # char tokens plus <|im_end|>
+
+
+def test_ifd_arm_keeps_the_top_fraction_below_one_by_the_bases_own_ifd(tmp_path):
+    """IFD from the base's own log-probs (conditional over response-only), ranked here, against the arm's rows."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from poft.chat import ConversationEncoder
+    from poft.demo.pipeline import Grid
+    from poft.demo.runs import RunSpec
+    from poft.filtering import response_only
+    from poft.scoring import model_scores
+
+    config = toy_config(tmp_path, methods=["ifd"], filter_fractions=[0.4])
+    world = build_world(config)
+    grid = Grid(config, {"standard": world}, tmp_path / "out")
+    kept, _ = grid.training_data(RunSpec("standard", "paper", 0.6, 0, "ifd0.4", 1e-3))
+    plain, _ = grid.training_data(RunSpec("standard", "paper", 0.6, 0, "sft", 1e-3))
+    model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
+    encoder = ConversationEncoder(AutoTokenizer.from_pretrained(world.base), max_length=128)
+    conditional = model_scores(model, encoder, plain[MESSAGES])
+    unconditional = model_scores(model, encoder, [response_only(m) for m in plain[MESSAGES]])
+    ifd = [c / u for c, u in zip(conditional, unconditional, strict=True)]
+    ranked = sorted((i for i in range(len(ifd)) if ifd[i] < 1), key=lambda i: -ifd[i])
+    expected = sorted(ranked[: math.ceil(0.4 * len(plain))])
+    assert kept[MESSAGES] == [plain[MESSAGES][i] for i in expected]
+    assert kept["ifd"] == pytest.approx([ifd[i] for i in expected], abs=1e-5)

@@ -38,11 +38,12 @@ from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
+from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
 from poft.options import device_field
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
-from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
+from poft.schema import IFD, MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
 
@@ -59,6 +60,7 @@ METHODS = (
     "oracle",
     "filter",
     "token_cleaning",
+    "ifd",
     "sft+dpo",
     "poft_token+dpo",
 )
@@ -89,7 +91,8 @@ class DemoConfig:
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
             "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 60% of response tokens a same-tokenizer "
-            "reference learned most: Token Cleaning, fixed model), sft+dpo and poft_token+dpo (then DPO on 600 "
+            "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
+            "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on 600 "
             "correct-over-noised pairs on fresh prompts, 2 epochs)."
         },
     )
@@ -396,6 +399,12 @@ class Grid:
         if spec.method.startswith("filter"):
             keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
             return scored.sort(REF_SCORE, reverse=True).select(range(keep)), sample
+        if spec.method.startswith("ifd"):
+            cache = str(Path(self.worlds[spec.world].base).parent / "scores")
+            options = ScoreConfig(**{**asdict(self.score_config), "cache_dir": cache})
+            with_ifd = scored.add_column(IFD, ifd_scores(scored, self.worlds[spec.world].base, options))
+            fraction = float(spec.method.removeprefix("ifd"))
+            return filter_by_score(with_ifd, IFD, top_fraction=fraction, drop_at_or_above=1.0)[0], sample
         if spec.method == "token_cleaning":
             world = self.worlds[spec.world]
             strong = spec.world == "strong"
@@ -461,12 +470,13 @@ class Grid:
 
 
 def _methods(config: DemoConfig, rate: float) -> list[str]:
-    """Method names of one setting: the filter baseline expands to its fractions; filters need noise."""
+    """Method names of one setting: the filter baselines expand to their fractions; the ref_score filter and the
+    oracle need noise."""
     names = []
     for method in config.methods:
         if method in ("oracle", "filter") and rate == 0:
             continue
-        names += [f"filter{f:g}" for f in config.filter_fractions] if method == "filter" else [method]
+        names += [f"{method}{f:g}" for f in config.filter_fractions] if method in ("filter", "ifd") else [method]
     return names
 
 
