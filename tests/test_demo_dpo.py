@@ -133,3 +133,13 @@ def test_ifd_arm_keeps_the_top_fraction_below_one_by_the_bases_own_ifd(tmp_path)
     expected = sorted(ranked[: math.ceil(0.4 * len(plain))])
     assert kept[MESSAGES] == [plain[MESSAGES][i] for i in expected]
     assert kept["ifd"] == pytest.approx([ifd[i] for i in expected], abs=1e-5)
+
+
+def test_demo_help_lists_the_new_arms(capsys):
+    from poft.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in ("token_cleaning", "ifd (SFT", "sft+dpo", "poft_token+dpo"))

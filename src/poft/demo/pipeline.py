@@ -90,7 +90,7 @@ class DemoConfig:
         metadata={
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
-            "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 60% of response tokens a same-tokenizer "
+            "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
             "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
             "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on 600 "
             "correct-over-noised pairs on fresh prompts, 2 epochs)."
