@@ -21,6 +21,7 @@ from poft import audit
 from poft.errors import DataError, OptionError, OutputError
 from poft.optional import pyplot
 from poft.outputs import atomic_write, atomic_write_text, disk_error
+from poft.reference_check import check_references
 from poft.report_html import escape_markdown, render_html
 from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, SCORE_PREFIX, is_numeric, is_score_column
 
@@ -124,6 +125,8 @@ def scored_data_section(dataset, output: Path) -> list[str]:
             f"| {name} | " + " | ".join(f"{v:.3f}" for v in stats) + f" | {len(columns[name]) - len(values)} |"
         )
     lines += ["", "![score distributions](score_distributions.png)", ""]
+    if (check := check_references(columns)) is not None:
+        lines += [check.line(), ""]
     names = [n for n in names if any(v is not None for v in columns[n])]  # the rest has nothing to compare
     if len(names) > 2:
         lines += [

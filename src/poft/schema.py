@@ -26,6 +26,7 @@ SCORE_PREFIXES = (SCORE_PREFIX, N_TOKENS_PREFIX)  # a reference's columns
 NOISE = "poft_noise"
 FILTERS = "poft_filters"
 IFD = "ifd"
+COMPLETION_MASK = "completion_mask"  # TRL's per-token 0/1 column: 0 takes a token out of the loss
 CONTENT_SCORES = (REF_SCORE, SCORE_PREFIX, N_TOKENS_PREFIX, IFD)  # prefixes of the columns scoring a row's content
 
 MARKER = "poft_output.json"

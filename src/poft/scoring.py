@@ -49,12 +49,14 @@ from poft.options import (
     max_length_field,
     system_turns_field,
 )
+from poft.reference_check import check_references
 from poft.runtime import resolve_device, resolve_dtype
 from poft.schema import (
     MESSAGES,
     POFT_ID,
     REF_SCORE,
     SCORE_PREFIXES,
+    is_score_column,
     n_tokens_column,
     reference_columns,
     score_column,
@@ -547,7 +549,11 @@ def run_score(config: ScoreConfig) -> Dataset:
     def score(dataset: Dataset) -> Dataset:
         if kept := kept_columns(dataset.column_names):
             logger.info("Kept %s as they are: columns poft did not write, not part of %s.", ", ".join(kept), REF_SCORE)
-        return score_dataset(dataset, references, config)
+        scored = score_dataset(dataset, references, config)
+        columns = {c: scored[c] for c in scored.column_names if is_score_column(c)}
+        if (check := check_references(columns)) is not None:
+            (logger.warning if check.weak else logger.info)("%s", check.line())
+        return scored
 
     def record(directory: Path, scored: Dataset, dropped: list[str]) -> None:
         unscorable = [i for i, s in zip(scored[POFT_ID], scored[REF_SCORE], strict=True) if s is None]

@@ -40,7 +40,7 @@ from poft.objectives import (
 )
 from poft.options import chat_template_field, skip_invalid_field, system_turns_field
 from poft.runtime import default_bf16, output_dir_for, train_and_save
-from poft.schema import MESSAGES, POFT_ID, REF_SCORE, is_numeric
+from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
 from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
 
@@ -241,6 +241,12 @@ class PoFTTrainer(SFTTrainer):
                 f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
                 f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
                 "use objective='sft'."
+            )
+        if COMPLETION_MASK in dataset.column_names and self.objective != "sft":
+            raise DataError(
+                f"The {dataset_name} dataset has a {COMPLETION_MASK!r} column, which leaves tokens out of the loss; "
+                f"it applies with objective='sft' only, since {self.objective}'s r_theta must read the tokens its "
+                "reference scores read. Drop the column or use objective='sft'."
             )
         if self.objective in NEEDS_REFERENCES:
             _check_reference_column(dataset, ref_column, dataset_name)
@@ -458,7 +464,7 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         raise ChatTemplateError(f"row {index}: {error}") from error
     out = {
         "input_ids": encoded.input_ids,
-        "labels": encoded.labels(),
+        "labels": _labels(encoded, example.get(COMPLETION_MASK), encoder, index),
         "poft_num_response_tokens": encoded.num_response_tokens,
         "poft_truncated": encoded.truncated,
         "poft_row": index,
@@ -468,6 +474,25 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         ref = out[ref_column] = example[ref_column]
         out[REF_TOKENS] = [float("nan") if ref is None else float(ref)] * len(encoded.input_ids)
     return out
+
+
+def _labels(encoded, completion_mask: list[int] | None, encoder: ConversationEncoder, index: int) -> list[int]:
+    """Response-only labels; a `completion_mask` (one 0/1 per token of the whole rendered conversation, as TRL's
+    column) also sets to -100 the labels it marks 0, as TRL folds it into its labels under completion_only_loss."""
+    labels = encoded.labels()
+    if completion_mask is None:
+        return labels
+    fits = len(completion_mask) > len(labels) if encoded.truncated else len(completion_mask) == len(labels)
+    if not fits:
+        raise DataError(
+            f"row {index}: {COMPLETION_MASK!r} has {len(completion_mask)} entries but the conversation has "
+            f"{len(labels)}{' (after truncation)' if encoded.truncated else ''} tokens with this tokenizer and chat "
+            "template. Compute the mask with the target's tokenizer and template (poft.chat.ConversationEncoder)."
+        )
+    if encoded.truncated:  # the window the encoder kept
+        keep_start = encoder.truncation_mode == "keep_start"
+        completion_mask = completion_mask[: len(labels)] if keep_start else completion_mask[-len(labels) :]
+    return [label if keep else -100 for label, keep in zip(labels, completion_mask, strict=True)]
 
 
 def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str) -> None:

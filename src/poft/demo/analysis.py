@@ -16,6 +16,14 @@ from poft.demo.intervals import paired_bootstrap_interval, paired_t_interval, se
 
 PREFERENCE_METHODS = ("poft_token", "poft")  # each is compared with every other method; poft_token minus poft once
 SWEPT = ("sft", "poft", "poft_token", "dft", "sft_norm")  # own objectives; filter and oracle train like sft
+DPO_SUFFIX = "+dpo"  # an arm that runs DPO after its base method, at the base method's learning rate
+# comparisons besides the preference methods' (each DPO arm against the other, with the same DPO budget)
+PAIRED = {"poft_token+dpo": ("sft+dpo",)}
+
+
+def base_method(method: str) -> str:
+    """The method a `+dpo` arm trains with before DPO (the method itself otherwise)."""
+    return method.removesuffix(DPO_SUFFIX)
 
 
 def final_validation_accuracy(record: dict) -> float:
@@ -34,6 +42,7 @@ def best_learning_rates(sweep: Sequence[dict]) -> dict[str, float]:
 
 
 def arm_lr(method: str, best_lr: dict[str, float], default: float) -> float:
+    method = base_method(method)
     return best_lr.get(method if method in SWEPT else "sft", default)
 
 
@@ -71,6 +80,12 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
                 and not (other in PREFERENCE_METHODS and other in differences)
                 and set(by_method[first]) & set(seeds)
             }
+    for first, others in PAIRED.items():
+        for other in others:
+            if first in by_method and other in by_method and set(by_method[first]) & set(by_method[other]):
+                differences.setdefault(first, {})[other] = _paired_difference(
+                    first, by_method[first], other, by_method[other]
+                )
     return {"methods": methods, "differences": differences}
 
 

@@ -31,17 +31,19 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
-from poft.demo.analysis import SWEPT, arm_lr, best_learning_rates, summarise
+from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.demo.methods import preference_pairs, token_cleaning_data, token_cleaning_reference
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.tasks import alphabet, make_words, sample_examples
 from poft.errors import OptionError
+from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
 from poft.options import device_field
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, resolve_device
-from poft.schema import MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
+from poft.schema import IFD, MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
 
@@ -49,7 +51,19 @@ logger = logging.getLogger(__name__)
 
 WORLD_VERSION = 3  # bump when the world's construction changes, to invalidate cached models
 WORLD_LEARNING_RATE = 1e-3  # references and base; the target's learning rate is --learning_rate
-METHODS = ("sft", "poft", "poft_token", "dft", "sft_norm", "oracle", "filter")
+METHODS = (
+    "sft",
+    "poft",
+    "poft_token",
+    "dft",
+    "sft_norm",
+    "oracle",
+    "filter",
+    "token_cleaning",
+    "ifd",
+    "sft+dpo",
+    "poft_token+dpo",
+)
 WORLDS = ("standard", "strong", "misaligned")
 NOISE_KINDS = ("paper", "subtle")
 FULL_SEEDS = 10
@@ -76,7 +90,10 @@ class DemoConfig:
         metadata={
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
-            "on the top --filter_fractions by ref_score)."
+            "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
+            "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
+            "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on 600 "
+            "correct-over-noised pairs on fresh prompts, 2 epochs)."
         },
     )
     baselines: bool = field(
@@ -214,6 +231,8 @@ class World:
     test: Dataset
     references: list[str]
     base: str
+    reference_data: Dataset  # what the references trained on (noised in the misaligned world)
+    words: list[str]  # the task suite's vocabulary, for drawing more prompts of the same world
     reference_accuracy: dict[str, float] = field(default_factory=dict)
 
 
@@ -261,6 +280,9 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
     train_examples = sample_examples(config.target_rows, seed=3, words=words, exclude=held_out)
     pretrain_examples = sample_examples(config.reference_rows, seed=4, words=words, exclude=held_out)
 
+    reference_data = _rows(reference_examples)
+    if name == "misaligned":
+        reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
     world = World(
         name=name,
@@ -270,6 +292,8 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         test=_rows(test_examples),
         references=[str(root / "ref-char"), str(root / "ref-bpe")],
         base=str(root / "base"),
+        reference_data=reference_data,
+        words=words,
     )
     if (root / "done").exists():
         logger.info("Reusing the cached %s world in %s", name, root)
@@ -278,9 +302,6 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
 
     texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
     tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
-    reference_data = _rows(reference_examples)
-    if name == "misaligned":
-        reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     epochs = config.strong_reference_epochs if strong else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
         logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
@@ -338,6 +359,7 @@ class Grid:
         self.scored: dict[tuple, Dataset] = {}
         self.separation: list[dict] = []
         self.distributions: dict[str, dict] = {}
+        self.pairs: dict[str, Dataset] = {}
 
     def scored_data(self, world: str, kind: str, rate: float, seed: int) -> Dataset:
         """The target split with noise of `kind` at `rate`, scored by the world's references (cached)."""
@@ -377,12 +399,30 @@ class Grid:
         if spec.method.startswith("filter"):
             keep = max(1, math.ceil(float(spec.method.removeprefix("filter")) * len(scored)))
             return scored.sort(REF_SCORE, reverse=True).select(range(keep)), sample
+        if spec.method.startswith("ifd"):
+            cache = str(Path(self.worlds[spec.world].base).parent / "scores")
+            options = ScoreConfig(**{**asdict(self.score_config), "cache_dir": cache})
+            with_ifd = scored.add_column(IFD, ifd_scores(scored, self.worlds[spec.world].base, options))
+            fraction = float(spec.method.removeprefix("ifd"))
+            return filter_by_score(with_ifd, IFD, top_fraction=fraction, drop_at_or_above=1.0)[0], sample
+        if spec.method == "token_cleaning":
+            world = self.worlds[spec.world]
+            strong = spec.world == "strong"
+            epochs = self.config.strong_reference_epochs if strong else self.config.reference_epochs
+            scratch = Path(world.base).parent / "tmp-token-cleaning"
+            reference = token_cleaning_reference(world, _world_args(scratch, self.config, epochs=epochs, seed=2))
+            return token_cleaning_data(scored, world.base, reference), sample
         return scored, sample
 
     def _arguments(self, spec: RunSpec) -> tuple:
         data, sample = self.training_data(spec)
         world = self.worlds[spec.world]
-        return spec, self.settings, world.base, data, sample, world.validation, world.test
+        pairs = None
+        if spec.method.endswith(DPO_SUFFIX):
+            if spec.world not in self.pairs:
+                self.pairs[spec.world] = preference_pairs(world)
+            pairs = self.pairs[spec.world]
+        return spec, self.settings, world.base, data, sample, world.validation, world.test, pairs
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
         """Records of every spec, in order; prints progress and the estimated time left."""
@@ -430,12 +470,13 @@ class Grid:
 
 
 def _methods(config: DemoConfig, rate: float) -> list[str]:
-    """Method names of one setting: the filter baseline expands to its fractions; filters need noise."""
+    """Method names of one setting: the filter baselines expand to their fractions; the ref_score filter and the
+    oracle need noise."""
     names = []
     for method in config.methods:
         if method in ("oracle", "filter") and rate == 0:
             continue
-        names += [f"filter{f:g}" for f in config.filter_fractions] if method == "filter" else [method]
+        names += [f"{method}{f:g}" for f in config.filter_fractions] if method in ("filter", "ifd") else [method]
     return names
 
 

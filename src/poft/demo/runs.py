@@ -22,6 +22,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
 
 from poft.chat import ConversationEncoder
+from poft.demo.analysis import base_method
+from poft.demo.methods import dpo_config, train_dpo
 from poft.evaluation import exact_match_per_row
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
@@ -157,8 +159,10 @@ def train_run(
     sample: Dataset,
     validation: Dataset,
     test: Dataset,
+    pairs: Dataset | None = None,
 ) -> dict:
-    """Train the target from `base` on `data` with `spec.method`; return the run's record."""
+    """Train the target from `base` on `data` with `spec.method` (then DPO on `pairs` for a `+dpo` arm); return the
+    run's record."""
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -166,8 +170,8 @@ def train_run(
     with tempfile.TemporaryDirectory() as scratch:
         args = PoFTConfig(
             output_dir=scratch,
-            objective=OBJECTIVES.get(spec.method, ("sft", "nll"))[0],
-            loss_type=OBJECTIVES.get(spec.method, ("sft", "nll"))[1],
+            objective=OBJECTIVES.get(base_method(spec.method), ("sft", "nll"))[0],
+            loss_type=OBJECTIVES.get(base_method(spec.method), ("sft", "nll"))[1],
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=spec.learning_rate,
@@ -187,10 +191,16 @@ def train_run(
         for quiet in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(quiet)
         trainer.train()
-    test_correct = answers_correct(trainer.model, tokenizer, test)
+        model = trainer.model
+        if pairs is not None:
+            args = dpo_config(scratch, spec.seed, settings.batch_size, settings.use_cpu)
+            model = train_dpo(model, tokenizer, pairs, args)
+            recorder.curve.append({**recorder.curve[-1], **_after_dpo(model, tokenizer, validation, sample)})
+    test_correct = answers_correct(model, tokenizer, test)
     return {
         **asdict(spec),
         "train_rows": len(data),
+        **({"dpo_pairs": len(pairs)} if pairs is not None else {}),
         "test_accuracy": sum(test_correct) / len(test_correct),
         "test_correct": test_correct,
         "curve": recorder.curve,
@@ -200,4 +210,16 @@ def train_run(
         if recorder.grad_norms
         else None,
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _after_dpo(model, tokenizer, validation: Dataset, sample: Dataset) -> dict:
+    """The last curve point again after DPO (same epoch, marked), so the final validation accuracy is the model's."""
+    correct = answers_correct(model, tokenizer, validation)
+    weight_clean, weight_noisy = clean_and_noisy_weights(model, tokenizer, sample)
+    return {
+        "validation_accuracy": sum(correct) / len(correct),
+        "weight_clean": weight_clean,
+        "weight_noisy": weight_noisy,
+        "after_dpo": True,
     }
