@@ -59,7 +59,7 @@ FULL_WORLDS = ("standard", "strong", "misaligned")
 REFERENCES = {SECOND: ("ref-unigram", "ref-wordpiece")}  # every other world: ("ref-char", "ref-bpe")
 NOISE_KINDS = ("paper", "subtle")
 FULL_SEEDS = 10
-SECOND_EPOCHS = 10  # the second world's target epochs, chosen on its validation prompts (bench/RESULTS.md)
+SECOND_EPOCHS = 20  # the second world's target epochs, chosen on its validation prompts (bench/RESULTS.md)
 
 
 @dataclass
