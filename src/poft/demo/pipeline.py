@@ -31,12 +31,14 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
+from poft.demo import tasks_second
 from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
+from poft.demo.builders_second import gemma_char_tokenizer, unigram_tokenizer, wordpiece_tokenizer
 from poft.demo.methods import preference_pairs, token_cleaning_data, token_cleaning_reference
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
-from poft.demo.tasks import alphabet, make_words, sample_examples
+from poft.demo.tasks import Example, alphabet, make_words, sample_examples
 from poft.errors import OptionError
 from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
@@ -64,9 +66,14 @@ METHODS = (
     "sft+dpo",
     "poft_token+dpo",
 )
-WORLDS = ("standard", "strong", "misaligned")
+SECOND = "second"  # the world of other task families, tokenizers and templates (tasks_second, builders_second)
+SECOND_WORLD_VERSION = 1  # bump when the second world's construction changes
+WORLDS = ("standard", "strong", "misaligned", SECOND)
+FULL_WORLDS = ("standard", "strong", "misaligned")
+REFERENCES = {SECOND: ("ref-unigram", "ref-wordpiece")}  # every other world: ("ref-char", "ref-bpe")
 NOISE_KINDS = ("paper", "subtle")
 FULL_SEEDS = 10
+SECOND_EPOCHS = 20  # the second world's target epochs, chosen on its validation prompts (bench/RESULTS.md)
 
 
 @dataclass
@@ -104,7 +111,8 @@ class DemoConfig:
         metadata={
             "help": "standard (references: --reference_rows clean rows, --reference_epochs), strong "
             "(--strong_reference_rows, --strong_reference_epochs: references meant to stay ahead of the target) and/or "
-            "misaligned (the standard references' rows with --misaligned_noise_rate of the paper's noise)."
+            "misaligned (the standard references' rows with --misaligned_noise_rate of the paper's noise) and/or second "
+            "(other task families, tokenizers and chat templates; its target trains for --second_epochs)."
         },
     )
     conditions: list[str] = field(
@@ -115,6 +123,10 @@ class DemoConfig:
         },
     )
     epochs: int = field(default=10, metadata={"help": "Training epochs of the target."})
+    second_epochs: int = field(
+        default=SECOND_EPOCHS,
+        metadata={"help": "Training epochs of the target in the second world (chosen on its validation prompts)."},
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the target runs (all methods)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule of the target runs."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the target's steps spent warming up."})
@@ -165,7 +177,7 @@ class DemoConfig:
     def __post_init__(self):
         if self.full:
             self.noise_rate, self.noise_kind = [0.0, 0.3, 0.6], ["subtle", "paper"]
-            self.methods, self.worlds = list(METHODS), list(WORLDS)
+            self.methods, self.worlds = list(METHODS), list(FULL_WORLDS)
             self.lr_sweep = self.lr_sweep or [5e-4, 1e-3, 2e-3]
             if self.seeds == [0]:
                 self.seeds = list(range(FULL_SEEDS))
@@ -188,8 +200,9 @@ class DemoConfig:
                     f"--conditions {condition}: give clean or KIND:RATE with KIND {' or '.join(NOISE_KINDS)} and RATE "
                     "in (0, 1), e.g. subtle:0.3"
                 )
-        if self.epochs < 1:
-            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
+        for name, epochs in (("epochs", self.epochs), ("second_epochs", self.second_epochs)):
+            if epochs < 1:
+                raise OptionError(f"--{name} must be at least 1, got {epochs}")
         if self.workers < 1:
             raise OptionError(f"--workers must be at least 1, got {self.workers}")
 
@@ -209,11 +222,14 @@ class DemoConfig:
         ]
         if world == "misaligned":
             settings.append(["misaligned", self.misaligned_noise_rate])
+        if world == SECOND:
+            settings.append([SECOND, SECOND_WORLD_VERSION])
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
-    def train_settings(self) -> TrainSettings:
+    def train_settings(self, world: str = "standard") -> TrainSettings:
+        """The target's settings in `world`: the second world has its own epochs, part of its runs' identity."""
         return TrainSettings(
-            epochs=self.epochs,
+            epochs=self.second_epochs if world == SECOND else self.epochs,
             batch_size=self.batch_size,
             lr_scheduler_type=self.lr_scheduler_type,
             warmup_ratio=self.warmup_ratio,
@@ -262,35 +278,52 @@ def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int)
     )
 
 
+def world_examples(config: DemoConfig, name: str = "standard") -> dict[str, list[Example]]:
+    """The splits of a world: test and validation prompts (unique, disjoint), and the references', the target's
+    and the base's pretraining rows, drawn outside both.
+
+    The second world draws them from its own task families (`tasks_second`); the others share the first suite's.
+    """
+    second = name == SECOND
+    words = tasks_second.make_words(200) if second else make_words(200, seed=0)
+    draw = tasks_second.sample if second else sample_examples
+    test = draw(config.test_rows, seed=1, words=words, unique=True)
+    validation = draw(
+        config.validation_rows, seed=5, words=words, unique=True, exclude=frozenset(e.prompt for e in test)
+    )
+    held_out = frozenset(e.prompt for e in test + validation)
+    reference_rows = config.strong_reference_rows if name == "strong" else config.reference_rows
+    return {
+        "test": test,
+        "validation": validation,
+        "reference": draw(reference_rows, seed=2, words=words, exclude=held_out),
+        "train": draw(config.target_rows, seed=3, words=words, exclude=held_out),
+        "pretrain": draw(config.reference_rows, seed=4, words=words, exclude=held_out),
+    }
+
+
 def build_world(config: DemoConfig, name: str = "standard") -> World:
     """Data splits, two references trained on clean data, and a pretrained target base (cached).
 
-    Every world shares the splits and the target base; the strong one trains its references on more clean
-    rows for more epochs, the misaligned one on the standard rows with the paper's noise in some of them.
+    The standard, strong and misaligned worlds share the splits and the target base; the strong one trains its
+    references on more clean rows for more epochs, the misaligned one on the standard rows with the paper's noise
+    in some of them. The second world has its own splits (`world_examples`), and other tokenizers and chat
+    templates for its references and target (`builders_second`).
     """
-    words = make_words(200, seed=0)
-    test_examples = sample_examples(config.test_rows, seed=1, words=words, unique=True)
-    validation_examples = sample_examples(
-        config.validation_rows, seed=5, words=words, unique=True, exclude=frozenset(e.prompt for e in test_examples)
-    )
-    held_out = frozenset(e.prompt for e in test_examples + validation_examples)
-    strong = name == "strong"
-    reference_rows = config.strong_reference_rows if strong else config.reference_rows
-    reference_examples = sample_examples(reference_rows, seed=2, words=words, exclude=held_out)
-    train_examples = sample_examples(config.target_rows, seed=3, words=words, exclude=held_out)
-    pretrain_examples = sample_examples(config.reference_rows, seed=4, words=words, exclude=held_out)
-
-    reference_data = _rows(reference_examples)
+    second, strong = name == SECOND, name == "strong"
+    examples = world_examples(config, name)
+    words = tasks_second.make_words(200) if second else make_words(200, seed=0)
+    reference_data = _rows(examples["reference"])
     if name == "misaligned":
         reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
     root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
     world = World(
         name=name,
         key=config.world_key(name),
-        train=_rows(train_examples),
-        validation=_rows(validation_examples),
-        test=_rows(test_examples),
-        references=[str(root / "ref-char"), str(root / "ref-bpe")],
+        train=_rows(examples["train"]),
+        validation=_rows(examples["validation"]),
+        test=_rows(examples["test"]),
+        references=[str(root / reference) for reference in REFERENCES.get(name, ("ref-char", "ref-bpe"))],
         base=str(root / "base"),
         reference_data=reference_data,
         words=words,
@@ -300,8 +333,16 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         world.reference_accuracy = json.loads((root / "done").read_text())["reference_accuracy"]
         return world
 
-    texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
-    tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
+    texts = [t for e in examples["reference"] for t in (e.prompt, e.answer)]
+    if second:
+        tokenizers = {
+            "ref-unigram": unigram_tokenizer(texts, alphabet()),
+            "ref-wordpiece": wordpiece_tokenizer(texts, alphabet()),
+        }
+        base_tokenizer = gemma_char_tokenizer(alphabet())
+    else:
+        tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
+        base_tokenizer = tokenizers["ref-char"]
     epochs = config.strong_reference_epochs if strong else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
         logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
@@ -321,9 +362,8 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         )
 
     logger.info("Pretraining the target base on plain text (no chat format)")
-    tokenizer = tokenizers["ref-char"]
-    base = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=20)
-    plain = Dataset.from_dict({"text": [f"{e.prompt} {e.answer}" for e in pretrain_examples]})
+    base = tiny_llama(base_tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=20)
+    plain = Dataset.from_dict({"text": [f"{e.prompt} {e.answer}" for e in examples["pretrain"]]})
     pretrain_args = SFTConfig(
         output_dir=str(root / "tmp"),
         num_train_epochs=1,
@@ -339,8 +379,8 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         use_cpu=resolve_device(config.device).type == "cpu",
         disable_tqdm=True,
     )
-    SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=tokenizer).train()
-    save_model(base, tokenizer, root / "base")
+    SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=base_tokenizer).train()
+    save_model(base, base_tokenizer, root / "base")
     shutil.rmtree(root / "tmp", ignore_errors=True)
     atomic_write_text(
         root / "done", json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy})
@@ -354,7 +394,10 @@ class Grid:
     def __init__(self, config: DemoConfig, worlds: dict[str, World], output: Path):
         self.config, self.worlds = config, worlds
         self.settings = config.train_settings()
-        self.stores = {name: RunStore(output, self.settings.fingerprint(w.key)) for name, w in worlds.items()}
+        self.world_settings = {name: config.train_settings(name) for name in worlds}
+        self.stores = {
+            name: RunStore(output, self.world_settings[name].fingerprint(w.key)) for name, w in worlds.items()
+        }
         self.score_config = ScoreConfig(device=config.device, max_length=128)
         self.scored: dict[tuple, Dataset] = {}
         self.separation: list[dict] = []
@@ -422,7 +465,7 @@ class Grid:
             if spec.world not in self.pairs:
                 self.pairs[spec.world] = preference_pairs(world)
             pairs = self.pairs[spec.world]
-        return spec, self.settings, world.base, data, sample, world.validation, world.test, pairs
+        return spec, self.world_settings[spec.world], world.base, data, sample, world.validation, world.test, pairs
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
         """Records of every spec, in order; prints progress and the estimated time left."""
@@ -541,6 +584,7 @@ def run_demo(config: DemoConfig) -> dict:
     results = {
         "config": asdict(config),
         "train_settings": asdict(grid.settings),
+        "world_epochs": {name: settings.epochs for name, settings in grid.world_settings.items()},
         "reference_accuracy": {name: w.reference_accuracy for name, w in worlds.items()},
         "best_learning_rates": best_lr,
         "sweep": [_without_answers(r) for r in sweep],

@@ -64,6 +64,23 @@ def difference_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(runs: Sequence[dict]) -> str:
+    """Markdown: validation exact match (%) after each epoch (0: before training), mean over seeds, per setting,
+    method and learning rate: accuracy against training length, read from the runs' own curves."""
+    grouped: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        grouped[(run["world"], run["noise_kind"], run["noise_rate"], run["method"], run["learning_rate"])].append(run)
+    lines = [
+        "| world | noise | rate | method | lr | seeds | validation exact match after epoch 0, 1, ... |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (world, kind, rate, method, lr), group in sorted(grouped.items()):
+        _, means, _, _ = _band(group, "validation_accuracy")
+        curve = " ".join(f"{100 * v:.1f}" for v in means)
+        lines.append(f"| {world} | {kind} | {rate:g} | {method} | {lr:g} | {len(group)} | {curve} |")
+    return "\n".join(lines)
+
+
 def _differences(entry: dict) -> list[tuple[str, str, dict]]:
     return [(first, other, c) for first, others in entry["differences"].items() for other, c in others.items()]
 
@@ -178,6 +195,13 @@ def plot_differences(summary: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _epochs(epochs: int, world_epochs: dict[str, int]) -> str:
+    """'10 epochs', or each world's epochs where a world trains for its own number."""
+    if all(e == epochs for e in world_epochs.values()):
+        return f"{epochs} epochs"
+    return "epochs: " + ", ".join(f"{world} {e}" for world, e in world_epochs.items())
+
+
 def write_demo_report(results: dict, distributions: dict[str, dict[str, list[float]]], output: Path) -> str:
     """Write report.md and its plots (each atomically); return the difference and accuracy tables."""
     runs, summary, config = results["runs"], results["summary"], results["config"]
@@ -200,7 +224,7 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
         "# poft demo: PoFT vs SFT on noisy instruction data",
         "",
         f"Target split: {config['target_rows']} rows; test prompts: {config['test_rows']}; validation prompts: "
-        f"{config['validation_rows']}; {settings['epochs']} epochs, {settings['lr_scheduler_type']} schedule with "
+        f"{config['validation_rows']}; {_epochs(settings['epochs'], results.get('world_epochs', {}))}, {settings['lr_scheduler_type']} schedule with "
         f"{settings['warmup_ratio']:g} warmup, batch {settings['batch_size']}, max_grad_norm "
         f"{settings['max_grad_norm']:g}; models {config['num_layers']} layers x width {config['hidden_size']}. "
         "Accuracy is greedy exact match (%) on the test prompts after the last epoch. Differences are paired: the "
@@ -234,6 +258,10 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
         + ".",
         "",
         "![validation accuracy per epoch](accuracy.png)",
+        "",
+        "Validation exact match (%) after each epoch, mean over seeds:",
+        "",
+        curve_table(runs),
         "",
         "## How well the references separate clean from noisy rows",
         "",

@@ -100,19 +100,27 @@ class Example:
 
 
 def sample_examples(
-    count: int, seed: int, words: list[str], *, exclude: frozenset[str] = frozenset(), unique: bool = False
+    count: int,
+    seed: int,
+    words: list[str],
+    *,
+    exclude: frozenset[str] = frozenset(),
+    unique: bool = False,
+    families: dict[str, Task] | None = None,
 ) -> list[Example]:
-    """`count` examples cycling through the families, never drawing a prompt in `exclude` (the held-out set).
+    """`count` examples cycling through `families` (this suite's by default), never drawing a prompt in `exclude`
+    (the held-out set).
 
     `unique` forbids repeated prompts, for a test split.
     """
+    families = FAMILIES if families is None else families
     rng = random.Random(seed)
-    names = list(FAMILIES)
+    names = list(families)
     examples: list[Example] = []
     seen = set(exclude)
     while len(examples) < count:
         family = names[len(examples) % len(names)]
-        prompt, answer = FAMILIES[family](rng, words)
+        prompt, answer = families[family](rng, words)
         if prompt in seen:
             continue
         if unique:
