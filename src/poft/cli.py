@@ -9,6 +9,7 @@ POFT_DEBUG=1 for the traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -150,7 +151,9 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
         tuple(command.load(c) for c in command.configs), prog=f"poft {name}", description=command.description
     )
     try:
-        return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
+        *configs, from_file, from_flags = parser.parse_args_and_config(
+            merge_repeated(argv, command.repeated), return_remaining_strings=True, separate_remaining_strings=True
+        )
     except FileNotFoundError as error:  # --config FILE that does not exist
         raise OptionError(f"--config {error.filename}: no such file. Check the path.") from error
     except IsADirectoryError as error:
@@ -167,6 +170,26 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
         if isinstance(error, PoftError):
             raise
         raise OptionError(" ".join(str(error).split())) from error
+    known = sorted({action.dest for action in parser._actions if action.option_strings} - {"help"})
+    refuse_unknown(name, [s[2:] for s in from_file if s.startswith("--")], known, f"--config {config_path(argv)}: ")
+    refuse_unknown(name, from_flags, known, "")
+    return tuple(configs)
+
+
+def refuse_unknown(command: str, remaining: Sequence[str], known: Sequence[str], where: str) -> None:
+    """Refuse the first flag (`where` empty) or YAML key the parser did not use, naming the closest option it knows:
+    usually a misspelling."""
+    for arg in remaining:
+        if not where and not arg.startswith("-"):
+            raise OptionError(
+                f"unexpected value {arg!r}: options are `--name value` (`poft {command} --help` lists them)."
+            )
+        given = arg.lstrip("-").partition("=")[0] if not where else arg
+        close = difflib.get_close_matches(given.replace("-", "_"), known, n=1)
+        prefix = "" if where else "--"
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"`poft {command} --help` lists every option."
+        kind = "key" if where else "option"
+        raise OptionError(f"{where}unknown {kind} {prefix}{given}: {hint}")
 
 
 def config_path(argv: Sequence[str]) -> str:

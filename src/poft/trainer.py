@@ -38,8 +38,8 @@ from poft.objectives import (
     poft_weights,
     sequence_mean_log_probs,
 )
-from poft.options import chat_template_field, skip_invalid_field, system_turns_field
-from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
+from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
 from poft.schema import MESSAGES, POFT_ID, REF_SCORE, is_numeric
 from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
@@ -89,9 +89,14 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default=REF_SCORE, metadata={"help": "Dataset column holding the references' score r_ref."}
     )
-    chat_template: str | None = chat_template_field(
-        "For training: the target's, e.g. Zephyr's for a base model; it is saved with the trained model."
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated: use TRL's --chat_template_path (a .jinja file, or a tokenizer whose template to "
+            "take). Still accepted: a .jinja file is passed there; template text serves a tokenizer without one."
+        },
     )
+    warmup_ratio: float | None = warmup_ratio_field()
     system_turns: str = system_turns_field()
     allow_truncation_mismatch: bool = field(
         default=False,
@@ -111,6 +116,9 @@ class PoFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self._chat_template_alias()
+        apply_warmup_ratio(self)
+        machine_defaults(self)
         if self.loss_type in LEGACY_LOSS_TYPES:
             if self.objective not in (self.loss_type, DEFAULT_OBJECTIVE):
                 raise OptionError(
@@ -145,6 +153,21 @@ class PoFTConfig(SFTConfig):
             self.activation_checkpointing = True
         self.bf16 = default_bf16(self.bf16, self.fp16)
         super().__post_init__()
+
+    def _chat_template_alias(self) -> None:
+        """poft's former `chat_template` option, now TRL's `chat_template_path`: one option, one meaning."""
+        if self.chat_template is not None:
+            self._former_chat_template()
+        path = self.chat_template_path
+        if path is not None and path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
+            raise OptionError(f"--chat_template_path {path}: no such file. Check the path.")
+
+    def _former_chat_template(self) -> None:
+        if self.chat_template_path is not None:
+            raise OptionError("--chat_template is the former name of --chat_template_path; give only the latter.")
+        logger.warning("--chat_template is deprecated: use TRL's --chat_template_path (same value).")
+        if os.path.isfile(self.chat_template) or self.chat_template.endswith((".jinja", ".j2")):
+            self.chat_template_path, self.chat_template = self.chat_template, None
 
 
 class PoFTDataCollator:
