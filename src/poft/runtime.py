@@ -86,6 +86,20 @@ def machine_defaults(args) -> None:
         args.disable_tqdm = not sys.stderr.isatty()
 
 
+def progress_bars_on_terminal_only() -> None:
+    """Turn off the progress bars of transformers (weight loading), datasets (map, filter) and the hub (downloads)
+    when stderr is not a terminal: in a log file a bar is a line per redraw. The command line calls this once."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def quantization_config(model_args):
     """TRL's `get_quantization_config(model_args)` for `--load_in_4bit` / `--load_in_8bit` (QLoRA), after checking
     that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters),
