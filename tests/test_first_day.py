@@ -238,3 +238,51 @@ def test_generation_stops_at_the_templates_end_of_turn(base_tokenizer, tmp_path)
     prompts = [c[:-1] for c in make_conversations(3, seed=4)]
     assert generate_responses(model, tokenizer, prompts, max_new_tokens=20, batch_size=3) == ["", "", ""]
     assert len(steps) == 1
+
+
+# --------------------------------------------------------------------------- 5. plain text, objective sft
+
+
+def text_rows(path: Path) -> str:
+    texts = [m["content"] for c in make_conversations(12, seed=5) for m in c][:24]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_plain_text_trains_with_objective_sft_as_trls_sfttrainer(tiny_models, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from poft.data import load_sft_dataset
+
+    data = load_sft_dataset(text_rows(tmp_path / "text.jsonl"), text_field="text")
+    assert data.column_names == ["text"] and len(data) == 24
+    options = {
+        "max_steps": 1, "report_to": [], "save_strategy": "no", "activation_checkpointing": False,
+        "max_length": 8, "per_device_train_batch_size": 8, "seed": 0, "shuffle_dataset": False,
+    }  # fmt: skip
+    poft = PoFTTrainer(
+        tiny_models["zephyr"], args=PoFTConfig(output_dir=str(tmp_path / "p"), objective="sft", **options),
+        train_dataset=data,
+    )  # fmt: skip
+    trl = SFTTrainer(
+        tiny_models["zephyr"], args=SFTConfig(output_dir=str(tmp_path / "t"), bf16=False, **options),
+        train_dataset=data,
+    )  # fmt: skip
+    assert poft.train_dataset["input_ids"] == trl.train_dataset["input_ids"]
+    assert max(map(len, poft.train_dataset["input_ids"])) == 8  # truncated to max_length, as TRL does
+    rows = [poft.train_dataset[i] for i in range(8)]
+    with torch.no_grad():
+        ours = poft.compute_loss(poft.model, poft.data_collator(rows))
+        theirs = trl.compute_loss(trl.model, trl.data_collator([trl.train_dataset[i] for i in range(8)]))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_text_from_the_command_line_and_poft_on_it_is_one_line(tiny_models, tmp_path, capsys):
+    rows = text_rows(tmp_path / "text.jsonl")
+    argv = ["train", "--model_name_or_path", tiny_models["chatml"], "--dataset_name", rows, "--max_steps", "1"]
+    argv += ["--report_to", "none", "--save_strategy", "no", "--activation_checkpointing", "false"]
+    assert main([*argv, "--objective", "sft", "--output_dir", str(tmp_path / "sft")]) == 0
+    assert (tmp_path / "sft" / "model.safetensors").exists()
+    assert main([*argv, "--objective", "poft_token", "--output_dir", str(tmp_path / "poft")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "plain text" in error[0] and "objective='sft'" in error[0]

@@ -246,6 +246,14 @@ class PoFTTrainer(SFTTrainer):
             raise TypeError(f"PoFTTrainer needs a datasets.Dataset for {dataset_name}, got {type(dataset).__name__}")
         if formatting_func is not None:
             raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
+        if MESSAGES not in dataset.column_names and args.dataset_text_field in dataset.column_names:
+            if self.objective != "sft":
+                raise DataError(
+                    f"The {dataset_name} dataset is plain text ({args.dataset_text_field!r}): no response to compare "
+                    f"with the references, so objective={self.objective!r} cannot train on it. Use objective='sft' "
+                    "(language modelling on the text, as TRL's SFTTrainer), or give conversations."
+                )
+            return self._prepare_text(dataset, processing_class, args, packing, dataset_name)
         if MESSAGES not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
@@ -314,6 +322,15 @@ class PoFTTrainer(SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
+
+    def _prepare_text(self, dataset: Dataset, processing_class, args: PoFTConfig, packing: bool, dataset_name: str):
+        """Plain text trains as TRL's SFTTrainer trains it (language modelling on `dataset_text_field`, every token,
+        an eos appended, truncated to max_length); TRL's own preparation, with the max_length training uses."""
+        lifted, args.max_length = args.max_length, self._truncate_to
+        try:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, None, dataset_name)
+        finally:
+            args.max_length = lifted
 
     def _check_scoring_settings(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> None:
         """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike."""
@@ -553,11 +570,15 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             skip_invalid=data_args.skip_invalid,
             invalid_report=report,
             replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
+            text_field=training_args.dataset_text_field,
         )
         eval_dataset = None
         if training_args.eval_strategy != "no":
             eval_dataset = load_sft_dataset(
-                data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+                data_args.dataset_name,
+                split=data_args.dataset_test_split,
+                replace_poft_id=True,
+                text_field=training_args.dataset_text_field,
             )
         logger.info(
             "Training %s with objective=%s on %d conversations",
