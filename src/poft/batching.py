@@ -132,7 +132,7 @@ def iter_scores(
     batches = (
         packed_batches(lengths, batch_tokens) if packing else token_budget_batches(lengths, batch_tokens, max_padding)
     )
-    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False) as bar:
+    with tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc=desc, leave=False, disable=None) as bar:
         for batch in batches:
             chosen = [encoded[i] for i in batch]
             if packing:

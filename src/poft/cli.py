@@ -9,6 +9,7 @@ POFT_DEBUG=1 for the traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -150,6 +151,7 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
         tuple(command.load(c) for c in command.configs), prog=f"poft {name}", description=command.description
     )
     try:
+        refuse_unknown(name, parser, argv)
         return tuple(parser.parse_args_and_config(merge_repeated(argv, command.repeated)))
     except FileNotFoundError as error:  # --config FILE that does not exist
         raise OptionError(f"--config {error.filename}: no such file. Check the path.") from error
@@ -167,6 +169,34 @@ def parse(name: str, argv: Sequence[str]) -> tuple:
         if isinstance(error, PoftError):
             raise
         raise OptionError(" ".join(str(error).split())) from error
+
+
+def refuse_unknown(command: str, parser, argv: Sequence[str]) -> None:
+    """Refuse a flag or YAML key no option of the command has, before any config is built (a misspelt option would
+    otherwise surface as a missing one), naming the closest option: usually the one meant."""
+    import yaml
+
+    known = sorted({action.dest for action in parser._actions if action.option_strings} - {"help"})
+    strings = [s for action in parser._actions for s in action.option_strings]
+    path = config_path(argv)
+    if path:
+        with open(path) as file:
+            config = yaml.safe_load(file)
+        for key in config if isinstance(config, dict) else ():
+            if key != "env" and key not in known:
+                raise OptionError(f"--config {path}: unknown key {key}: {closest(command, key, known, '')}")
+    for i, arg in enumerate(argv):
+        given = arg.partition("=")[0]
+        if given == "--config" or (i and argv[i - 1] == "--config") or not given.startswith("--"):
+            continue
+        if given not in strings and sum(s.startswith(given) for s in strings) != 1:  # argparse takes a unique prefix
+            raise OptionError(f"unknown option {given}: {closest(command, given[2:], known, '--')}")
+
+
+def closest(command: str, given: str, known: Sequence[str], prefix: str) -> str:
+    """`did you mean OPTION?` for the option nearest to `given` (difflib), or where to find the list."""
+    close = difflib.get_close_matches(given.replace("-", "_"), known, n=1)
+    return f"did you mean {prefix}{close[0]}?" if close else f"`poft {command} --help` lists every option."
 
 
 def config_path(argv: Sequence[str]) -> str:
@@ -197,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    from poft.runtime import progress_bars_on_terminal_only
+
+    progress_bars_on_terminal_only()
     try:
         COMMANDS[name].load(COMMANDS[name].run)(*parse(name, rest))
     except PoftError as error:

@@ -21,7 +21,7 @@ import datasets
 import pyarrow as pa
 
 from poft.errors import DataError
-from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, detect_format, normalize_example
+from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, detect_format, match_format, normalize_example, type_name
 from poft.options import skip_invalid_field
 from poft.outputs import atomic_write_text
 from poft.schema import MESSAGES, POFT_ID, conversation_id
@@ -40,21 +40,52 @@ def load_sft_dataset(
     skip_invalid: bool = False,
     invalid_report: str | os.PathLike | None = None,
     replace_poft_id: bool = False,
+    text_field: str | None = None,
 ) -> datasets.Dataset:
     """Load ``source`` (see `open_source`) as a dataset of normalised conversations (``messages``, ``poft_id``,
     extra columns).
 
     A ``poft_id`` column in the source that is not poft's content hash is someone else's id: refused
-    (``DataError``) unless ``replace_poft_id``, rather than silently replaced.
+    (``DataError``) unless ``replace_poft_id``, rather than silently replaced. With ``text_field``, data in no
+    conversation format that has that column is plain text (language modelling, as TRL's ``dataset_text_field``):
+    returned as that one column.
     """
     source = os.fspath(source)
     loaded = open_source(source, split)
+    if text_field is not None:
+        text = _plain_text(loaded, source, text_field)
+        if text is not None:
+            logger.info("Loaded %d rows of plain text (%r) from %s", len(text), text_field, source)
+            return text
     if isinstance(loaded, list):
         dataset, fmt = _convert_rows(loaded, source, skip_invalid, invalid_report, replace_poft_id)
     else:
         dataset, fmt = _convert_dataset(loaded, source, skip_invalid, invalid_report, replace_poft_id)
     logger.info("Loaded %d conversations from %s (format: %s)", len(dataset), source, fmt)
     return dataset
+
+
+def _plain_text(loaded: list[Row] | datasets.Dataset, source: str, text_field: str) -> datasets.Dataset | None:
+    """The `text_field` column of data in no conversation format, or None (conversations, or no such column)."""
+    if isinstance(loaded, datasets.Dataset):
+        columns = loaded.column_names
+    else:
+        columns = column_union(row.record for row in loaded if row.record is not None)
+    if match_format(columns) is not None or text_field not in columns:
+        return None
+    if isinstance(loaded, datasets.Dataset):
+        texts = loaded[text_field]
+        rows = [Row("row", i) for i in range(1, len(texts) + 1)]
+    else:
+        texts = [row.record.get(text_field) if row.record is not None else None for row in loaded]
+        rows = loaded
+    for row, text in zip(rows, texts, strict=True):
+        if not isinstance(text, str) or not text:
+            found = "empty" if text == "" else (row.error or f"found {type_name(text)}")
+            raise DataError(f"{source}: {row.where}: {text_field!r} must be non-empty text ({found}).")
+    if not texts:
+        raise DataError(f"{source}: the dataset is empty, so there is nothing to train on.")
+    return datasets.Dataset.from_dict({text_field: texts})
 
 
 def _detect(source: str, columns: Iterable[str]) -> str:

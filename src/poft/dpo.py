@@ -23,7 +23,8 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from poft.errors import DataError, OptionError
 from poft.formats import MESSAGES_FEATURE, clean_turn, type_name
-from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.options import apply_warmup_ratio, warmup_ratio_field
+from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
 from poft.sources import Row, column_union, open_source
 from poft.validation import check_model_source
 
@@ -63,9 +64,13 @@ class DPODataArguments:
 @dataclass
 class PoFTDPOConfig(DPOConfig):
     """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop
-    CPU)."""
+    CPU), and which takes the `warmup_ratio` transformers 5 folded into `warmup_steps`."""
+
+    warmup_ratio: float | None = warmup_ratio_field()
 
     def __post_init__(self):
+        apply_warmup_ratio(self)
+        machine_defaults(self)
         self.bf16 = default_bf16(self.bf16, self.fp16)
         super().__post_init__()
 

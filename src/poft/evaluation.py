@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_opti
 from poft.errors import DataError, DependencyError, OptionError
 from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
+from poft.runtime import resolve_device, resolve_dtype
 from poft.schema import MESSAGES
-from poft.scoring import model_scores
+from poft.scoring import load_model, model_max_length, model_scores, parse_references
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,32 @@ def render_prompts(encoder: ConversationEncoder, prompts: Sequence[Sequence[dict
     return texts
 
 
+ANSWER_MARGIN = 8  # tokens generated beyond the longest answer, at least (a quarter of it when that is more)
+
+
+def answer_token_bound(tokenizer: PreTrainedTokenizerBase, answers: Sequence[object]) -> int:
+    """Enough new tokens to generate any of `answers` and the token that closes the turn: the longest answer in
+    `tokenizer`'s tokens plus a margin (it may tokenize differently after the prompt), a quarter or at least 8."""
+    longest = max((len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) for a in answers), default=0)
+    return longest + max(ANSWER_MARGIN, math.ceil(longest / 4))
+
+
+def end_of_turn_ids(encoder: ConversationEncoder, model=None) -> list[int]:
+    """The tokens at which a reply is over: the special token the chat template closes an assistant turn with (the
+    last token of a response, `poft.chat`), the tokenizer's eos and the model's generation-config eos."""
+    ids = {encoder.tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        input_ids, _, spans = encoder.encode_spans(probe)
+    except ChatTemplateError:  # the template cannot render the probe; the data's own errors come later
+        spans = []
+    if spans and spans[-1].closing_token is not None:
+        ids.add(input_ids[spans[-1].closing_token])
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def generate_responses(
     model,
@@ -70,13 +98,15 @@ def generate_responses(
     """Greedy completions of each prompt (a message list), special tokens removed.
 
     Prompts are rendered by `poft.chat`, the code that reads conversations for scoring and training; pass a
-    `ConversationEncoder` to choose its template and system-turn policy, or a tokenizer for the defaults.
+    `ConversationEncoder` to choose its template and system-turn policy, or a tokenizer for the defaults. Each row
+    stops at its end of turn (`end_of_turn_ids`), whichever of the template's closing token and eos comes first.
     """
     encoder = as_encoder(reader)
     tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
     texts = render_prompts(encoder, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = end_of_turn_ids(encoder, model)
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -92,7 +122,7 @@ def generate_responses(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
             pad_token_id=pad_id,
         )
         new_tokens = generated[:, batch["input_ids"].size(1) :]
@@ -107,12 +137,18 @@ def exact_match_per_row(
     dataset: Dataset,
     *,
     answer_column: str = "answer",
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
 ) -> tuple[list[bool], list[str]]:
-    """Whether each row's greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
+    """Whether each row's greedy response equals `answer_column` (whitespace-trimmed), and the responses.
+
+    `max_new_tokens` None: enough for the longest answer (`answer_token_bound`), since a longer reply is wrong anyway.
+    """
     if answer_column not in dataset.column_names:
         raise DataError(f"The dataset has no {answer_column!r} column to check answers against; pass answer_column.")
+    if max_new_tokens is None:
+        tokenizer = reader.tokenizer if isinstance(reader, ConversationEncoder) else reader
+        max_new_tokens = answer_token_bound(tokenizer, dataset[answer_column])
     prompts = [prompt_messages(m) for m in dataset[MESSAGES]]
     predictions = generate_responses(model, reader, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [exact_match(p, str(a)) for p, a in zip(predictions, dataset[answer_column], strict=True)]
@@ -125,7 +161,7 @@ def exact_match_accuracy(
     dataset: Dataset,
     *,
     answer_column: str = "answer",
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
 ) -> tuple[float, list[str]]:
     """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
@@ -210,11 +246,11 @@ class EvalConfig:
             "help": "Model(s) to evaluate (path or hub id, or NAME=PATH); repeat to compare several side by side."
         },
     )
-    tasks: list[str] = field(
-        default_factory=lambda: list(LEADERBOARD_TASKS),
+    tasks: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "lm-eval tasks as NAME[:FEWSHOT] (default: the Open LLM Leaderboard set with its few-shot "
-            "counts), or 'none'."
+            "help": "lm-eval tasks as NAME[:FEWSHOT], or 'none'. Default: none when --data is given (the data "
+            "alone, nothing downloaded), else the Open LLM Leaderboard set with its few-shot counts."
         },
     )
     task_dir: str | None = field(
@@ -232,7 +268,13 @@ class EvalConfig:
         },
     )
     answer_column: str = field(default="answer", metadata={"help": "Column of --data holding the expected answer."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Generation length for the exact-match evaluation."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tokens generated per --data prompt. Default: the longest answer in the model's tokens plus "
+            "a margin (a quarter, at least 8); generation stops earlier at the end-of-turn token."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
     max_length: int | None = options.max_length_field()
     chat_template: str | None = options.chat_template_field()
@@ -242,7 +284,11 @@ class EvalConfig:
     output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
 
     def __post_init__(self):
+        if self.tasks is None:
+            self.tasks = [] if self.data else list(LEADERBOARD_TASKS)
         self.tasks = [] if [t.lower() for t in self.tasks] == ["none"] else self.tasks
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise OptionError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         for task in self.tasks:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
@@ -264,6 +310,8 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise DependencyError("Benchmark tasks need lm-eval-harness: pip install 'poft[eval]'.") from error
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     manager = TaskManager(include_path=config.task_dir)
     unknown = [name for name, _ in map(parse_task, tasks) if name not in manager.all_tasks]
     if unknown:
@@ -283,10 +331,11 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
             out = simple_evaluate(
                 model=lm, tasks=[name], num_fewshot=shots, limit=config.limit, task_manager=manager, log_samples=False
             )
-        except ConnectionError as error:  # hub tasks download their data on first use
+        except (ConnectionError, LocalEntryNotFoundError) as error:  # hub tasks download their data on first use
             raise DataError(
                 f"lm-eval task {name}: its data could not be downloaded ({error}). Connect to the network once so "
-                "the data lands in the Hugging Face cache, or use a local task YAML (--task_dir)."
+                "the data lands in the Hugging Face cache, use a local task YAML (--task_dir DIR), or evaluate "
+                "--data alone (--tasks none)."
             ) from error
         for task_name, metrics in out["results"].items():
             scores[task_name] = {
@@ -298,63 +347,89 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], config: EvalConfig) -> d
 
 
 def run_eval(config: EvalConfig) -> dict:
-    """`poft eval`: every model on the lm-eval tasks and/or the answer-checked data; JSON plus a comparison table."""
-    from transformers import AutoTokenizer
+    """`poft eval`: every model on the answer-checked data, then on the lm-eval tasks; JSON plus a comparison table.
 
+    The data goes first and its results are written before any task runs, so a task that fails (its data cannot
+    be downloaded, say) loses nothing already measured; the files are rewritten after each model's tasks.
+    """
     from poft.data import load_sft_dataset
-    from poft.report import eval_table
-    from poft.runtime import resolve_device, resolve_dtype
-    from poft.scoring import load_model, model_max_length, parse_references
 
     if not config.model:
         raise OptionError("poft eval needs at least one --model.")
     if not config.tasks and not config.data:
         raise OptionError("Nothing to evaluate: give --tasks and/or --data.")
     data = load_sft_dataset(config.data) if config.data else None
-    device = resolve_device(config.device)
     references = parse_references(config.model)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {r.name: {} for r in references}
     predictions: list[dict] = []
-    for reference in references:
-        logger.info("Evaluating %s", reference.path)
-        check_model_source(reference.path, "--model", safetensors_only=True, gguf=True)
-        source, gguf = load_args(reference.path)
-        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        model = load_model(reference.path, device, resolve_dtype(config.dtype, device))
-        scores = run_lm_eval(model, tokenizer, config.tasks, config) if config.tasks else {}
-        if data is not None:
-            encoder = ConversationEncoder(
-                tokenizer,
-                fallback_template=config.chat_template,
-                max_length=model_max_length(config.max_length, model.config),
-                system_turns=config.system_turns,  # type: ignore[arg-type]
-                name=reference.path,
-            )
-            correct, generations = exact_match_per_row(
-                model,
-                encoder,
-                data,
-                answer_column=config.answer_column,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-            )
-            rows = prediction_rows(reference.name, data, generations, correct, config.answer_column)
-            predictions += rows
-            log_examples(reference.name, rows)
-            scores[f"data:{Path(config.data).name}"] = {
-                "exact_match": sum(correct) / max(len(correct), 1),
-                "response_log_likelihood": heldout_log_likelihood(model, encoder, data),
-            }
-        results[reference.name] = scores
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     payload = {"models": {r.name: r.path for r in references}, "results": results}
-    atomic_write_text(output / "eval_results.json", json.dumps(payload, indent=2))
+    loaded = None
     if data is not None:
+        for reference in references:
+            loaded = reference, *_load(reference.path, config)
+            rows, scores = _evaluate_data(loaded[1], loaded[2], reference.name, data, config)
+            predictions += rows
+            results[reference.name].update(scores)
+        _write(output, payload, predictions)
+    if config.tasks:
+        for reference in references:
+            model, tokenizer = loaded[1:] if loaded and loaded[0] is reference else _load(reference.path, config)
+            loaded = None
+            results[reference.name].update(run_lm_eval(model, tokenizer, config.tasks, config))
+            _write(output, payload, predictions)
+    from poft.report import eval_table
+
+    print(eval_table([payload]))
+    return payload
+
+
+def _load(path: str, config: EvalConfig):
+    """A model to evaluate and its tokenizer, from safetensors weights or a GGUF file (as `poft score` loads)."""
+    from transformers import AutoTokenizer
+
+    logger.info("Evaluating %s", path)
+    check_model_source(path, "--model", safetensors_only=True, gguf=True)
+    source, gguf = load_args(path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+    device = resolve_device(config.device)
+    return load_model(path, device, resolve_dtype(config.dtype, device)), tokenizer
+
+
+def _evaluate_data(model, tokenizer, name: str, data: Dataset, config: EvalConfig) -> tuple[list[dict], dict]:
+    """Greedy exact match and held-out response log-likelihood on `--data`, and each row's prediction."""
+    encoder = ConversationEncoder(
+        tokenizer,
+        fallback_template=config.chat_template,
+        max_length=model_max_length(config.max_length, model.config),
+        system_turns=config.system_turns,  # type: ignore[arg-type]
+        name=name,
+    )
+    correct, generations = exact_match_per_row(
+        model,
+        encoder,
+        data,
+        answer_column=config.answer_column,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
+    rows = prediction_rows(name, data, generations, correct, config.answer_column)
+    log_examples(name, rows)
+    scores = {
+        "exact_match": sum(correct) / max(len(correct), 1),
+        "response_log_likelihood": heldout_log_likelihood(model, encoder, data),
+    }
+    return rows, {f"data:{Path(config.data).name}": scores}
+
+
+def _write(output: Path, payload: dict, predictions: list[dict]) -> None:
+    """eval_results.json, eval_table.md and, with --data, eval_predictions.jsonl, each written atomically."""
+    from poft.report import eval_table
+
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "eval_results.json", json.dumps(payload, indent=2))
+    if predictions:
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
         atomic_write_text(output / PREDICTIONS, lines)
         logger.info("Wrote every generation and its verdict to %s", output / PREDICTIONS)
-    table = eval_table([payload])
-    atomic_write_text(output / "eval_table.md", table + "\n")
-    print(table)
-    return payload
+    atomic_write_text(output / "eval_table.md", eval_table([payload]) + "\n")

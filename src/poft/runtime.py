@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -80,6 +81,31 @@ def default_bf16(bf16: bool | None, fp16: bool) -> bool:
     if bf16 is not None or fp16:
         return bool(bf16)
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def machine_defaults(args) -> None:
+    """Settings of a training config (TrainingArguments) that follow the machine and the output, set before
+    transformers' own `__post_init__`: no pinned memory without an accelerator (pinning then does nothing and torch
+    warns on every DataLoader), and, unless the user set `disable_tqdm`, progress bars only on a terminal, so a log
+    file gets transformers' PrinterCallback (one line per logging step) instead of bars redrawn in it."""
+    if args.use_cpu or not torch.accelerator.is_available():
+        args.dataloader_pin_memory = False
+    if args.disable_tqdm is None:
+        args.disable_tqdm = not sys.stderr.isatty()
+
+
+def progress_bars_on_terminal_only() -> None:
+    """Turn off the progress bars of transformers (weight loading), datasets (map, filter) and the hub (downloads)
+    when stderr is not a terminal: in a log file a bar is a line per redraw. The command line calls this once."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def quantization_config(model_args):

@@ -38,8 +38,8 @@ from poft.objectives import (
     poft_weights,
     sequence_mean_log_probs,
 )
-from poft.options import chat_template_field, skip_invalid_field, system_turns_field
-from poft.runtime import default_bf16, output_dir_for, train_and_save
+from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
+from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
 from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
 from poft.score_settings import SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
@@ -93,9 +93,14 @@ class PoFTConfig(SFTConfig):
     ref_score_column: str = field(
         default=REF_SCORE, metadata={"help": "Dataset column holding the references' score r_ref."}
     )
-    chat_template: str | None = chat_template_field(
-        "For training: the target's, e.g. Zephyr's for a base model; it is saved with the trained model."
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated: use TRL's --chat_template_path (a .jinja file, or a tokenizer whose template to "
+            "take). Still accepted: a .jinja file is passed there; template text serves a tokenizer without one."
+        },
     )
+    warmup_ratio: float | None = warmup_ratio_field()
     system_turns: str = system_turns_field()
     allow_truncation_mismatch: bool = field(
         default=False,
@@ -115,6 +120,9 @@ class PoFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self._chat_template_alias()
+        apply_warmup_ratio(self)
+        machine_defaults(self)
         if self.loss_type in LEGACY_LOSS_TYPES:
             if self.objective not in (self.loss_type, None):
                 raise OptionError(
@@ -151,6 +159,21 @@ class PoFTConfig(SFTConfig):
             self.activation_checkpointing = True
         self.bf16 = default_bf16(self.bf16, self.fp16)
         super().__post_init__()
+
+    def _chat_template_alias(self) -> None:
+        """poft's former `chat_template` option, now TRL's `chat_template_path`: one option, one meaning."""
+        if self.chat_template is not None:
+            self._former_chat_template()
+        path = self.chat_template_path
+        if path is not None and path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
+            raise OptionError(f"--chat_template_path {path}: no such file. Check the path.")
+
+    def _former_chat_template(self) -> None:
+        if self.chat_template_path is not None:
+            raise OptionError("--chat_template is the former name of --chat_template_path; give only the latter.")
+        logger.warning("--chat_template is deprecated: use TRL's --chat_template_path (same value).")
+        if os.path.isfile(self.chat_template) or self.chat_template.endswith((".jinja", ".j2")):
+            self.chat_template_path, self.chat_template = self.chat_template, None
 
 
 class PoFTDataCollator:
@@ -229,6 +252,14 @@ class PoFTTrainer(SFTTrainer):
             raise TypeError(f"PoFTTrainer needs a datasets.Dataset for {dataset_name}, got {type(dataset).__name__}")
         if formatting_func is not None:
             raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
+        if MESSAGES not in dataset.column_names and args.dataset_text_field in dataset.column_names:
+            if self.objective != "sft":
+                raise DataError(
+                    f"The {dataset_name} dataset is plain text ({args.dataset_text_field!r}): no response to compare "
+                    f"with the references, so objective={self.objective!r} cannot train on it. Use objective='sft' "
+                    "(language modelling on the text, as TRL's SFTTrainer), or give conversations."
+                )
+            return self._prepare_text(dataset, processing_class, args, packing, dataset_name)
         if MESSAGES not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
@@ -303,6 +334,15 @@ class PoFTTrainer(SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
+
+    def _prepare_text(self, dataset: Dataset, processing_class, args: PoFTConfig, packing: bool, dataset_name: str):
+        """Plain text trains as TRL's SFTTrainer trains it (language modelling on `dataset_text_field`, every token,
+        an eos appended, truncated to max_length); TRL's own preparation, with the max_length training uses."""
+        lifted, args.max_length = args.max_length, self._truncate_to
+        try:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, None, dataset_name)
+        finally:
+            args.max_length = lifted
 
     def _check_scoring_settings(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> None:
         """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike."""
@@ -561,11 +601,15 @@ def run_train(data_args: TrainDataArguments, training_args: PoFTConfig, model_ar
             skip_invalid=data_args.skip_invalid,
             invalid_report=report,
             replace_poft_id=True,  # training writes no data, so nothing of the user's is replaced
+            text_field=training_args.dataset_text_field,
         )
         eval_dataset = None
         if training_args.eval_strategy != "no":
             eval_dataset = load_sft_dataset(
-                data_args.dataset_name, split=data_args.dataset_test_split, replace_poft_id=True
+                data_args.dataset_name,
+                split=data_args.dataset_test_split,
+                replace_poft_id=True,
+                text_field=training_args.dataset_text_field,
             )
         logger.info(
             "Training %s with objective=%s on %d conversations",
