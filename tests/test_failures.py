@@ -538,7 +538,7 @@ def test_eval_of_hub_tasks_while_offline(tiny_models, tmp_path, monkeypatch, cap
     assert error_line(capsys) == (
         "poft eval: error: lm-eval task arc_easy: its data could not be downloaded (Couldn't reach 'allenai/ai2_arc' "
         "on the Hub (LocalEntryNotFoundError)). Connect to the network once so the data lands in the Hugging Face "
-        "cache, or use a local task YAML (--task_dir)."
+        "cache, use a local task YAML (--task_dir DIR), or evaluate --data alone (--tasks none)."
     )
 
 
