@@ -58,6 +58,11 @@ def unigram_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer=trainer)
+    return _subword_tokenizer(backend, chat_template)
+
+
+def _subword_tokenizer(backend: Tokenizer, chat_template: str) -> PreTrainedTokenizerFast:
+    """A trained subword backend as a transformers tokenizer with the specials both references share."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -92,16 +97,7 @@ def wordpiece_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    return _subword_tokenizer(backend, chat_template)
 
 
 def gemma_char_tokenizer(alphabet: str, chat_template: str = GEMMA_TEMPLATE) -> PreTrainedTokenizerFast:
