@@ -143,12 +143,12 @@ def test_score_then_train_from_the_command_line(tiny_models, conversations, tmp_
     assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--beta", "2.0", "--logging-steps", "1"]) == 0
     assert (tmp_path / "trained" / "model.safetensors").exists()
     assert (tmp_path / "trained" / "trainer_state.json").exists()
-    shorter = ["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "200", "--max_steps", "1"]
+    shorter = ["train", "--config", str(tmp_path / "recipe.yaml"), "--max_length", "120", "--max_steps", "1"]
     assert main(shorter) == 2
-    assert "max_length: scored with 256, training with 200" in capsys.readouterr().err
+    assert "max_length: scored with 256, training with 120" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING):
         assert main([*shorter, "--allow_truncation_mismatch"]) == 0
-    assert "max_length: scored with 256, training with 200" in caplog.text
+    assert "max_length: scored with 256, training with 120" in caplog.text
 
 
 def test_bad_data_is_one_readable_error(tiny_models, tmp_path, capsys):

@@ -227,10 +227,51 @@ def through_disk_and_filter(dataset, tmp_path):
     return load_sft_dataset(str(tmp_path / "filtered"))
 
 
+def conversation_lengths(tokenizer_path: str, conversations) -> list[int]:
+    """Tokens of each whole conversation, from the tokenizer's own chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
-@pytest.mark.parametrize(
-    ("option", "value"), [("max_length", 200), ("truncation_mode", "keep_end"), ("system_turns", "merge")]
-)
+def test_another_reading_length_is_refused_only_where_it_cuts_a_conversation(
+    tiny_models, conversations, scored, tmp_path, caplog, where
+):
+    lengths = conversation_lengths(tiny_models["chatml"], conversations)
+    assert 0 < sum(n > 120 for n in lengths) < len(lengths)
+    short = score_dataset(
+        as_dataset(conversations),
+        [tiny_models["chatml"]],
+        ScoreConfig(cache_dir=str(tmp_path / "cache"), max_length=120, device="cpu"),
+    )
+    whole = scored["chatml"]  # read at 256: no conversation is cut
+    if where == "disk":
+        short, whole = through_disk_and_filter(short, tmp_path / "s"), through_disk_and_filter(whole, tmp_path / "w")
+
+    def cut_in(dataset) -> int:
+        return sum(n > 120 for n, c in zip(lengths, conversations, strict=True) if c in dataset["messages"])
+
+    with caplog.at_level(logging.INFO, logger="poft.trainer"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, max_length=200), train_dataset=whole)
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, truncation_mode="keep_end"), train_dataset=whole)
+    assert caplog.text.count("no conversation is cut under either") == 2
+    cut = cut_in(whole)
+    expected = rf"{cut} of {len(whole)} conversations are cut under one of them \(0 when scored, {cut} in training\)"
+    with pytest.raises(OptionError, match=expected + r".* Train with --max_length 256 \(as scored\)"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, max_length=120), train_dataset=whole)
+    cut = cut_in(short)
+    with pytest.raises(OptionError, match=rf"\({cut} when scored, 0 in training\).* Train with --max_length 120 "):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=short)
+    with pytest.raises(OptionError, match=r"Train with --truncation_mode keep_start \(as scored\)"):
+        PoFTTrainer(
+            tiny_models["chatml"],
+            args=config(tmp_path, max_length=120, truncation_mode="keep_end"),
+            train_dataset=short,
+        )
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+@pytest.mark.parametrize(("option", "value"), [("max_length", 120), ("system_turns", "merge")])
 def test_training_refuses_scores_read_with_other_settings(tiny_models, scored, tmp_path, caplog, where, option, value):
     dataset = scored["chatml"] if where == "memory" else through_disk_and_filter(scored["chatml"], tmp_path)
     scored_with = {"max_length": 256, "truncation_mode": "keep_start", "system_turns": "auto"}[option]

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -224,11 +225,22 @@ def data_row(row: int) -> str:
     return f"conversation {row} of the data"
 
 
+class ReferenceScores(NamedTuple):
+    """One reference's reading of a dataset: per row its score and response-token count, the max_length the rows
+    were read with, and the poft_ids of the conversations that max_length cut."""
+
+    scores: list[float | None]
+    n_tokens: list[int]
+    max_length: int | None
+    cut: set[str]
+
+
 def score_reference(
     dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
-) -> tuple[list[float | None], list[int], int | None]:
-    """Scores and response-token counts of every row for one reference, through its cache, and the max_length they
-    were read with: the model's context where `config.max_length` goes past it and a conversation reaches it.
+) -> ReferenceScores:
+    """Scores and response-token counts of every row for one reference, through its cache, the max_length they
+    were read with (the model's context where `config.max_length` goes past it and a conversation reaches it), and
+    the conversations it cut.
 
     `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
     as IFD does, names the user's row they come from).
@@ -348,7 +360,10 @@ def score_reference(
             max_length,
         )
     # where no conversation reaches the context, the scores are those the requested max_length gives
-    return [e.score for e in entries], [e.n_tokens for e in entries], max_length if capped else config.max_length
+    cut = {i for i, e in zip(ids, entries, strict=True) if e.truncated or e.null_reason == "truncated"}
+    return ReferenceScores(
+        [e.score for e in entries], [e.n_tokens for e in entries], max_length if capped else config.max_length, cut
+    )
 
 
 def _report_unknown_characters(
@@ -488,22 +503,24 @@ def score_dataset(
     _check_references(references)
     columns: dict[str, list] = {}
     read_to: dict[str, int | None] = {}  # each score column's max_length: the model's context may lower it
+    cut: dict[str, set[str]] = {}  # each score column's conversations that max_length cut
     for reference in references:
-        scores, counts, max_length = score_reference(dataset, reference, config, describe_row)
-        columns[score_column(reference.name)], columns[n_tokens_column(reference.name)] = scores, counts
-        read_to[score_column(reference.name)] = max_length
+        read = score_reference(dataset, reference, config, describe_row)
+        column = score_column(reference.name)
+        columns[column], columns[n_tokens_column(reference.name)] = read.scores, read.n_tokens
+        read_to[column], cut[column] = read.max_length, read.cut
     per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
     read_to[REF_SCORE] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
+    cut[REF_SCORE] = set().union(*cut.values())
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():
         # the trainer checks that it truncates as these scores were computed
         settings = SimpleNamespace(
             max_length=read_to.get(name), truncation_mode=config.truncation_mode, system_turns=config.system_turns
         )
-        dataset = dataset.add_column(
-            name, values, feature=None if name.startswith("n_tokens_") else score_feature(settings)
-        )
+        feature = None if name.startswith("n_tokens_") else score_feature(settings, cut[name])
+        dataset = dataset.add_column(name, values, feature=feature)
     return dataset
 
 

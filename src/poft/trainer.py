@@ -41,7 +41,7 @@ from poft.objectives import (
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
 from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
 from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
-from poft.score_settings import SETTINGS, mismatches, scoring_settings
+from poft.score_settings import CUT, LENGTH_SETTINGS, SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ class PoFTConfig(SFTConfig):
     allow_truncation_mismatch: bool = field(
         default=False,
         metadata={
-            "help": "Train even though the reference scores were computed with another max_length, "
-            "truncation_mode or system_turns (a warning instead of an error): long conversations are then "
-            "scored on other tokens than they are trained on."
+            "help": "Train even though the reference scores were computed with another system_turns, or another "
+            "max_length or truncation_mode that cuts a conversation under one of the two (a warning instead of an "
+            "error): those conversations are then scored on other tokens than they are trained on."
         },
     )
     # TRL's default (checkpointing on) under transformers' current name, so that no deprecation warning is printed
@@ -279,9 +279,10 @@ class PoFTTrainer(SFTTrainer):
                 f"it applies with objective='sft' only, since {self.objective}'s r_theta must read the tokens its "
                 "reference scores read. Drop the column or use objective='sft'."
             )
+        scored = None
         if self.objective in NEEDS_REFERENCES:
             _check_reference_column(dataset, ref_column, dataset_name)
-            self._check_scoring_settings(dataset, args, dataset_name)
+            scored = scoring_settings(dataset, ref_column)
         encoder = ConversationEncoder(
             self._tokenizer,
             fallback_template=args.chat_template,
@@ -299,6 +300,8 @@ class PoFTTrainer(SFTTrainer):
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
         )
+        if scored is not None:
+            self._check_scoring_settings(scored, dataset, args, dataset_name)
         counts = dataset["poft_num_response_tokens"]
         kept = [n for n, cut in zip(counts, dataset["poft_truncated"], strict=True) if cut and n > 0]
         if kept:
@@ -344,24 +347,37 @@ class PoFTTrainer(SFTTrainer):
         finally:
             args.max_length = lifted
 
-    def _check_scoring_settings(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> None:
-        """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike."""
-        ref_column = args.ref_score_column
-        scored = scoring_settings(dataset, ref_column)
-        if scored is None:
-            return
+    def _check_scoring_settings(self, scored: dict, tokenized: Dataset, args: PoFTConfig, dataset_name: str) -> None:
+        """r_ref and r_theta cover the same tokens only if scoring and training read conversations alike: the same
+        system turns, and the same reading length wherever either length cuts a conversation (`tokenized` says
+        which ones training cuts; the scores say which ones scoring cut)."""
         training = {"max_length": self._truncate_to, **{k: getattr(args, k) for k in SETTINGS[1:]}}
         differ = mismatches(scored, training)
         if not differ:
             return
         message = (
-            f"The {dataset_name} dataset's {ref_column!r} was computed with other settings than training uses "
-            f"({'; '.join(differ)}), so long conversations are scored on other tokens than they are trained on."
+            f"The {dataset_name} dataset's {args.ref_score_column!r} was computed with other settings than training "
+            f"uses ({'; '.join(f'{n}: scored with {scored[n]!r}, training with {training[n]!r}' for n in differ)})"
         )
-        if not args.allow_truncation_mismatch:
-            raise OptionError(
-                f"{message} Use the same values in `poft score` and `poft train`, or set allow_truncation_mismatch."
+        fix = "Use the same values in `poft score` and `poft train`"
+        if set(differ) <= set(LENGTH_SETTINGS) and CUT in scored:
+            cut_scoring = set(scored[CUT])
+            ids, cut_training = tokenized[POFT_ID], tokenized["poft_truncated"]
+            in_scoring = sum(i in cut_scoring for i in ids)
+            either = sum(i in cut_scoring or cut for i, cut in zip(ids, cut_training, strict=True))
+            if not either:
+                logger.info("%s; no conversation is cut under either, so both read the same tokens.", message)
+                return
+            message += (
+                f", and {either} of {len(ids)} conversations are cut under one of them ({in_scoring} when scored, "
+                f"{sum(cut_training)} in training), so they are scored on other tokens than they are trained on."
             )
+            fix = " ".join(f"--{n} {scored[n]}" for n in differ)
+            fix = f"Train with {fix} (as scored), or score again with the settings training uses"
+        else:
+            message += ", so long conversations are scored on other tokens than they are trained on."
+        if not args.allow_truncation_mismatch:
+            raise OptionError(f"{message} {fix}, or set allow_truncation_mismatch.")
         logger.warning("%s (allow_truncation_mismatch is set)", message)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
