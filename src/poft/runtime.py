@@ -193,6 +193,10 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
             f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
         ) from error
     logger.info("Saved the model to %s", output_dir)
+    # Every process leaves the process group before exiting: a gloo group still alive at interpreter exit can abort
+    # one process ("terminate called without an active exception") after everything was saved.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return output_dir
 
 
