@@ -44,7 +44,7 @@ from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
 from poft.options import device_field
 from poft.outputs import atomic_write_text
-from poft.runtime import cache_root, resolve_device
+from poft.runtime import cache_root, progress_bars_on_terminal_only, resolve_device
 from poft.schema import IFD, MESSAGES, NOISE, POFT_ID, REF_SCORE, conversation_id
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
@@ -503,13 +503,19 @@ class Grid:
             for spec in pending:
                 finished(spec, train_run(*self._arguments(spec)))
         else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(self.config.workers, mp_context=context) as pool:
+            with worker_pool(self.config.workers) as pool:
                 # each run is submitted as soon as its data is scored, so the workers start while the rest is scored
                 futures = {pool.submit(train_run, *self._arguments(spec)): spec for spec in pending}
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
         return [records[spec] for spec in dict.fromkeys(specs)]
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Fresh (spawned) processes for training runs, each quiet as the command line is: no progress bars where
+    stderr is not a terminal."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=progress_bars_on_terminal_only)
 
 
 def _methods(config: DemoConfig, rate: float) -> list[str]:
