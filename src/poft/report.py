@@ -340,7 +340,8 @@ def training_section(histories: dict[str, list[dict]], output: Path) -> list[str
                 ax.plot(*zip(*points, strict=False), label=name)
         ax.set_title(key)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     _save(fig, output / "training_curves.png")
     lines = [
         "## Training",
@@ -352,6 +353,13 @@ def training_section(histories: dict[str, list[dict]], output: Path) -> list[str
         last = history[-1] if history else {}
         cells = " | ".join(f"{last[k]:.4f}" if k in last else "-" for k in TRAINING_CURVES)
         lines.append(f"| {name} | {last.get('step', 0)} | {cells} |")
+    silent = [name for name, history in histories.items() if not history]
+    if silent:
+        lines += [
+            "",
+            f"{', '.join(silent)} logged no training step, so no curve is drawn for them: the run was shorter than "
+            "its logging_steps (10 by default). Train with a smaller --logging_steps to see its curves.",
+        ]
     return lines + ["", "![training curves](training_curves.png)", ""]
 
 
