@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import datasets
+import huggingface_hub.utils
 import pytest
+import transformers
 
 from poft.demo.analysis import best_learning_rates, summarise
 from poft.demo.pipeline import DemoConfig, run_demo
 from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
 from poft.evaluation import exact_match
+from poft.runtime import progress_bars_on_terminal_only
 
 
 def test_task_answers_are_correct():
@@ -101,7 +105,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
     assert again["runs"] == results["runs"] and again["separation"] == results["separation"]
 
 
-def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path):
+def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path, capfd):
     config = toy_config(tmp_path, noise_rate=[0.0], lr_sweep=[1e-3, 3e-3], sweep_seeds=[0])
     results = run_demo(config)
     assert set(results["best_learning_rates"]) == {"sft", "poft_token"}  # the default methods
@@ -112,8 +116,17 @@ def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(t
             if r["method"] == method
         }
         assert sweep[lr] == max(sweep.values())
-    # the same runs again in two worker processes give the same answers to every prompt
-    again = run_demo(toy_config(tmp_path, output=str(tmp_path / "again"), noise_rate=[0.0], seeds=[0], workers=2))
+    # the same runs again in two worker processes give the same answers to every prompt; run as the command line
+    # runs them with stderr a log file, neither this process nor a worker draws a progress bar into it
+    capfd.readouterr()
+    progress_bars_on_terminal_only()
+    try:
+        again = run_demo(toy_config(tmp_path, output=str(tmp_path / "again"), noise_rate=[0.0], seeds=[0], workers=2))
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    assert "%|" not in capfd.readouterr().err
     first = {(r["method"], r["learning_rate"]): r["test_correct"] for r in results["runs"]}
     for run in again["runs"]:
         assert run["test_correct"] == first[(run["method"], run["learning_rate"])]

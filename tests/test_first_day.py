@@ -200,20 +200,6 @@ def test_cpu_training_pins_no_memory_and_draws_no_bars_into_a_log(tiny_models, c
     assert kept.disable_tqdm is False  # the user's choice stands
 
 
-def _bars_enabled() -> tuple[bool, bool]:
-    import datasets
-    import transformers
-
-    return datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
-
-
-def test_the_demos_worker_processes_draw_no_bars_into_a_log():
-    from poft.demo.pipeline import worker_pool
-
-    with worker_pool(1) as pool:  # a spawned process whose stderr is this test's captured (not a terminal) one
-        assert pool.submit(_bars_enabled).result() == (False, False)
-
-
 # --------------------------------------------------------------------------- 8. generation bounded by the answers
 
 

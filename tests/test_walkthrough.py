@@ -34,7 +34,7 @@ def test_the_readme_walkthrough_runs_as_written(tiny_models, template_models, tm
     }.items():  # fmt: skip
         shutil.copytree(source, tmp_path / name)
     with open(tmp_path / "chats.jsonl", "w", encoding="utf-8") as f:
-        for messages in make_conversations(24, seed=5):
+        for messages in make_conversations(16, seed=5):
             f.write(json.dumps({"messages": messages}) + "\n")
     with open(tmp_path / "heldout.jsonl", "w", encoding="utf-8") as f:
         for messages in make_conversations(6, seed=6):
@@ -51,7 +51,7 @@ def test_the_readme_walkthrough_runs_as_written(tiny_models, template_models, tm
     assert len(results["models"]) == 3
     report = (tmp_path / "poft-report" / "report.md").read_text(encoding="utf-8")
     assert (tmp_path / "poft-report" / "report.html").is_file()
-    # 24 rows, batch 8, 3 epochs: 9 steps, under TRL's logging_steps of 10, so the report says why no curve is drawn
+    # 16 rows, batch 8, 3 epochs: 6 steps, under TRL's logging_steps of 10, so the report says why no curve is drawn
     assert "poft, sft logged no training step" in report
     for run in ("poft", "sft", "top70-sft"):
         assert (tmp_path / "runs" / run / "model.safetensors").is_file(), run
