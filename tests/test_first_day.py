@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -286,3 +287,22 @@ def test_plain_text_from_the_command_line_and_poft_on_it_is_one_line(tiny_models
     assert main([*argv, "--objective", "poft_token", "--output_dir", str(tmp_path / "poft")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "plain text" in error[0] and "objective='sft'" in error[0]
+
+
+# --------------------------------------------------------------------------- 10. the headline is the measured run
+
+
+def test_the_readmes_headline_is_the_recorded_make_demo_run():
+    """The README quotes the `make demo` run recorded in bench/RESULTS.md (measured on the committed code), not a
+    grid run: both are updated together when the demo changes."""
+    root = Path(__file__).resolve().parents[1]
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    results = (root / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    section = results.split("## `make demo` (CPU)", 1)[1].split("\n## ", 1)[0]
+    sft = re.search(r"seed0-sft-lr0\.001: test ([\d.]+)%", section).group(1)
+    poft = re.search(r"seed0-poft_token-lr0\.001: test ([\d.]+)%", section).group(1)
+    row = re.search(r"\| poft_token - sft \| 1 \| ([+-][\d.]+) \| - \| \[([+-][\d.]+), ([+-][\d.]+)\]", section)
+    wall = re.search(r"# (\d+ min \d+ s) wall", section).group(1)
+    assert f"it prints {poft}% exact match" in readme and f"against {sft}% for SFT" in readme
+    assert f"{row.group(1)} points, 95% bootstrap interval over the prompts [{row.group(2)}, {row.group(3)}]" in readme
+    assert f"it takes {wall}" in readme
