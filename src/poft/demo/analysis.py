@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from poft.demo.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
 from poft.objective_registry import DEFAULT, NAMES, OBJECTIVES, SFT
 
-# each PoFT objective is compared with every other method, the default first: one difference between two of them
+# each PoFT objective is compared with every other method; the default comes first, so that two PoFT objectives
+# are compared once, as the default minus the other
 PREFERENCE_METHODS = tuple(
     sorted((o.name for o in OBJECTIVES if o.needs_references), key=lambda name: name != DEFAULT.name)
 )
