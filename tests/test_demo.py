@@ -172,3 +172,31 @@ def test_best_learning_rate_is_chosen_on_validation_and_arms_pair_by_seed():
     assert by_arm["best lr"]["methods"]["sft"]["learning_rate"] == 2e-3
     # both seeds gain exactly 0.25: a zero-width interval over seeds, which excludes zero
     assert same["interval_seeds"] == {"estimate": 0.25, "low": 0.25, "high": 0.25}
+
+
+def test_weights_plot_draws_every_poft_objective_and_sft(tmp_path, monkeypatch):
+    """The weights plot draws the clean and noisy rows' weight of SFT and of each PoFT objective, the default
+    poft_token included, and of no other method."""
+    from matplotlib.axes import Axes
+
+    from poft.demo.report import plot_weights
+
+    drawn = []
+    plot = Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    runs = []
+    for method in ("sft", "poft_token", "poft", "oracle"):
+        for seed in (0, 1):
+            runs.append(record(method, seed, 1e-3, [1, 0]))
+            runs[-1]["curve"] = [
+                {"epoch": e, "validation_accuracy": 0.5, "weight_clean": 0.4, "weight_noisy": 0.6} for e in (0, 1)
+            ]
+    plot_weights(runs, 1e-3, tmp_path / "weights.png")
+    assert sorted(drawn) == sorted(
+        f"{method}, {rows} rows" for method in ("sft", "poft_token", "poft") for rows in ("clean", "noisy")
+    )

@@ -6,8 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from poft.objective_registry import DEFAULT, HELP, NAMES, OBJECTIVES, objective_named
 from poft.objectives import (
+    StepTensors,
     nll_loss,
     normalised_nll_loss,
     poft_loss,
@@ -140,3 +143,32 @@ def test_token_weighted_gradient_is_weighted_token_level_cross_entropy(beta, gam
     tied = r_theta.detach() + 0.7
     (grad_tied,) = torch.autograd.grad(poft_token_loss(r_theta, tied, counts, 1.0, 0.0), weight)
     torch.testing.assert_close(grad_tied, torch.sigmoid(torch.tensor(0.7, dtype=torch.float64)) * grad_sft)
+
+
+def test_every_declared_objective_has_one_name_a_loss_and_help():
+    assert len(set(NAMES)) == len(OBJECTIVES) and DEFAULT in OBJECTIVES
+    for objective in OBJECTIVES:
+        assert objective_named(objective.name) is objective
+        assert callable(objective.loss_function()) and f"{objective.name}: {objective.help}" in HELP
+    assert [o.name for o in OBJECTIVES if o.trl_loss] == ["sft"]
+
+
+def test_declared_losses_are_the_objectives_formulas():
+    """Each objective's loss, called as the trainer calls it, against the formula it stands for."""
+    torch.manual_seed(0)
+    log_probs, mask = -torch.rand(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    r_theta, counts = sequence_mean_log_probs(log_probs, mask)
+    ref = torch.tensor([-0.3, -0.6, -0.2])
+    step = StepTensors(log_probs, mask, r_theta, counts, ref, num_items=None, beta=2.0, gamma=0.5)
+    expected = {
+        "poft": poft_loss(r_theta, ref, 2.0, 0.5),
+        "poft_token": (counts * -F.logsigmoid(2.0 * (r_theta - ref) + 0.5)).sum() / counts.sum(),
+        "sft": -(log_probs * mask).sum() / mask.sum(),
+        "sft_norm": -r_theta.mean(),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(objective_named(name).loss_function()(step), value)
+    dft = StepTensors(log_probs, mask, None, None, None, num_items=4, dft=True)
+    torch.testing.assert_close(
+        objective_named("sft").loss_function()(dft), -(log_probs * log_probs.exp() * mask).sum() / 4
+    )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from poft.errors import OptionError, PoftError
+from poft.objective_registry import OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,15 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "train with PoFT or the SFT baseline on TRL",
-        "Fine-tune a model with PoFT (--objective poft or poft_token, needs a ref_score column from `poft score`) "
-        "or a baseline (--objective sft with TRL's --loss_type nll or dft, or sft_norm). Every SFTConfig / "
-        "TrainingArguments option is accepted.",
+        "Fine-tune a model with PoFT (--objective "
+        + " or ".join(o.name for o in OBJECTIVES if o.needs_references)
+        + ", needs a ref_score column from `poft score`) or a baseline (--objective "
+        + ", or ".join(
+            o.name + (" with TRL's --loss_type nll or dft" if o.trl_loss else "")
+            for o in OBJECTIVES
+            if not o.needs_references
+        )
+        + "). Every SFTConfig / TrainingArguments option is accepted.",
         ("poft.trainer:TrainDataArguments", "poft.trainer:PoFTConfig", "poft.model_config:PoftModelConfig"),
         "poft.trainer:run_train",
     ),

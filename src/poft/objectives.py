@@ -10,10 +10,14 @@ cross-entropy, so `poft_weights` is the per-sample data weight that the referenc
 step's response tokens. Since T_i * r_theta_i is sequence i's summed log-prob, its gradient is
 beta * w_i * grad(summed NLL of sequence i) / N_tokens with w_i the same PoFT weight: token-level SFT with
 each sequence scaled by the weight, so long responses count per token as SFT counts them.
+
+Each training objective's loss is one function of a `StepTensors` (`poft_objective`, `poft_token_objective`,
+`sft_objective`, `sft_norm_objective`), so the trainer calls whichever `poft.objective_registry` declares.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -120,3 +124,47 @@ def normalised_nll_loss(policy_scores: torch.Tensor, num_items: torch.Tensor | i
     """
     denominator = policy_scores.numel() if num_items is None else num_items
     return -policy_scores.sum() / torch.as_tensor(denominator, device=policy_scores.device).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """What an objective's loss reads from one micro-batch.
+
+    `log_probs` and `mask` are the next-token log-probs at the response positions and their mask; `r_theta` and
+    `counts` the per-sequence means and response-token counts (None where the objective needs neither and no
+    reference is given); `ref` the references' scores (None without them); `num_items` the optimizer step's
+    sequences or response tokens (None: this micro-batch's); `dft` asks for TRL's Dynamic Fine-Tuning.
+    """
+
+    log_probs: torch.Tensor
+    mask: torch.Tensor
+    r_theta: torch.Tensor | None
+    counts: torch.Tensor | None
+    ref: torch.Tensor | None
+    num_items: torch.Tensor | int | None
+    beta: float = 1.0
+    gamma: float = 0.0
+    dft: bool = False
+
+
+def poft_objective(step: StepTensors) -> torch.Tensor:
+    """The paper's PoFT loss summed over this micro-batch's sequences, over the step's sequences."""
+    total = poft_loss(step.r_theta, step.ref, step.beta, step.gamma, reduction="sum")
+    return total / (step.num_items if step.num_items is not None else step.r_theta.numel())
+
+
+def poft_token_objective(step: StepTensors) -> torch.Tensor:
+    """Token-weighted PoFT over the step's response tokens."""
+    return poft_token_loss(step.r_theta, step.ref, step.counts, step.beta, step.gamma, step.num_items)
+
+
+def sft_objective(step: StepTensors) -> torch.Tensor:
+    """TRL's token-level cross-entropy; with `dft`, TRL's DFT: each token's NLL scaled by its (detached)
+    probability."""
+    log_probs = step.log_probs * step.log_probs.detach().exp() if step.dft else step.log_probs
+    return nll_loss(log_probs, step.mask, step.num_items)
+
+
+def sft_norm_objective(step: StepTensors) -> torch.Tensor:
+    """Length-normalised SFT over the step's sequences."""
+    return normalised_nll_loss(step.r_theta, step.num_items)

@@ -5,7 +5,7 @@ target's r_theta and the data's `ref_score` measure the same tokens. Each conver
 travels as a per-token column, which survives TRL's padding-free collation and BFD packing unchanged;
 the collator turns it back into one value per sequence, and the loss reduces the fused LM head's
 per-token log-probs to per-sequence means from the sequence boundaries. The loss is normalised by the
-number of sequences (poft, sft_norm) or of response tokens (poft_token, sft) in the whole optimizer step
+number of sequences (objectives declared per_sequence) or of response tokens in the whole optimizer step
 (all micro-batches and processes), so gradient accumulation and data parallelism give the same update as
 one large batch. Around the objective, the trainer does what TRL's compute_loss does: the MoE router
 load-balancing loss, the data-parallel scaling; SFT paths only TRL has (sequence parallelism,
@@ -30,14 +30,9 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
-from poft.objectives import (
-    nll_loss,
-    normalised_nll_loss,
-    poft_loss,
-    poft_token_loss,
-    poft_weights,
-    sequence_mean_log_probs,
-)
+from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objective_named
+from poft.objective_registry import HELP as OBJECTIVE_HELP
+from poft.objectives import StepTensors, poft_weights, sequence_mean_log_probs
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
 from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
 from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
@@ -48,17 +43,9 @@ logger = logging.getLogger(__name__)
 
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
 SEQ_IDS = "poft_seq_ids"
-OBJECTIVES = ("poft", "poft_token", "sft", "sft_norm")
-DEFAULT_OBJECTIVE = "poft_token"  # chosen by the demo grid: bench/RESULTS.md, "Objectives"
-PER_SEQUENCE = ("poft", "sft_norm")  # objectives normalised per sequence; the others per response token
-NEEDS_REFERENCES = ("poft", "poft_token")
-LEGACY_LOSS_TYPES = ("poft", "sft", "sft_norm")  # poft's former spellings of `objective` in TRL's `loss_type`
-OBJECTIVE_HELP = (
-    "poft: the paper's -log sigmoid(beta (r_theta - r_ref) + gamma), averaged over sequences; poft_token: the same "
-    "Bradley-Terry loss weighted by each sequence's response tokens (gradient: token-level SFT with each sequence "
-    "scaled by PoFT's weight); sft: TRL's cross-entropy (its loss_type nll or dft); sft_norm: mean over sequences "
-    "of -r_theta (length-normalised cross-entropy)."
-)
+DEFAULT_OBJECTIVE = DEFAULT.name
+# poft's former spellings of `objective` in TRL's `loss_type`
+LEGACY_LOSS_TYPES = tuple(objective.name for objective in (POFT, SFT, SFT_NORM))
 
 
 @dataclass
@@ -76,7 +63,7 @@ class PoFTConfig(SFTConfig):
     # None until __post_init__: whether the user chose an objective decides if a legacy loss_type contradicts it
     objective: str | None = field(
         default=None,
-        metadata={"help": f"{OBJECTIVE_HELP} Unset means {DEFAULT_OBJECTIVE}.", "choices": list(OBJECTIVES)},
+        metadata={"help": f"{OBJECTIVE_HELP} Unset means {DEFAULT_OBJECTIVE}.", "choices": list(NAMES)},
     )
     loss_type: str = field(
         default="nll",
@@ -140,16 +127,19 @@ class PoFTConfig(SFTConfig):
         if self.loss_type not in ("nll", "dft", "chunked_nll"):
             raise OptionError(
                 f"loss_type must be TRL's nll or dft, got {self.loss_type!r} (poft's objectives are "
-                f"--objective {' | '.join(OBJECTIVES)})"
+                f"--objective {' | '.join(NAMES)})"
             )
-        if self.objective not in OBJECTIVES:
-            raise OptionError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.loss_type == "dft" and self.objective != "sft":
+        if self.objective not in NAMES:
+            raise OptionError(f"objective must be one of {', '.join(NAMES)}, got {self.objective!r}")
+        trl_loss = objective_named(self.objective).trl_loss
+        if self.loss_type == "dft" and not trl_loss:
             raise OptionError(
-                f"loss_type='dft' is TRL's SFT loss and applies with objective='sft', not {self.objective!r}."
+                f"loss_type='dft' is TRL's SFT loss and applies with objective={SFT.name!r}, not {self.objective!r}."
             )
-        if self.label_smoothing_factor and self.objective != "sft":
-            raise OptionError(f"label_smoothing_factor applies with objective='sft' only, not {self.objective!r}.")
+        if self.label_smoothing_factor and not trl_loss:
+            raise OptionError(
+                f"label_smoothing_factor applies with objective={SFT.name!r} only, not {self.objective!r}."
+            )
         check_reading_options(self.truncation_mode, self.system_turns)
         if not self.beta > 0:  # beta 0 makes every gradient vanish; a negative beta trains towards the noise
             raise OptionError(f"--beta must be positive (the paper uses 1), got {self.beta}")
@@ -223,21 +213,22 @@ class PoFTTrainer(SFTTrainer):
             )
         if args.assistant_only_loss or args.completion_only_loss:
             logger.info("PoFT always trains on the response tokens; assistant/completion_only_loss are implied.")
-        if args.objective != "sft" and kwargs.get("compute_loss_func") is not None:
-            raise OptionError("compute_loss_func replaces the loss; it applies with objective='sft' only.")
+        objective = objective_named(args.objective)
+        if not objective.trl_loss and kwargs.get("compute_loss_func") is not None:
+            raise OptionError(f"compute_loss_func replaces the loss; it applies with objective={SFT.name!r} only.")
         # Workaround (TRL 1.16, pinned <1.17): SFTTrainer refuses max_length with padding-free batches because it
         # would not truncate them; the encoder truncates every conversation itself, so it is lifted while TRL sets up.
-        self._truncate_to, self.objective = args.max_length, args.objective
+        self._truncate_to, self.objective = args.max_length, objective
         if args.padding_free and not args.packing:
             args.max_length = None
         try:
             super().__init__(model, args, *pargs, **kwargs)
         finally:
             args.max_length = self._truncate_to
-        if self.objective != "sft" and _sequence_parallel(self.accelerator):
+        if not self.objective.trl_loss and _sequence_parallel(self.accelerator):
             raise OptionError(
-                f"objective={self.objective!r} needs each conversation whole on one process; sequence parallelism "
-                "splits it. Use objective='sft' or turn sequence parallelism off."
+                f"objective={self.objective.name!r} needs each conversation whole on one process; sequence "
+                f"parallelism splits it. Use objective={SFT.name!r} or turn sequence parallelism off."
             )
         if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
             raise ValueError("PoFTTrainer builds its own data collator; do not pass one.")
@@ -253,77 +244,22 @@ class PoFTTrainer(SFTTrainer):
         if formatting_func is not None:
             raise ValueError("PoFTTrainer reads conversations from `messages`; formatting_func is not supported.")
         if MESSAGES not in dataset.column_names and args.dataset_text_field in dataset.column_names:
-            if self.objective != "sft":
+            if not self.objective.trl_loss:
                 raise DataError(
                     f"The {dataset_name} dataset is plain text ({args.dataset_text_field!r}): no response to compare "
-                    f"with the references, so objective={self.objective!r} cannot train on it. Use objective='sft' "
-                    "(language modelling on the text, as TRL's SFTTrainer), or give conversations."
+                    f"with the references, so objective={self.objective.name!r} cannot train on it. Use "
+                    f"objective={SFT.name!r} (language modelling on the text, as TRL's SFTTrainer), or give "
+                    "conversations."
                 )
             return self._prepare_text(dataset, processing_class, args, packing, dataset_name)
-        if MESSAGES not in dataset.column_names:
-            raise DataError(
-                f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
-                "Load it with poft.load_sft_dataset, which accepts messages, prompt/completion, Alpaca and ShareGPT."
-            )
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
-        if self.objective in NEEDS_REFERENCES and not has_ref:
-            raise DataError(
-                f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
-                f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
-                "use objective='sft'."
-            )
-        if COMPLETION_MASK in dataset.column_names and self.objective != "sft":
-            raise DataError(
-                f"The {dataset_name} dataset has a {COMPLETION_MASK!r} column, which leaves tokens out of the loss; "
-                f"it applies with objective='sft' only, since {self.objective}'s r_theta must read the tokens its "
-                "reference scores read. Drop the column or use objective='sft'."
-            )
-        scored = None
-        if self.objective in NEEDS_REFERENCES:
-            _check_reference_column(dataset, ref_column, dataset_name)
-            scored = scoring_settings(dataset, ref_column)
-        encoder = ConversationEncoder(
-            self._tokenizer,
-            fallback_template=args.chat_template,
-            max_length=self._truncate_to,
-            truncation_mode=args.truncation_mode,
-            system_turns=args.system_turns,
-        )
-        if not self._tokenizer.chat_template:  # the trained model is saved with the template it learned
-            self._tokenizer.chat_template = encoder.template
-        dataset = dataset.map(
-            _tokenize,
-            with_indices=True,
-            fn_kwargs={"encoder": encoder, "ref_column": ref_column if has_ref else None},
-            remove_columns=dataset.column_names,
-            num_proc=args.dataset_num_proc,
-            desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
-        )
+        scored = self._check_conversations(dataset, ref_column, dataset_name)
+        dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, dataset_name)
         if scored is not None:
             self._check_scoring_settings(scored, dataset, args, dataset_name)
-        counts = dataset["poft_num_response_tokens"]
-        kept = [n for n, cut in zip(counts, dataset["poft_truncated"], strict=True) if cut and n > 0]
-        if kept:
-            message = partly_truncated(kept, len(counts), self._truncate_to, args.truncation_mode)
-            logger.warning("The %s dataset: %s", dataset_name, message)
-        empty = sum(n == 0 for n in counts)
-        if empty:
-            logger.warning(
-                "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
-                "and are skipped. Raise max_length to keep them.",
-                empty,
-                dataset_name,
-                self._truncate_to,
-            )
-            dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
-            if len(dataset) == 0:
-                raise DataError(
-                    f"None of the {empty} conversations of the {dataset_name} dataset has a response token left "
-                    f"after truncation to {self._truncate_to} tokens (or that this chat template marks), so there "
-                    "is nothing to train on. Raise max_length, or check the chat template."
-                )
-        if self.objective in NEEDS_REFERENCES:
+        dataset = self._skip_empty_responses(dataset, args, dataset_name)
+        if self.objective.needs_references:
             dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
         dataset = dataset.remove_columns(
             ["poft_num_response_tokens", "poft_truncated", "poft_row", POFT_ID] + ([ref_column] if has_ref else [])
@@ -336,6 +272,80 @@ class PoFTTrainer(SFTTrainer):
             dataset = pack_dataset(dataset, self._truncate_to, "bfd", {"desc": f"Packing {dataset_name} dataset"})
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _check_conversations(self, dataset: Dataset, ref_column: str, dataset_name: str) -> dict | None:
+        """Refuse, before anything is tokenized, conversations the objective cannot train on; return the settings
+        the reference scores were computed with (None where the objective reads no reference)."""
+        if MESSAGES not in dataset.column_names:
+            raise DataError(
+                f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
+                "Load it with poft.load_sft_dataset, which accepts messages, prompt/completion, Alpaca and ShareGPT."
+            )
+        if self.objective.needs_references and ref_column not in dataset.column_names:
+            raise DataError(
+                f"The {dataset_name} dataset has no {ref_column!r} column, which PoFT needs. Score it first with "
+                f"`poft score --data ... --model REF --output DIR` and train on DIR, set ref_score_column, or "
+                f"use objective={SFT.name!r}."
+            )
+        if COMPLETION_MASK in dataset.column_names and not self.objective.trl_loss:
+            raise DataError(
+                f"The {dataset_name} dataset has a {COMPLETION_MASK!r} column, which leaves tokens out of the loss; "
+                f"it applies with objective={SFT.name!r} only, since {self.objective.name}'s r_theta must read the "
+                f"tokens its reference scores read. Drop the column or use objective={SFT.name!r}."
+            )
+        if not self.objective.needs_references:
+            return None
+        _check_reference_column(dataset, ref_column, dataset_name)
+        return scoring_settings(dataset, ref_column)
+
+    def _tokenize_conversations(
+        self, dataset: Dataset, args: PoFTConfig, ref_column: str | None, dataset_name: str
+    ) -> Dataset:
+        """Each conversation's tokens and response-only labels by `poft.chat`, the code that scored the references,
+        with its reference score copied to every token (`REF_TOKENS`) when `ref_column` is given."""
+        encoder = ConversationEncoder(
+            self._tokenizer,
+            fallback_template=args.chat_template,
+            max_length=self._truncate_to,
+            truncation_mode=args.truncation_mode,
+            system_turns=args.system_turns,
+        )
+        if not self._tokenizer.chat_template:  # the trained model is saved with the template it learned
+            self._tokenizer.chat_template = encoder.template
+        return dataset.map(
+            _tokenize,
+            with_indices=True,
+            fn_kwargs={"encoder": encoder, "ref_column": ref_column},
+            remove_columns=dataset.column_names,
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
+        )
+
+    def _skip_empty_responses(self, dataset: Dataset, args: PoFTConfig, dataset_name: str) -> Dataset:
+        """Warn of conversations truncation cut, and skip those it left without a response token."""
+        counts = dataset["poft_num_response_tokens"]
+        kept = [n for n, cut in zip(counts, dataset["poft_truncated"], strict=True) if cut and n > 0]
+        if kept:
+            message = partly_truncated(kept, len(counts), self._truncate_to, args.truncation_mode)
+            logger.warning("The %s dataset: %s", dataset_name, message)
+        empty = sum(n == 0 for n in counts)
+        if not empty:
+            return dataset
+        logger.warning(
+            "%d conversations of the %s dataset have no response token left after truncation to %s tokens "
+            "and are skipped. Raise max_length to keep them.",
+            empty,
+            dataset_name,
+            self._truncate_to,
+        )
+        dataset = dataset.filter(lambda n: n > 0, input_columns="poft_num_response_tokens")
+        if len(dataset) == 0:
+            raise DataError(
+                f"None of the {empty} conversations of the {dataset_name} dataset has a response token left "
+                f"after truncation to {self._truncate_to} tokens (or that this chat template marks), so there "
+                "is nothing to train on. Raise max_length, or check the chat template."
+            )
         return dataset
 
     def _prepare_text(self, dataset: Dataset, processing_class, args: PoFTConfig, packing: bool, dataset_name: str):
@@ -381,11 +391,10 @@ class PoFTTrainer(SFTTrainer):
         logger.warning("%s (allow_truncation_mismatch is set)", message)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Sequences (poft, sft_norm) or response tokens (sft, poft_token) in the whole optimizer step, across
-        processes."""
+        """Sequences (a per-sequence objective) or response tokens in the whole optimizer step, across processes."""
         if not batch_samples:
             return None
-        if self.objective in PER_SEQUENCE:
+        if self.objective.per_sequence:
             count = sum(_num_sequences(batch) for batch in batch_samples)
         else:
             count = sum(int(batch["labels"][..., 1:].ne(-100).sum()) for batch in batch_samples)
@@ -413,21 +422,20 @@ class PoFTTrainer(SFTTrainer):
         """The objective's loss over this micro-batch (normalised by the step's items) and r_theta (or None)."""
         log_probs, mask = outputs.log_probs, outputs.label_mask
         r_theta, counts = None, None
-        if ref is not None or self.objective == "sft_norm":
+        if ref is not None or not self.objective.trl_loss:  # the scores PoFT's metrics or the loss read
             r_theta, counts = sequence_mean_log_probs(log_probs, mask, seq_ids, num_sequences)
-        beta, gamma = self.args.beta, self.args.gamma
-        if self.objective == "poft":
-            total = poft_loss(r_theta, ref, beta, gamma, reduction="sum")
-            loss = total / (num_items_in_batch if num_items_in_batch is not None else r_theta.numel())
-        elif self.objective == "poft_token":
-            loss = poft_token_loss(r_theta, ref, counts, beta, gamma, num_items_in_batch)
-        elif self.objective == "sft_norm":
-            loss = normalised_nll_loss(r_theta, num_items_in_batch)
-        elif self.args.loss_type == "dft":  # TRL's DFT: each token's NLL scaled by its (detached) probability
-            loss = nll_loss(log_probs * log_probs.detach().exp(), mask, num_items_in_batch)
-        else:
-            loss = nll_loss(log_probs, mask, num_items_in_batch)
-        return loss, r_theta
+        step = StepTensors(
+            log_probs,
+            mask,
+            r_theta,
+            counts,
+            ref,
+            num_items_in_batch,
+            self.args.beta,
+            self.args.gamma,
+            dft=self.args.loss_type == "dft",
+        )
+        return self.objective.loss_function()(step), r_theta
 
     def _scale_for_parallelism_and_aux(self, loss: torch.Tensor, outputs, num_items_in_batch) -> torch.Tensor:
         """What TRL's compute_loss does around its loss, for every objective: DDP averages gradients over the
@@ -441,7 +449,7 @@ class PoFTTrainer(SFTTrainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective == "sft" and self._trl_computes_the_loss():
+        if self.objective.trl_loss and self._trl_computes_the_loss():
             inputs = {k: v for k, v in inputs.items() if k not in (REF_TOKENS, SEQ_IDS)}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -557,7 +565,8 @@ def _check_reference_column(dataset: Dataset, ref_column: str, dataset_name: str
     if feature == Value("null") or all(value is None for value in dataset[ref_column]):
         raise DataError(
             f"Every {ref_column!r} of the {dataset_name} dataset is null (no reference could score any row), so "
-            "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use objective='sft'."
+            "PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), or use "
+            f"objective={SFT.name!r}."
         )
     if not is_numeric(feature):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
@@ -589,7 +598,7 @@ def _drop_null_reference_scores(dataset: Dataset, ref_column: str, dataset_name:
         raise DataError(
             f"Every {ref_column!r} of the {dataset_name} dataset left to train on is null (no reference could score "
             "any row), so PoFT has nothing to compare with. Rescore with `poft score` (see its warnings), raise "
-            "max_length, or use objective='sft'."
+            f"max_length, or use objective={SFT.name!r}."
         )
     logger.warning(
         "%d of %d conversations of the %s dataset have a null %r (no reference could score them: their response "

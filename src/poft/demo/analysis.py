@@ -4,6 +4,9 @@ with intervals (`poft.demo.intervals`).
 Two learning-rate arms are summarised: "same lr" (every method at --learning_rate) and, after a sweep,
 "best lr" (each method at the rate that did best on the validation split; the filter and oracle baselines
 train like SFT and take its rate).
+
+Each objective of `poft.objective_registry` is a method of the same name; its PoFT objectives (those that read the
+references) are the methods compared with every other one.
 """
 
 from __future__ import annotations
@@ -13,9 +16,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from poft.demo.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
+from poft.objective_registry import DEFAULT, NAMES, OBJECTIVES, SFT
 
-PREFERENCE_METHODS = ("poft_token", "poft")  # each is compared with every other method; poft_token minus poft once
-SWEPT = ("sft", "poft", "poft_token", "dft", "sft_norm")  # own objectives; filter and oracle train like sft
+# each PoFT objective is compared with every other method; the default comes first, so that two PoFT objectives
+# are compared once, as the default minus the other
+PREFERENCE_METHODS = tuple(
+    sorted((o.name for o in OBJECTIVES if o.needs_references), key=lambda name: name != DEFAULT.name)
+)
+LOSS_TYPES = {"dft": "dft"}  # methods that train with SFT's objective under another of TRL's loss_type
+# methods with a training loss of their own, in the demo's order (the filters and the oracle train like SFT)
+SWEPT = (
+    SFT.name,
+    *(o.name for o in OBJECTIVES if o.needs_references),
+    *LOSS_TYPES,
+    *(o.name for o in OBJECTIVES if not o.needs_references and o is not SFT),
+)
 DPO_SUFFIX = "+dpo"  # an arm that runs DPO after its base method, at the base method's learning rate
 # comparisons besides the preference methods' (each DPO arm against the other, with the same DPO budget)
 PAIRED = {"poft_token+dpo": ("sft+dpo",)}
@@ -24,6 +39,15 @@ PAIRED = {"poft_token+dpo": ("sft+dpo",)}
 def base_method(method: str) -> str:
     """The method a `+dpo` arm trains with before DPO (the method itself otherwise)."""
     return method.removesuffix(DPO_SUFFIX)
+
+
+def training_objective(method: str) -> tuple[str, str]:
+    """The (objective, TRL loss_type) `method` trains with: an objective's own; SFT's for every other method
+    (filters, oracle, Token Cleaning, a `+dpo` arm's first stage by its base method)."""
+    method = base_method(method)
+    if method in NAMES:
+        return method, "nll"
+    return SFT.name, LOSS_TYPES.get(method, "nll")
 
 
 def final_validation_accuracy(record: dict) -> float:
@@ -43,7 +67,7 @@ def best_learning_rates(sweep: Sequence[dict]) -> dict[str, float]:
 
 def arm_lr(method: str, best_lr: dict[str, float], default: float) -> float:
     method = base_method(method)
-    return best_lr.get(method if method in SWEPT else "sft", default)
+    return best_lr.get(method if method in SWEPT else SFT.name, default)
 
 
 def _interval_over_seeds(values: list[float]) -> dict | None:

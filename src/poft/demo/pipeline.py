@@ -54,11 +54,7 @@ logger = logging.getLogger(__name__)
 WORLD_VERSION = 3  # bump when the world's construction changes, to invalidate cached models
 WORLD_LEARNING_RATE = 1e-3  # references and base; the target's learning rate is --learning_rate
 METHODS = (
-    "sft",
-    "poft",
-    "poft_token",
-    "dft",
-    "sft_norm",
+    *SWEPT,
     "oracle",
     "filter",
     "token_cleaning",

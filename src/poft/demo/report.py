@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from poft.demo.analysis import PREFERENCE_METHODS
 from poft.demo.intervals import paired_t_interval
+from poft.objective_registry import SFT
 from poft.optional import pyplot
 from poft.outputs import atomic_write, atomic_write_text
 
@@ -151,11 +154,18 @@ def plot_accuracy(runs: Sequence[dict], learning_rate: float, path: Path) -> Non
     _curve_plot(runs, learning_rate, path, draw, "validation exact match (%)")
 
 
+def _weight_styles() -> dict[str, str]:
+    """The methods the weights plot draws, with their line styles: each PoFT objective its own, SFT dotted."""
+    styles = itertools.cycle(("-", "--", "-."))
+    return {**{method: next(styles) for method in PREFERENCE_METHODS}, SFT.name: ":"}
+
+
 def plot_weights(runs: Sequence[dict], learning_rate: float, path: Path) -> None:
-    """sigmoid(r_ref - r_theta) of clean and noisy rows per epoch, for PoFT and for SFT, with 95% bands."""
+    """sigmoid(r_ref - r_theta) of clean and noisy rows per epoch, for each PoFT objective and for SFT, with 95%
+    bands."""
 
     def draw(ax, methods):
-        for method, style in (("poft", "-"), ("sft", ":")):
+        for method, style in _weight_styles().items():
             for key, color in (("weight_clean", "tab:blue"), ("weight_noisy", "tab:red")):
                 group = methods.get(method, [])
                 if not group or all(p[key] is None for r in group for p in r["curve"]):

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
 
 from poft.chat import ConversationEncoder
-from poft.demo.analysis import base_method
+from poft.demo.analysis import training_objective
 from poft.demo.methods import dpo_config, train_dpo
 from poft.evaluation import exact_match_per_row
 from poft.objectives import poft_weights
@@ -34,13 +34,6 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 24  # the longest answer of the suite is 20 characters plus the end of turn
-# (objective, TRL loss_type) of each method; every other method (filters, oracle) trains with token-level SFT
-OBJECTIVES = {
-    "poft": ("poft", "nll"),
-    "poft_token": ("poft_token", "nll"),
-    "sft_norm": ("sft_norm", "nll"),
-    "dft": ("sft", "dft"),
-}
 
 
 @dataclass(frozen=True)
@@ -167,11 +160,12 @@ def train_run(
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     recorder = EpochRecorder(validation, sample, settings.max_grad_norm)
+    objective, loss_type = training_objective(spec.method)
     with tempfile.TemporaryDirectory() as scratch:
         args = PoFTConfig(
             output_dir=scratch,
-            objective=OBJECTIVES.get(base_method(spec.method), ("sft", "nll"))[0],
-            loss_type=OBJECTIVES.get(base_method(spec.method), ("sft", "nll"))[1],
+            objective=objective,
+            loss_type=loss_type,
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=spec.learning_rate,
