@@ -458,5 +458,9 @@ def run_report(config: ReportConfig) -> Path:
     markdown = "\n".join(lines)
     atomic_write_text(output / "report.md", markdown)
     atomic_write_text(output / "report.html", render_html(markdown, output, title="poft report"))
-    print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"
+
+
+def written(report: Path) -> str:
+    """What `poft report` prints of `run_report`'s result: the two files it wrote."""
+    return f"Wrote {report} and {report.with_name('report.html')}"

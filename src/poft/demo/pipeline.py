@@ -490,7 +490,7 @@ class Grid:
         return spec, self.world_settings[spec.world], world.base, data, sample, world.validation, world.test, pairs
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
-        """Records of every spec, in order; prints progress and the estimated time left."""
+        """Records of every spec, in order; logs progress and the estimated time left."""
         records: dict[RunSpec, dict] = {}
         pending = []
         for spec in dict.fromkeys(specs):
@@ -515,10 +515,14 @@ class Grid:
             records[spec] = record
             elapsed = time.perf_counter() - started
             left = elapsed / done * (len(pending) - done)
-            print(
-                f"[{done}/{len(pending)}] {spec.name}: test {100 * record['test_accuracy']:.1f}% "
-                f"({record['seconds']:.0f} s); about {left / 60:.0f} min left",
-                flush=True,
+            logger.info(
+                "[%d/%d] %s: test %.1f%% (%.0f s); about %.0f min left",
+                done,
+                len(pending),
+                spec.name,
+                100 * record["test_accuracy"],
+                record["seconds"],
+                left / 60,
             )
 
         if self.config.workers == 1 or len(pending) <= 1:
@@ -621,8 +625,7 @@ def run_demo(config: DemoConfig) -> dict:
         "summary": summarise(records, config.learning_rate, best_lr),
     }
     atomic_write_text(output / "results.json", json.dumps(results, indent=2))
-    table = write_demo_report(results, grid.distributions, output)
-    print(table)
+    write_demo_report(results, grid.distributions, output)
     return results
 
 
