@@ -84,6 +84,13 @@ def test_help_lists_commands_and_options(capsys):
     assert main(["nope"]) == 2
 
 
+def test_what_a_command_prints_is_a_function_of_its_result():
+    """Library code returns, the command line prints: each `show` names a function of the runner's result."""
+    shown = {name: command.show for name, command in COMMANDS.items() if command.show is not None}
+    assert set(shown) == {"demo", "filter", "eval", "report", "quickstart"}
+    assert all(callable(COMMANDS[name].load(show)) for name, show in shown.items())
+
+
 def test_merge_repeated_model_flags():
     assert merge_repeated(
         ["--data", "d", "--model", "a", "--out", "o", "--model=b", "--model", "c", "d"], ["--model"]

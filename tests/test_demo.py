@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import huggingface_hub.utils
@@ -68,8 +69,10 @@ def toy_config(tmp_path, **overrides) -> DemoConfig:
     return DemoConfig(**{**settings, **overrides})
 
 
-def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
-    results = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
+def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="poft.demo.pipeline"):
+        results = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
+    assert "[8/8] standard-paper-0.6-seed" in caplog.text  # the progress lines `poft demo` shows
     out = tmp_path / "demo"
     for name in ("report.md", "accuracy.png", "score_distribution.png", "weights.png", "differences.png"):
         assert (out / name).stat().st_size > 0, name
@@ -99,9 +102,10 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| standard | paper | 0.6 | same lr | sft_norm |" in report
 
-    capsys.readouterr()
-    again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
-    assert "[1/" not in capsys.readouterr().out  # nothing retrained
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="poft.demo.pipeline"):
+        again = run_demo(toy_config(tmp_path, seeds=[0, 1], methods=["sft", "poft", "poft_token", "sft_norm"]))
+    assert "8 of 8 runs already finished" in caplog.text and "[1/" not in caplog.text  # nothing retrained
     assert again["runs"] == results["runs"] and again["separation"] == results["separation"]
 
 

@@ -122,7 +122,8 @@ def test_cli_compares_models_on_answer_data(tiny_models, tmp_path, capsys):
     metrics = payload["results"]["a"]["data:qa.jsonl"]
     assert 0 <= metrics["exact_match"] <= 1 and metrics["response_log_likelihood"] < 0
     assert payload["results"]["a"] == payload["results"]["b"]
-    assert "| data:qa.jsonl | exact_match |" in (tmp_path / "ev" / "eval_table.md").read_text()
+    table = (tmp_path / "ev" / "eval_table.md").read_text()
+    assert "| data:qa.jsonl | exact_match |" in table and capsys.readouterr().out == table  # the command prints it
     assert main(["eval", "--model", tiny_models["chatml"], "--tasks", "none"]) == 2
     assert "Nothing to evaluate" in capsys.readouterr().err
     with pytest.raises(ValueError, match="NAME:FEWSHOT"):

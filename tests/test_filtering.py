@@ -129,7 +129,7 @@ def test_ifd_error_names_the_users_row(tiny_models, tmp_path):
         ifd_scores(as_dataset(make_conversations(3)), str(path), ScoreConfig(cache_dir=str(tmp_path), device="cpu"))
 
 
-def test_cli_ifd_then_score_filter(tiny_models, tmp_path):
+def test_cli_ifd_then_score_filter(tiny_models, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_conversations(20, seed=4))
     common = ["--device", "cpu", "--cache_dir", str(tmp_path / "c")]
     assert (
@@ -166,6 +166,7 @@ def test_cli_ifd_then_score_filter(tiny_models, tmp_path):
         )
         == 0
     )
+    capsys.readouterr()
     assert (
         main(
             [
@@ -190,6 +191,8 @@ def test_cli_ifd_then_score_filter(tiny_models, tmp_path):
     )
     history = json.loads((tmp_path / "top" / "filter_summary.json").read_text())
     assert [h["filter"] for h in history] == ["ifd top 0.8 and < 1", "ref_score top 0.4"]
+    printed = json.loads(capsys.readouterr().out)  # the command prints its summary
+    assert printed == {k: v for k, v in history[-1].items() if k not in ("source", "config")}
     assert (
         main(
             [

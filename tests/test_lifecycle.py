@@ -359,7 +359,7 @@ def test_quickstart_with_fewer_steps_than_its_logging_interval(tmp_path):
     from poft.demo.quickstart import LOGGING_STEPS, QuickstartConfig, run_quickstart
 
     steps = LOGGING_STEPS - 1
-    summary = run_quickstart(QuickstartConfig(output=str(tmp_path / "q"), max_steps=steps, device="cpu"))
+    summary = run_quickstart(QuickstartConfig(output=str(tmp_path / "q"), max_steps=steps, device="cpu"))["last_step"]
     assert set(summary) == {"loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref"}
     assert all(math.isfinite(value) for value in summary.values())
     assert 0 < summary["poft/weight"] < 1

@@ -40,7 +40,7 @@ def test_eval_table_puts_models_side_by_side():
     ]
 
 
-def test_report_over_scores_runs_and_evals(tmp_path):
+def test_report_over_scores_runs_and_evals(tmp_path, capsys):
     n = 40
     rng = np.random.default_rng(1)
     noisy = [i % 4 == 0 for i in range(n)]
@@ -76,6 +76,9 @@ def test_report_over_scores_runs_and_evals(tmp_path):
         ]
     )
     assert code == 0
+    assert (
+        capsys.readouterr().out == f"Wrote {tmp_path / 'rep' / 'report.md'} and {tmp_path / 'rep' / 'report.html'}\n"
+    )
     report = (tmp_path / "rep" / "report.md").read_text()
     for text in (
         "## Reference scores",

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from poft.chat import ConversationEncoder
 from poft.demo.builders import save_model, tiny_llama
-from poft.demo.methods import MAX_LENGTH, token_cleaning_data
+from poft.demo.methods import token_cleaning_data
+from poft.demo.settings import MAX_LENGTH
 from poft.errors import DataError
 from poft.schema import COMPLETION_MASK
 from poft.token_cleaning import KEEP_RATIO, select_global_top, token_influence

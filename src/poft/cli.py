@@ -1,6 +1,7 @@
 """`poft <stage>`: each stage's config from a YAML file (`--config`) plus flag overrides, TRL-style.
 
-One table names every command: its config classes, the function that runs it and its help. Flags use
+One table names every command: its config classes, the function that runs it, what it prints of that function's
+result, and its help. Library code never prints: a runner returns its result and this module prints it. Flags use
 the config fields' names, with underscores or dashes. User errors, poft's own `PoftError` types raised
 where input is validated (bad data, a missing column, an unusable chat template or model, a bad option,
 an output that must not be written, a full disk), end with one readable line and exit code 2; set
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -25,8 +27,9 @@ from poft.objective_registry import OBJECTIVES
 class Command:
     """A subcommand: `configs` are parsed from YAML and flags and passed, in order, to `run`.
 
-    Classes and runners are named as "module:attribute" and imported only when their command runs, so
-    `poft --help` stays fast.
+    `show`, where given, turns what `run` returns into what the command prints: a string, printed as it is, or a
+    dict, printed as JSON; a command without it prints nothing. Classes, runners and `show` are named as
+    "module:attribute" and imported only when their command runs, so `poft --help` stays fast.
     """
 
     help: str
@@ -34,6 +37,7 @@ class Command:
     configs: tuple[str, ...]
     run: str
     repeated: tuple[str, ...] = ()  # list flags that accumulate when repeated: --model A --model B
+    show: str | None = None
 
     def load(self, name: str):
         module, _, attribute = name.partition(":")
@@ -49,6 +53,7 @@ COMMANDS: dict[str, Command] = {
         "plots and results.json.",
         ("poft.demo.pipeline:DemoConfig",),
         "poft.demo.pipeline:run_demo",
+        show="poft.demo.report:summary_tables",
     ),
     "score": Command(
         "score SFT data with reference models (writes ref_score)",
@@ -74,6 +79,7 @@ COMMANDS: dict[str, Command] = {
         "dropped, as its authors do). Filters compose; poft_filters and filter_summary.json record what was kept.",
         ("poft.filtering:FilterConfig",),
         "poft.filtering:run_filter",
+        show="poft.filtering:kept_summary",
     ),
     "train": Command(
         "train with PoFT or the SFT baseline on TRL",
@@ -105,6 +111,7 @@ COMMANDS: dict[str, Command] = {
         ("poft.evaluation:EvalConfig",),
         "poft.evaluation:run_eval",
         repeated=("--model",),
+        show="poft.evaluation:results_table",
     ),
     "report": Command(
         "markdown report with plots of scores, training runs and evals",
@@ -115,6 +122,7 @@ COMMANDS: dict[str, Command] = {
         ("poft.report:ReportConfig",),
         "poft.report:run_report",
         repeated=("--runs", "--eval"),
+        show="poft.report:written",
     ),
     "quickstart": Command(
         "check an installation: the pipeline in seconds on tiny random models",
@@ -122,8 +130,14 @@ COMMANDS: dict[str, Command] = {
         "the whole pipeline in seconds on a CPU, nothing downloaded.",
         ("poft.demo.quickstart:QuickstartConfig",),
         "poft.demo.quickstart:run_quickstart",
+        show="poft.cli:as_returned",
     ),
 }
+
+
+def as_returned(result: dict) -> dict:
+    """What a runner returned, whole: for a command whose result is just what it prints."""
+    return result
 
 
 def merge_repeated(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
@@ -237,13 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poft.runtime import progress_bars_on_terminal_only
 
     progress_bars_on_terminal_only()
+    command = COMMANDS[name]
     try:
-        COMMANDS[name].load(COMMANDS[name].run)(*parse(name, rest))
+        result = command.load(command.run)(*parse(name, rest))
     except PoftError as error:
         if os.environ.get("POFT_DEBUG"):
             raise
         print(f"poft {name}: error: {error}", file=sys.stderr)
         return 2
+    if command.show is not None:
+        shown = command.load(command.show)(result)
+        print(shown if isinstance(shown, str) else json.dumps(shown, indent=2))
     return 0
 
 

@@ -3,8 +3,7 @@
 `poft.sources` reads the data into located rows (or opens a saved or Hub dataset), `poft.formats` turns
 each row into ``messages``; both kinds of input go through one per-row conversion, so a file and a saved
 dataset holding the same rows give the same result and the same errors. A bad row is reported with the
-file and the line or row a person has to fix, or skipped into a report on request. `StageIO` holds the
-input and output options every dataset stage shares.
+file and the line or row a person has to fix, or skipped into a report on request.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import pyarrow as pa
 
 from poft.errors import DataError
 from poft.formats import MESSAGES_FEATURE, SOURCE_COLUMNS, detect_format, match_format, normalize_example, type_name
-from poft.options import skip_invalid_field
 from poft.outputs import atomic_write_text
 from poft.schema import MESSAGES, POFT_ID, conversation_id
 from poft.sources import Row, column_union, open_source
@@ -236,37 +234,3 @@ def _write_report(bad: list[Row], report: Path) -> None:
         for row in bad
     ]
     atomic_write_text(report, "".join(line + "\n" for line in lines))
-
-
-@dataclass
-class StageIO:
-    """Where a dataset stage (`poft score`, `filter`, `noise`) reads and writes, and what it may replace."""
-
-    data: str | None = field(
-        default=None,
-        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
-    )
-    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
-    output: str | None = field(
-        default=None, metadata={"help": "Directory for the output dataset (loadable with datasets.load_from_disk)."}
-    )
-    skip_invalid: bool = skip_invalid_field("OUTPUT/invalid_rows.jsonl")
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a previous poft output at --output (even the input itself, atomically), and input "
-            "columns poft computes (poft_id, ref_score, score_<name>, poft_filters, ifd, poft_noise) that poft "
-            "did not write."
-        },
-    )
-
-    def load_input(self, output_tmp: Path | None = None) -> datasets.Dataset:
-        """The input rows; with --skip_invalid, bad rows go to `invalid_rows.jsonl` in the output being written."""
-        report = output_tmp / "invalid_rows.jsonl" if self.skip_invalid and output_tmp is not None else None
-        return load_sft_dataset(
-            self.data,
-            split=self.split,
-            skip_invalid=self.skip_invalid,
-            invalid_report=report,
-            replace_poft_id=self.overwrite,
-        )

@@ -25,6 +25,7 @@ from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_opti
 from poft.errors import DataError, DependencyError, OptionError
 from poft.gguf_models import load_args
 from poft.outputs import atomic_write_text
+from poft.report import eval_table
 from poft.runtime import resolve_device, resolve_dtype
 from poft.schema import MESSAGES
 from poft.scoring import load_model, model_max_length, model_scores, parse_references
@@ -378,10 +379,12 @@ def run_eval(config: EvalConfig) -> dict:
             loaded = None
             results[reference.name].update(run_lm_eval(model, tokenizer, config.tasks, config))
             _write(output, payload, predictions)
-    from poft.report import eval_table
-
-    print(eval_table([payload]))
     return payload
+
+
+def results_table(payload: dict) -> str:
+    """The comparison table of one `poft eval` run: what the command prints and writes to eval_table.md."""
+    return eval_table([payload])
 
 
 def _load(path: str, config: EvalConfig):
@@ -424,12 +427,10 @@ def _evaluate_data(model, tokenizer, name: str, data: Dataset, config: EvalConfi
 
 def _write(output: Path, payload: dict, predictions: list[dict]) -> None:
     """eval_results.json, eval_table.md and, with --data, eval_predictions.jsonl, each written atomically."""
-    from poft.report import eval_table
-
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "eval_results.json", json.dumps(payload, indent=2))
     if predictions:
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
         atomic_write_text(output / PREDICTIONS, lines)
         logger.info("Wrote every generation and its verdict to %s", output / PREDICTIONS)
-    atomic_write_text(output / "eval_table.md", eval_table([payload]) + "\n")
+    atomic_write_text(output / "eval_table.md", results_table(payload) + "\n")

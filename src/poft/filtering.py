@@ -13,22 +13,21 @@ Filters compose: each keeps rows, appends what it did to the `poft_filters` colu
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset, Value
 
-from poft.data import StageIO
 from poft.errors import DataError, OptionError
 from poft.schema import FILTERS, IFD, MESSAGES, POFT_ID, REF_SCORE, conversation_id, is_numeric, score_column
 from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
-from poft.stage import open_stage
+from poft.stage import StageIO, open_stage
 
 logger = logging.getLogger(__name__)
 
 FEW_KEPT = 0.01  # keeping fewer than this share of the rows is warned about; keeping none is an error
+RECORD_SOURCE, RECORD_CONFIG = "source", "config"  # what a filter's record in filter_summary.json adds to its summary
 
 
 @dataclass
@@ -178,8 +177,11 @@ def ifd_scores(dataset: Dataset, model: str, config: ScoringOptions) -> list[flo
     ]
 
 
-def run_filter(config: FilterConfig) -> Dataset:
-    """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically)."""
+def run_filter(config: FilterConfig) -> tuple[Dataset, dict]:
+    """`poft filter`: load, (compute IFD,) keep, save rows and append to filter_summary.json (atomically).
+
+    Returns the kept rows and this filter's summary (`filter_by_score`'s), its record without the source and config.
+    """
     stage = open_stage(config, "filter")  # reads the filter records first: a corrupt one stops the run at once
 
     def keep(dataset: Dataset) -> Dataset:
@@ -195,11 +197,14 @@ def run_filter(config: FilterConfig) -> Dataset:
         kept, summary = filter_by_score(
             dataset, config.by, top_fraction=config.top_fraction, threshold=config.threshold, drop_at_or_above=drop
         )
-        summaries.append(summary)
-        stage.history.append({**summary, "source": config.data, "config": asdict(config)})
+        stage.history.append({**summary, RECORD_SOURCE: config.data, RECORD_CONFIG: asdict(config)})
         return kept
 
-    summaries: list[dict] = []
     kept = stage.write([FILTERS] + ([IFD] if config.ifd_model is not None else []), keep)
-    print(json.dumps(summaries[-1], indent=2))
-    return kept
+    record = stage.history[-1]
+    return kept, {key: value for key, value in record.items() if key not in (RECORD_SOURCE, RECORD_CONFIG)}
+
+
+def kept_summary(result: tuple[Dataset, dict]) -> dict:
+    """What `poft filter` prints of `run_filter`'s result: the summary of what it kept."""
+    return result[1]

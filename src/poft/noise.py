@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from poft.data import StageIO
 from poft.errors import OptionError
 from poft.schema import CONTENT_SCORES, MESSAGES, NOISE, POFT_ID, conversation_id
-from poft.stage import open_stage
+from poft.stage import StageIO, open_stage
 
 logger = logging.getLogger(__name__)
 

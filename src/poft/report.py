@@ -176,16 +176,29 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     lines = ["## Data audit", ""]
     if REF_SCORE not in dataset.column_names:
         return lines + ["No ref_score column (the references' mean that `poft score` writes): nothing to audit.", ""]
-    names = [*references, REF_SCORE]
-    columns = {n: dataset[n] for n in names}
-    found = audit.extremes(columns[REF_SCORE], rows)
-    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in [REF_SCORE, *references]}
+    columns = {n: dataset[n] for n in [*references, REF_SCORE]}
     noise = {}
     if NOISE in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
         flags = dataset[NOISE]
         noise = {"noisy": lambda row: "yes" if flags[row] else "no"}
+    lines += _extreme_rows(dataset, columns, references, noise, rows, text_chars)
+    lines += _disputed_rows(dataset, columns, references, noise, rows, text_chars)
+    return lines + _threshold_shares(columns, len(dataset))
+
+
+def _extreme_rows(
+    dataset,
+    columns: dict[str, list],
+    references: list[str],
+    noise: dict[str, Callable[[int], str]],
+    rows: int,
+    text_chars: int,
+) -> list[str]:
+    """The audit's tables of the rows with the lowest and the highest ref_score, and of those without one."""
+    found = audit.extremes(columns[REF_SCORE], rows)
+    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in [REF_SCORE, *references]}
     scores.update(noise)
-    lines += [
+    lines = [
         "Rows are numbered from 0 in the scored dataset's order (`datasets.load_from_disk(DIR)[row]`); "
         "text is the first user turn and the first assistant turn, shortened.",
         "",
@@ -209,35 +222,49 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
             *_rows_table(dataset, found.missing[:rows], scores, text_chars),
             "",
         ]
-    lines += ["### Where the references disagree", ""]
+    return lines
+
+
+def _disputed_rows(
+    dataset,
+    columns: dict[str, list],
+    references: list[str],
+    noise: dict[str, Callable[[int], str]],
+    rows: int,
+    text_chars: int,
+) -> list[str]:
+    """The audit's table of the rows whose references' percentile ranks differ most."""
+    lines = ["### Where the references disagree", ""]
     disputed = audit.disagreements({n: columns[n] for n in references}, rows)
     if len(references) < 2:
-        lines += ["One reference: nothing to compare.", ""]
-    elif disputed:
-        by_row = {d.row: d for d in disputed}
-        cells = {
-            n: (lambda row, n=n: f"{_score(columns[n][row])} ({by_row[row].percentiles[n]:.0f})") for n in references
-        }
-        lines += [
-            "Each reference's scores as percentiles among the rows all references scored (0: its lowest row, "
-            "100: its highest; in brackets), since references' log-prob scales differ; spread is the largest "
-            "minus the smallest percentile.",
-            "",
-            *_rows_table(
-                dataset,
-                [d.row for d in disputed],
-                {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **noise},
-                text_chars,
-            ),
-            "",
-        ]
-    else:
-        lines += [
+        return lines + ["One reference: nothing to compare.", ""]
+    if not disputed:
+        return lines + [
             "No disagreement: the references rank every row they all scored alike (or no row was scored by "
             "every reference).",
             "",
         ]
-    lines += [
+    by_row = {d.row: d for d in disputed}
+    cells = {n: (lambda row, n=n: f"{_score(columns[n][row])} ({by_row[row].percentiles[n]:.0f})") for n in references}
+    return lines + [
+        "Each reference's scores as percentiles among the rows all references scored (0: its lowest row, "
+        "100: its highest; in brackets), since references' log-prob scales differ; spread is the largest "
+        "minus the smallest percentile.",
+        "",
+        *_rows_table(
+            dataset,
+            [d.row for d in disputed],
+            {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **noise},
+            text_chars,
+        ),
+        "",
+    ]
+
+
+def _threshold_shares(columns: dict[str, list], n_rows: int) -> list[str]:
+    """The audit's shares of rows below token-probability thresholds, and what each top fraction keeps."""
+    names = list(columns)
+    lines = [
         "### Rows below thresholds",
         "",
         "exp(score) is the geometric-mean probability a reference gives a response token, so each threshold is "
@@ -262,7 +289,7 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     ]
     for fraction in audit.TOP_FRACTIONS:
         cutoff, kept = audit.top_fraction_cutoff(columns[REF_SCORE], fraction)
-        lines.append(f"| {fraction:g} | {kept} of {len(dataset)} | {_score(cutoff)} |")
+        lines.append(f"| {fraction:g} | {kept} of {n_rows} | {_score(cutoff)} |")
     return lines + [""]
 
 
@@ -431,5 +458,9 @@ def run_report(config: ReportConfig) -> Path:
     markdown = "\n".join(lines)
     atomic_write_text(output / "report.md", markdown)
     atomic_write_text(output / "report.html", render_html(markdown, output, title="poft report"))
-    print(f"Wrote {output / 'report.md'} and {output / 'report.html'}")
     return output / "report.md"
+
+
+def written(report: Path) -> str:
+    """What `poft report` prints of `run_report`'s result: the two files it wrote."""
+    return f"Wrote {report} and {report.with_name('report.html')}"

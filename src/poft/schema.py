@@ -85,39 +85,23 @@ def write_marker(directory: Path, stage: str, columns: Iterable[str]) -> None:
     _write_json(directory / MARKER, {"stage": stage, "columns": sorted(set(columns))})
 
 
-def _read_record(source: str | os.PathLike, name: str) -> dict:
-    """The record file `name` in `source` ({} where there is none or it cannot be read: a data file, a hub id)."""
-    path = Path(source).expanduser() / name
+def read_marker(source: str | os.PathLike) -> dict:
+    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id, or one unreadable)."""
+    path = Path(source).expanduser() / MARKER
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
 
 
-def read_marker(path: str | os.PathLike) -> dict:
-    """The record a poft output carries ({} for anything else, e.g. a data file or a hub id)."""
-    return _read_record(path, MARKER)
-
-
 def poft_columns(source: str | os.PathLike) -> set[str]:
-    """Columns of `source` that poft computed (from its record): poft's to replace or drop in a later stage.
-
-    A scored set written before outputs carried `poft_output.json` is read from its `poft_score.json`.
-    """
-    columns = set(read_marker(source).get("columns", []))
-    if not columns and (Path(source).expanduser() / SCORE_RECORD).is_file():
-        columns = reference_columns(r["name"] for r in read_score_record(source).get("references", []))
-    return columns
+    """Columns of `source` that poft computed (from its `poft_output.json`): poft's to replace or drop later."""
+    return set(read_marker(source).get("columns", []))
 
 
 def write_score_record(directory: Path, record: dict) -> None:
     """`poft score`'s record: its options, references, and what it dropped, kept and could not score."""
     _write_json(directory / SCORE_RECORD, record)
-
-
-def read_score_record(source: str | os.PathLike) -> dict:
-    """The record of the `poft score` run that made `source` ({} where there is none or it cannot be read)."""
-    return _read_record(source, SCORE_RECORD)
 
 
 def write_filter_history(directory: Path, history: list[dict]) -> None:

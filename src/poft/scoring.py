@@ -39,7 +39,6 @@ from poft.chat import (
     check_reading_options,
     partly_truncated,
 )
-from poft.data import StageIO
 from poft.errors import DataError, ModelError, OptionError, ScoringError
 from poft.gguf_models import load_args
 from poft.options import (
@@ -65,7 +64,7 @@ from poft.schema import (
 )
 from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
 from poft.score_settings import score_feature
-from poft.stage import open_stage
+from poft.stage import StageIO, open_stage
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)

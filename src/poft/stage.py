@@ -1,9 +1,10 @@
 """The lifecycle of a dataset stage (`poft score`, `poft noise`, `poft filter`), written once.
 
-Each runner checks its own options, declares what it writes, and fills in the transform; `open_stage`
-and `StageRun.write` do the rest: refuse missing paths and a destructive output before any work, decide
-which inherited columns survive, build the output atomically (`poft.outputs`), load, replace or refuse
-columns, save, and write the records that follow the data (`poft.schema`).
+`StageIO` holds the options every dataset stage shares (its config inherits them). Each runner checks its
+own options, declares what it writes, and fills in the transform; `open_stage` and `StageRun.write` do the
+rest: refuse missing paths and a destructive output before any work, decide which inherited columns survive,
+build the output atomically (`poft.outputs`), load, replace or refuse columns, save, and write the records
+that follow the data (`poft.schema`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,52 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
 
-from poft.data import StageIO
+from poft.data import load_sft_dataset
 from poft.errors import DataError, OptionError
+from poft.options import skip_invalid_field
 from poft.outputs import atomic_output, check_output
 from poft.schema import poft_columns, read_filter_history, write_filter_history
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageIO:
+    """Where a dataset stage (`poft score`, `filter`, `noise`) reads and writes, and what it may replace."""
+
+    data: str | None = field(
+        default=None,
+        metadata={"help": "SFT data: a JSONL/JSON/Parquet/CSV file, a saved dataset directory or a hub id."},
+    )
+    split: str = field(default="train", metadata={"help": "Split to read from a dataset directory or hub dataset."})
+    output: str | None = field(
+        default=None, metadata={"help": "Directory for the output dataset (loadable with datasets.load_from_disk)."}
+    )
+    skip_invalid: bool = skip_invalid_field("OUTPUT/invalid_rows.jsonl")
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous poft output at --output (even the input itself, atomically), and input "
+            "columns poft computes (poft_id, ref_score, score_<name>, poft_filters, ifd, poft_noise) that poft "
+            "did not write."
+        },
+    )
+
+    def load_input(self, output_tmp: Path | None = None) -> Dataset:
+        """The input rows; with --skip_invalid, bad rows go to `invalid_rows.jsonl` in the output being written."""
+        report = output_tmp / "invalid_rows.jsonl" if self.skip_invalid and output_tmp is not None else None
+        return load_sft_dataset(
+            self.data,
+            split=self.split,
+            skip_invalid=self.skip_invalid,
+            invalid_report=report,
+            replace_poft_id=self.overwrite,
+        )
 
 
 def foreign_columns(

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from poft.batching import collate, pad_token_id
 from poft.chat import ConversationEncoder
+from poft.demo.settings import MAX_LENGTH, trainer_args
 from poft.demo.tasks import sample_examples
 from poft.dpo import PoFTDPOConfig
 from poft.noise import add_noise
@@ -37,7 +38,6 @@ from poft.token_cleaning import KEEP_RATIO, select_global_top, token_influence
 
 logger = logging.getLogger(__name__)
 
-MAX_LENGTH = 128  # the demo's max_length everywhere
 TOKEN_CLEANING_REFERENCE = "token-cleaning-ref-v1"  # directory in the world's cache; bump to retrain it
 DPO_PAIRS = 600
 DPO_EPOCHS = 2
@@ -131,21 +131,17 @@ def preference_pairs(world, count: int = DPO_PAIRS) -> Dataset:
 
 
 def dpo_config(output_dir: str, seed: int, batch_size: int, use_cpu: bool) -> PoFTDPOConfig:
-    return PoFTDPOConfig(
-        output_dir=output_dir,
-        num_train_epochs=DPO_EPOCHS,
-        per_device_train_batch_size=batch_size,
+    return trainer_args(
+        PoFTDPOConfig,
+        output_dir,
+        epochs=DPO_EPOCHS,
+        batch_size=batch_size,
         learning_rate=DPO_LEARNING_RATE,
-        beta=DPO_BETA,
-        lr_scheduler_type="constant",
-        max_length=MAX_LENGTH,
-        activation_checkpointing=False,
-        save_strategy="no",
-        logging_steps=10,
-        report_to=[],
         seed=seed,
         use_cpu=use_cpu,
-        disable_tqdm=True,
+        beta=DPO_BETA,
+        lr_scheduler_type="constant",
+        logging_steps=10,
     )
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
@@ -38,6 +39,7 @@ from poft.demo.builders_second import gemma_char_tokenizer, unigram_tokenizer, w
 from poft.demo.methods import preference_pairs, token_cleaning_data, token_cleaning_reference
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
+from poft.demo.settings import MAX_LENGTH, trainer_args
 from poft.demo.tasks import Example, alphabet, make_words, sample_examples
 from poft.errors import OptionError
 from poft.filtering import filter_by_score, ifd_scores
@@ -230,8 +232,12 @@ class DemoConfig:
             lr_scheduler_type=self.lr_scheduler_type,
             warmup_ratio=self.warmup_ratio,
             max_grad_norm=self.max_grad_norm,
-            use_cpu=resolve_device(self.device).type == "cpu",
+            use_cpu=self.use_cpu(),
         )
+
+    def use_cpu(self) -> bool:
+        """Whether --device resolves to the CPU (transformers' `use_cpu`)."""
+        return resolve_device(self.device).type == "cpu"
 
 
 @dataclass
@@ -256,21 +262,17 @@ def _rows(examples) -> Dataset:
 
 
 def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int) -> PoFTConfig:
-    return PoFTConfig(
-        output_dir=str(output_dir),
-        objective="sft",
-        num_train_epochs=epochs,
-        per_device_train_batch_size=config.batch_size,
+    return trainer_args(
+        PoFTConfig,
+        output_dir,
+        epochs=epochs,
+        batch_size=config.batch_size,
         learning_rate=WORLD_LEARNING_RATE,
-        lr_scheduler_type="constant",
-        max_length=128,
-        activation_checkpointing=False,
-        save_strategy="no",
-        logging_steps=50,
-        report_to=[],
         seed=seed,
-        use_cpu=resolve_device(config.device).type == "cpu",
-        disable_tqdm=True,
+        use_cpu=config.use_cpu(),
+        objective="sft",
+        lr_scheduler_type="constant",
+        logging_steps=50,
     )
 
 
@@ -306,14 +308,30 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
     in some of them. The second world has its own splits (`world_examples`), and other tokenizers and chat
     templates for its references and target (`builders_second`).
     """
-    second, strong = name == SECOND, name == "strong"
     examples = world_examples(config, name)
-    words = tasks_second.make_words(200) if second else make_words(200, seed=0)
+    root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
+    world = _world(config, name, examples, root)
+    if (root / "done").exists():
+        logger.info("Reusing the cached %s world in %s", name, root)
+        world.reference_accuracy = json.loads((root / "done").read_text())["reference_accuracy"]
+        return world
+    tokenizers, base_tokenizer = _world_tokenizers(name, examples["reference"])
+    _train_references(config, world, tokenizers, root)
+    _pretrain_base(config, base_tokenizer, examples["pretrain"], root)
+    shutil.rmtree(root / "tmp", ignore_errors=True)
+    atomic_write_text(
+        root / "done", json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy})
+    )
+    return world
+
+
+def _world(config: DemoConfig, name: str, examples: dict[str, list[Example]], root: Path) -> World:
+    """The world's splits as datasets, and where its references and base live under `root`."""
+    words = tasks_second.make_words(200) if name == SECOND else make_words(200, seed=0)
     reference_data = _rows(examples["reference"])
     if name == "misaligned":
         reference_data = add_noise(reference_data, config.misaligned_noise_rate, kind="paper", seed=100)
-    root = (Path(config.cache_dir) if config.cache_dir else cache_root() / "demo") / f"world-{config.world_key(name)}"
-    world = World(
+    return World(
         name=name,
         key=config.world_key(name),
         train=_rows(examples["train"]),
@@ -324,29 +342,37 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
         reference_data=reference_data,
         words=words,
     )
-    if (root / "done").exists():
-        logger.info("Reusing the cached %s world in %s", name, root)
-        world.reference_accuracy = json.loads((root / "done").read_text())["reference_accuracy"]
-        return world
 
-    texts = [t for e in examples["reference"] for t in (e.prompt, e.answer)]
-    if second:
+
+def _world_tokenizers(
+    name: str, reference_examples: list[Example]
+) -> tuple[dict[str, PreTrainedTokenizerFast], PreTrainedTokenizerFast]:
+    """Each reference's tokenizer, by its directory name, and the target base's tokenizer."""
+    texts = [t for e in reference_examples for t in (e.prompt, e.answer)]
+    if name == SECOND:
         tokenizers = {
             "ref-unigram": unigram_tokenizer(texts, alphabet()),
             "ref-wordpiece": wordpiece_tokenizer(texts, alphabet()),
         }
-        base_tokenizer = gemma_char_tokenizer(alphabet())
-    else:
-        tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
-        base_tokenizer = tokenizers["ref-char"]
-    epochs = config.strong_reference_epochs if strong else config.reference_epochs
+        return tokenizers, gemma_char_tokenizer(alphabet())
+    tokenizers = {"ref-char": char_tokenizer(alphabet()), "ref-bpe": bpe_tokenizer(texts, vocab_size=400)}
+    return tokenizers, tokenizers["ref-char"]
+
+
+def _train_references(
+    config: DemoConfig, world: World, tokenizers: dict[str, PreTrainedTokenizerFast], root: Path
+) -> None:
+    """Train and save each reference on the world's reference data; record its exact match on the test prompts."""
+    epochs = config.strong_reference_epochs if world.name == "strong" else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
-        logger.info("Training reference %s on %d clean rows for %d epochs", reference, len(reference_data), epochs)
+        logger.info(
+            "Training reference %s on %d clean rows for %d epochs", reference, len(world.reference_data), epochs
+        )
         model = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=10 + index)
         trainer = PoFTTrainer(
             model,
             args=_world_args(root / "tmp", config, epochs=epochs, seed=index),
-            train_dataset=reference_data,
+            train_dataset=world.reference_data,
             processing_class=tokenizer,
         )
         trainer.train()
@@ -357,31 +383,27 @@ def build_world(config: DemoConfig, name: str = "standard") -> World:
             "Reference %s: %.1f%% exact match on the test prompts", reference, 100 * sum(correct) / len(correct)
         )
 
+
+def _pretrain_base(
+    config: DemoConfig, tokenizer: PreTrainedTokenizerFast, pretrain: list[Example], root: Path
+) -> None:
+    """The target's base: one epoch on the pretraining rows as plain text (no chat format), saved under `root`."""
     logger.info("Pretraining the target base on plain text (no chat format)")
-    base = tiny_llama(base_tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=20)
-    plain = Dataset.from_dict({"text": [f"{e.prompt} {e.answer}" for e in examples["pretrain"]]})
-    pretrain_args = SFTConfig(
-        output_dir=str(root / "tmp"),
-        num_train_epochs=1,
-        per_device_train_batch_size=config.batch_size,
+    base = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=20)
+    plain = Dataset.from_dict({"text": [f"{e.prompt} {e.answer}" for e in pretrain]})
+    args = trainer_args(
+        SFTConfig,
+        root / "tmp",
+        epochs=1,
+        batch_size=config.batch_size,
         learning_rate=WORLD_LEARNING_RATE,
-        max_length=128,
-        bf16=False,
-        activation_checkpointing=False,
-        save_strategy="no",
-        logging_steps=50,
-        report_to=[],
         seed=0,
-        use_cpu=resolve_device(config.device).type == "cpu",
-        disable_tqdm=True,
+        use_cpu=config.use_cpu(),
+        bf16=False,
+        logging_steps=50,
     )
-    SFTTrainer(base, args=pretrain_args, train_dataset=plain, processing_class=base_tokenizer).train()
-    save_model(base, base_tokenizer, root / "base")
-    shutil.rmtree(root / "tmp", ignore_errors=True)
-    atomic_write_text(
-        root / "done", json.dumps({"config": asdict(config), "reference_accuracy": world.reference_accuracy})
-    )
-    return world
+    SFTTrainer(base, args=args, train_dataset=plain, processing_class=tokenizer).train()
+    save_model(base, tokenizer, root / "base")
 
 
 class Grid:
@@ -394,7 +416,7 @@ class Grid:
         self.stores = {
             name: RunStore(output, self.world_settings[name].fingerprint(w.key)) for name, w in worlds.items()
         }
-        self.score_config = ScoreConfig(device=config.device, max_length=128)
+        self.score_config = ScoreConfig(device=config.device, max_length=MAX_LENGTH)
         self.scored: dict[tuple, Dataset] = {}
         self.separation: list[dict] = []
         self.distributions: dict[str, dict] = {}
@@ -464,7 +486,7 @@ class Grid:
         return spec, self.world_settings[spec.world], world.base, data, sample, world.validation, world.test, pairs
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
-        """Records of every spec, in order; prints progress and the estimated time left."""
+        """Records of every spec, in order; logs progress and the estimated time left."""
         records: dict[RunSpec, dict] = {}
         pending = []
         for spec in dict.fromkeys(specs):
@@ -489,10 +511,14 @@ class Grid:
             records[spec] = record
             elapsed = time.perf_counter() - started
             left = elapsed / done * (len(pending) - done)
-            print(
-                f"[{done}/{len(pending)}] {spec.name}: test {100 * record['test_accuracy']:.1f}% "
-                f"({record['seconds']:.0f} s); about {left / 60:.0f} min left",
-                flush=True,
+            logger.info(
+                "[%d/%d] %s: test %.1f%% (%.0f s); about %.0f min left",
+                done,
+                len(pending),
+                spec.name,
+                100 * record["test_accuracy"],
+                record["seconds"],
+                left / 60,
             )
 
         if self.config.workers == 1 or len(pending) <= 1:
@@ -595,8 +621,7 @@ def run_demo(config: DemoConfig) -> dict:
         "summary": summarise(records, config.learning_rate, best_lr),
     }
     atomic_write_text(output / "results.json", json.dumps(results, indent=2))
-    table = write_demo_report(results, grid.distributions, output)
-    print(table)
+    write_demo_report(results, grid.distributions, output)
     return results
 
 

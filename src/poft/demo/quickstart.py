@@ -8,7 +8,6 @@ runs; `poft demo` is where PoFT's effect is measured.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ from poft.trainer import PoFTConfig, PoFTTrainer
 logger = logging.getLogger(__name__)
 
 LOGGING_STEPS = 5
+MAX_LENGTH = 256  # the quickstart's max_length, in scoring and in training
 
 
 @dataclass
@@ -56,7 +56,7 @@ def check_quickstart_output(output: Path) -> None:
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
-    """Build, score, train; return the last logged PoFT metrics."""
+    """Build, score, train; return where the scored data and the model are, and the last logged PoFT metrics."""
     output = Path(config.output)
     check_quickstart_output(output)
     dataset = load_sft_dataset(str(bundled_data_path()))
@@ -69,7 +69,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     ]
     target = str(save_model(tiny_llama(char_tok, seed=3), char_tok, output / "models" / "target"))
     scored = score_dataset(
-        dataset, references, ScoreConfig(device=config.device, max_length=256, cache_dir=str(output / "cache"))
+        dataset, references, ScoreConfig(device=config.device, max_length=MAX_LENGTH, cache_dir=str(output / "cache"))
     )
     with atomic_output(output / "scored", "score", [c for c in scored.column_names if c != MESSAGES]) as tmp:
         scored.save_to_disk(str(tmp))  # the quickstart's own folder: a rerun replaces it
@@ -79,7 +79,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         max_steps=config.max_steps,
         per_device_train_batch_size=8,
         learning_rate=1e-3,
-        max_length=256,
+        max_length=MAX_LENGTH,
         logging_steps=min(LOGGING_STEPS, config.max_steps),  # so that a short run logs a step too
         activation_checkpointing=False,
         save_strategy="no",
@@ -92,5 +92,4 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     summary = {
         k: last[k] for k in ("loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref")
     }
-    print(json.dumps({"scored": str(output / "scored"), "model": args.output_dir, "last_step": summary}, indent=2))
-    return summary
+    return {"scored": str(output / "scored"), "model": args.output_dir, "last_step": summary}

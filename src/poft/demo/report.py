@@ -212,8 +212,13 @@ def _epochs(epochs: int, world_epochs: dict[str, int]) -> str:
     return "epochs: " + ", ".join(f"{world} {e}" for world, e in world_epochs.items())
 
 
-def write_demo_report(results: dict, distributions: dict[str, dict[str, list[float]]], output: Path) -> str:
-    """Write report.md and its plots (each atomically); return the difference and accuracy tables."""
+def summary_tables(results: dict) -> str:
+    """The difference and accuracy tables of `poft demo`'s results: what the command prints when it is done."""
+    return difference_table(results["summary"]) + "\n\n" + accuracy_table(results["summary"])
+
+
+def write_demo_report(results: dict, distributions: dict[str, dict[str, list[float]]], output: Path) -> None:
+    """Write report.md and its plots (each atomically)."""
     runs, summary, config = results["runs"], results["summary"], results["config"]
     plots = {
         "accuracy.png": lambda path: plot_accuracy(runs, config["learning_rate"], path),
@@ -228,7 +233,6 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
     separation = defaultdict(list)
     for row in results["separation"]:
         separation[(row["world"], row["noise_kind"], row["noise_rate"])].append(row["auc"])
-    tables = difference_table(summary) + "\n\n" + accuracy_table(summary)
     settings = results["train_settings"]
     lines = [
         "# poft demo: PoFT vs SFT on noisy instruction data",
@@ -289,4 +293,3 @@ def write_demo_report(results: dict, distributions: dict[str, dict[str, list[flo
         "",
     ]
     atomic_write_text(output / "report.md", "\n".join(lines))
-    return tables

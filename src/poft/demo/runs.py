@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, P
 from poft.chat import ConversationEncoder
 from poft.demo.analysis import training_objective
 from poft.demo.methods import dpo_config, train_dpo
+from poft.demo.settings import MAX_LENGTH, trainer_args
 from poft.evaluation import exact_match_per_row
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
@@ -100,7 +101,9 @@ def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -
 
 def clean_and_noisy_weights(model, tokenizer, sample: Dataset) -> tuple[float | None, float | None]:
     """Mean sigmoid(r_ref - r_theta) over the sample's clean and its noisy rows (PoFT's weight, for any model)."""
-    r_theta = torch.tensor(model_scores(model, ConversationEncoder(tokenizer, max_length=128), sample[MESSAGES]))
+    r_theta = torch.tensor(
+        model_scores(model, ConversationEncoder(tokenizer, max_length=MAX_LENGTH), sample[MESSAGES])
+    )
     weights = poft_weights(r_theta, torch.tensor(sample[REF_SCORE]))
     noisy = torch.tensor(sample[NOISE])
     clean = weights[~noisy].mean().item() if (~noisy).any() else None
@@ -162,24 +165,21 @@ def train_run(
     recorder = EpochRecorder(validation, sample, settings.max_grad_norm)
     objective, loss_type = training_objective(spec.method)
     with tempfile.TemporaryDirectory() as scratch:
-        args = PoFTConfig(
-            output_dir=scratch,
-            objective=objective,
-            loss_type=loss_type,
-            num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size,
+        args = trainer_args(
+            PoFTConfig,
+            scratch,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
             learning_rate=spec.learning_rate,
-            lr_scheduler_type=settings.lr_scheduler_type,
-            warmup_steps=settings.warmup_ratio,
-            max_grad_norm=settings.max_grad_norm,
-            max_length=128,
-            activation_checkpointing=False,
-            save_strategy="no",
-            logging_steps=1,  # every step's pre-clipping gradient norm reaches the recorder
-            report_to=[],
             seed=spec.seed,
             use_cpu=settings.use_cpu,
-            disable_tqdm=True,
+            objective=objective,
+            loss_type=loss_type,
+            lr_scheduler_type=settings.lr_scheduler_type,
+            # transformers 5 has no warmup_ratio: a float below 1 in warmup_steps is that share of the steps
+            warmup_steps=settings.warmup_ratio,
+            max_grad_norm=settings.max_grad_norm,
+            logging_steps=1,  # every step's pre-clipping gradient norm reaches the recorder
         )
         trainer = PoFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[recorder])
         for quiet in (PrinterCallback, ProgressCallback):
