@@ -44,6 +44,7 @@ from poft.demo.tasks import Example, alphabet, make_words, sample_examples
 from poft.errors import OptionError
 from poft.filtering import filter_by_score, ifd_scores
 from poft.noise import add_noise
+from poft.objective_registry import SFT, SFT_NORM
 from poft.options import device_field
 from poft.outputs import atomic_write_text
 from poft.runtime import cache_root, progress_bars_on_terminal_only, resolve_device
@@ -91,7 +92,7 @@ class DemoConfig:
         metadata={"help": "Seeds of the noise and of training; differences are paired by seed."},
     )
     methods: list[str] = field(
-        default_factory=lambda: ["sft", DEFAULT_OBJECTIVE],
+        default_factory=lambda: [SFT.name, DEFAULT_OBJECTIVE],
         metadata={
             "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
@@ -180,7 +181,7 @@ class DemoConfig:
             if self.seeds == [0]:
                 self.seeds = list(range(FULL_SEEDS))
         if self.baselines:
-            self.methods += [m for m in ("sft_norm", "oracle", "filter") if m not in self.methods]
+            self.methods += [m for m in (SFT_NORM.name, "oracle", "filter") if m not in self.methods]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
             raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
         for name, values, allowed in (
@@ -270,7 +271,7 @@ def _world_args(output_dir: Path, config: DemoConfig, *, epochs: int, seed: int)
         learning_rate=WORLD_LEARNING_RATE,
         seed=seed,
         use_cpu=config.use_cpu(),
-        objective="sft",
+        objective=SFT.name,
         lr_scheduler_type="constant",
         logging_steps=50,
     )
@@ -591,8 +592,8 @@ def run_demo(config: DemoConfig) -> dict:
     if config.lr_sweep:
         world = config.worlds[0]
         swept = [m for m in config.methods if m in SWEPT]
-        if any(m not in SWEPT for m in config.methods) and "sft" not in swept:
-            swept.append("sft")
+        if any(m not in SWEPT for m in config.methods) and SFT.name not in swept:
+            swept.append(SFT.name)
         specs = [
             RunSpec(world, "none", 0.0, seed, method, lr)
             for seed in config.sweep_seeds
