@@ -22,8 +22,9 @@ from datasets import Dataset, Value
 
 from poft.data import StageIO
 from poft.errors import DataError, OptionError
+from poft.models import parse_references
 from poft.schema import FILTERS, IFD, MESSAGES, POFT_ID, REF_SCORE, conversation_id, is_numeric, score_column
-from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
+from poft.scoring import ScoringOptions, data_row, score_dataset
 from poft.stage import open_stage
 
 logger = logging.getLogger(__name__)
