@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
-from trl.kernels import ChunkedLogProbFunction
 
-if TYPE_CHECKING:  # trl.trainer.utils costs seconds to import: the functions that run it import it
+if TYPE_CHECKING:  # TRL's modules cost seconds to import: the functions that run them import them
     from trl.trainer.utils import FusedCausalLMOutput
 
 HEAD_FLAG = "poft_response_head"  # the forward keyword that asks for response-only log-probs
@@ -150,6 +148,7 @@ def _response_forward(
     **kwargs,
 ) -> FusedCausalLMOutput:
     """The backbone, then the LM head on the response rows only: TRL's fused forward without the other rows."""
+    from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
     text_config = self.config.get_text_config()
@@ -220,6 +219,8 @@ def _whole(parameter: torch.Tensor | None) -> torch.Tensor | None:
     share). Over a tensor-parallel mesh dimension every process holds the same batch, so the average is that
     gradient itself.
     """
+    from torch.distributed.tensor import DTensor, Partial  # a second to import: scoring from the cache never needs it
+
     if not isinstance(parameter, DTensor):
         return parameter
     return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)

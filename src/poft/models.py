@@ -14,11 +14,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from poft.attention import VARLEN, use_varlen_by_default
 from poft.errors import ModelError
 from poft.gguf_models import load_args
 from poft.options import ModelOptions
@@ -104,6 +104,8 @@ class ModelSpec:
         """The causal LM from safetensors weights (or the GGUF file), on `device`, in eval mode."""
         from safetensors import SafetensorError
 
+        import poft.attention  # noqa: F401  registers poft_varlen with transformers (seconds to import: only here)
+
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.source,
@@ -120,15 +122,18 @@ class ModelSpec:
         return model.to(self.device).eval()
 
 
-def load_for_scoring(spec: ModelSpec):
-    """`spec.load()`, with the attention that packs when it pays and TRL's fused LM head, for scoring."""
+def load_for_scoring(spec: ModelSpec, packing: bool | None = None) -> tuple[Any, bool]:
+    """`spec.load()`, with the attention that packs when it pays and TRL's fused LM head, for scoring; and whether
+    its batches pack (`packing`: as asked, None for where it pays, see `poft.attention.packs`)."""
     from trl.trainer.utils import add_fused_lm_head
+
+    from poft.attention import VARLEN, packs, use_varlen_by_default
 
     model = spec.load()
     if spec.attn_implementation is None and use_varlen_by_default(model, spec.device):
         model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
     add_fused_lm_head(model, cast_lm_head_to_fp32=True)
-    return model
+    return model, packs(model, spec.device, packing)
 
 
 def model_max_length(max_length: int | None, model_config) -> int | None:

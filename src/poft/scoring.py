@@ -26,7 +26,6 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
-from poft.attention import packs
 from poft.batching import iter_scores, pad_token_id
 from poft.chat import ChatTemplateError, ConversationEncoder, EncodedConversation, partly_truncated
 from poft.data import StageIO
@@ -371,8 +370,7 @@ def _score_into_cache(
 ) -> None:
     """Load the model of `spec` and append the scores of `todo` to the cache, batch by batch."""
     reference, cache, device = prepared.reference, prepared.cache, spec.device
-    model = load_for_scoring(spec)
-    packing = packs(model, device, config.packing)
+    model, packing = load_for_scoring(spec, config.packing)
     keys, encoded = list(todo), list(todo.values())
     for batch, means, counts in iter_scores(
         model,
