@@ -124,8 +124,8 @@ class ModelOptions:
         default=None,
         metadata={
             "help": "Attention implementation to load models with, e.g. sdpa, flex_attention, flash_attention_2 or "
-            "poft_varlen (PyTorch's varlen flash kernel). Default: poft_varlen on CUDA GPUs that run it, else "
-            "transformers' choice."
+            "poft_varlen (PyTorch's varlen flash kernel). Default: for scoring (poft score, IFD), poft_varlen on CUDA "
+            "GPUs that run it, else transformers' choice."
         },
     )
     trust_remote_code: bool = field(
