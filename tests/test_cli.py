@@ -36,6 +36,24 @@ def test_import_and_help_load_no_torch():
     assert "commands:" in done.stdout
 
 
+def test_data_loading_and_shared_options_load_no_torch(tmp_path):
+    """Reading SFT data and declaring the shared option groups load none of torch, transformers or TRL: the
+    groups' help strings live apart from the code that reads and loads models."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    code = (
+        "import sys\n"
+        "from poft.data import load_sft_dataset\n"
+        "from poft.options import ModelOptions, ReadingOptions\n"
+        "assert ReadingOptions(max_length=8).system_turns == 'auto'\n"
+        f"assert len(load_sft_dataset({str(data)!r})) == 1\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def test_public_names_resolve_to_their_modules():
     import poft
 

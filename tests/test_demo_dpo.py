@@ -113,11 +113,11 @@ def test_ifd_arm_keeps_the_top_fraction_below_one_by_the_bases_own_ifd(tmp_path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from poft.batching import model_scores
     from poft.chat import ConversationEncoder
     from poft.demo.pipeline import Grid
     from poft.demo.runs import RunSpec
     from poft.filtering import response_only
-    from poft.scoring import model_scores
 
     config = toy_config(tmp_path, methods=["ifd"], filter_fractions=[0.4])
     world = build_world(config)

@@ -100,8 +100,8 @@ def test_adding_a_reference_scores_only_that_one(tiny_models, conversations, tmp
     config = ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu")
     first = score_dataset(dataset, [tiny_models["chatml"]], config)
     loaded = []
-    original = scoring.load_reference_model
-    monkeypatch.setattr(scoring, "load_reference_model", lambda path, *a: loaded.append(path) or original(path, *a))
+    original = scoring.load_for_scoring
+    monkeypatch.setattr(scoring, "load_for_scoring", lambda spec, *a: loaded.append(spec.path) or original(spec, *a))
     both = score_dataset(dataset, [tiny_models["chatml"], tiny_models["zephyr"]], config)
     assert loaded == [tiny_models["zephyr"]]
     assert both["score_chatml"] == first["score_chatml"]

@@ -41,7 +41,7 @@ _EXPORTS: dict[str, str] = {
     "sequence_mean_log_probs": "poft.objectives",
     "ScoreConfig": "poft.scoring",
     "ScoringOptions": "poft.scoring",
-    "model_scores": "poft.scoring",
+    "model_scores": "poft.batching",
     "score_dataset": "poft.scoring",
     "PoFTConfig": "poft.trainer",
     "PoFTTrainer": "poft.trainer",

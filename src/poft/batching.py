@@ -1,7 +1,8 @@
 """Batches for scoring: length-sorted, filled to a token budget, padded or packed, never padded to max_length.
 
 `iter_scores` runs a model over encoded conversations, log-probs from the response positions alone
-(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob and token count.
+(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob and token count;
+`model_scores` is that for an in-memory model and a list of conversations.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from poft.chat import EncodedConversation
+from poft.chat import ConversationEncoder, EncodedConversation
 from poft.logprobs import response_log_probs
 from poft.objectives import sequence_mean_log_probs
 
@@ -66,6 +66,8 @@ def packed_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[i
 def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device) -> dict[str, torch.Tensor]:
     """One padding-free row through TRL's collator: position ids restart per conversation, and the
     cumulative sequence lengths let varlen attention kernels keep the conversations apart."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # seconds to import: only where packing
+
     collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     batch = collator([{"input_ids": e.input_ids, "labels": e.labels()} for e in encoded])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -145,3 +147,26 @@ def iter_scores(
 
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def model_scores(
+    model, encoder: ConversationEncoder, conversations: Sequence[Sequence[dict]], batch_tokens: int | None = None
+) -> list[float | None]:
+    """r_m of each conversation for an in-memory model (None where no response token survives truncation)."""
+    if "forward" not in vars(model):  # TRL's fused LM head patches the instance; trainers' models already have it
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+    encoded = [encoder.encode(messages) for messages in conversations]
+    scores: list[float | None] = [None] * len(encoded)
+    scorable = [i for i, e in enumerate(encoded) if e.num_response_tokens > 0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for batch, means, _ in iter_scores(
+        model, [encoded[i] for i in scorable], pad_token_id(encoder.tokenizer), batch_tokens, device, "Scoring"
+    ):
+        for i, mean in zip(batch, means, strict=True):
+            scores[scorable[i]] = mean
+    model.train(was_training)
+    return scores

@@ -47,14 +47,14 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from poft.errors import ChatTemplateError, OptionError
+from poft.errors import ChatTemplateError
+from poft.options import check_reading_options
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
 TruncationMode = Literal["keep_start", "keep_end"]
 SystemTurns = Literal["auto", "keep", "merge"]
-SYSTEM_TURNS = ("auto", "keep", "merge")
 
 # Version of the response definition above; score caches are keyed by it, so changing which tokens are
 # scored makes earlier cache entries unreachable instead of silently reused.
@@ -72,11 +72,6 @@ OWN_TEMPLATE_FIX = (
     "template renders each assistant content unchanged; --chat_template serves only tokenizers without a template."
 )
 GIVEN_TEMPLATE_FIX = "Pass a template that renders each assistant content unchanged with --chat_template."
-SYSTEM_TURNS_HELP = (
-    "System turns for templates that reject them: auto (keep them where the template renders them, else merge "
-    "each into the next user turn, logged), keep (pass them as they are), merge (always merge into the next user "
-    "turn)."
-)
 
 
 @dataclass(frozen=True)
@@ -96,14 +91,6 @@ class EncodedConversation:
     def labels(self) -> list[int]:
         """Causal-LM labels: the token id where it is a response token, -100 elsewhere."""
         return [t if m else -100 for t, m in zip(self.input_ids, self.response_mask, strict=True)]
-
-
-def check_reading_options(truncation_mode: str, system_turns: str) -> None:
-    """The one check of `truncation_mode` and `system_turns`, for the encoder and every command's options."""
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise OptionError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-    if system_turns not in SYSTEM_TURNS:
-        raise OptionError(f"system_turns must be one of {', '.join(SYSTEM_TURNS)}, got {system_turns!r}")
 
 
 def partly_truncated(kept: Sequence[int], total: int, max_length: int | None, truncation_mode: str) -> str:
@@ -167,7 +154,7 @@ class ConversationEncoder:
     """Encodes conversations for one tokenizer; the template and how it takes content are resolved once.
 
     `fallback_template` is used only when the tokenizer has no chat template of its own. `system_turns`
-    says what to do with system turns (see `SYSTEM_TURNS_HELP`).
+    says what to do with system turns (see `poft.options.SYSTEM_TURNS_HELP`).
     """
 
     def __init__(

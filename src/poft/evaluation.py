@@ -20,16 +20,14 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from poft import options
-from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, shorten
+from poft.batching import model_scores
+from poft.chat import ChatTemplateError, ConversationEncoder, shorten
 from poft.errors import DataError, DependencyError, OptionError
-from poft.gguf_models import load_args
+from poft.models import ModelSpec, model_max_length, parse_references
+from poft.options import ModelOptions, ReadingOptions
 from poft.outputs import atomic_write_text
 from poft.report import eval_table
-from poft.runtime import resolve_device, resolve_dtype
 from poft.schema import MESSAGES
-from poft.scoring import load_model, model_max_length, model_scores, parse_references
-from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +236,8 @@ LEADERBOARD_TASKS = ("arc_challenge:25", "hellaswag:10", "truthfulqa_mc2:0", "mm
 
 
 @dataclass
-class EvalConfig:
-    """Options of `poft eval`."""
+class EvalConfig(ModelOptions, ReadingOptions):
+    """Options of `poft eval`: its own, after the reading and model groups `poft score` shares."""
 
     model: list[str] = field(
         default_factory=list,
@@ -277,11 +275,6 @@ class EvalConfig:
         },
     )
     batch_size: int = field(default=8, metadata={"help": "Batch size for both evaluations."})
-    max_length: int | None = options.max_length_field()
-    chat_template: str | None = options.chat_template_field()
-    system_turns: str = options.system_turns_field()
-    device: str = options.device_field()
-    dtype: str = options.dtype_field()
     output: str = field(default="poft-eval", metadata={"help": "Directory for eval_results.json and eval_table.md."})
 
     def __post_init__(self):
@@ -294,8 +287,8 @@ class EvalConfig:
             name, _, shots = task.partition(":")
             if not name or (shots and not shots.isdigit()):
                 raise OptionError(f"--tasks entries are NAME or NAME:FEWSHOT (e.g. arc_challenge:25), got {task!r}")
-        check_reading_options("keep_start", self.system_turns)
-        options.check_device_and_dtype(self.device, self.dtype)
+        ReadingOptions.__post_init__(self)
+        ModelOptions.__post_init__(self)
 
 
 def parse_task(task: str) -> tuple[str, int | None]:
@@ -389,14 +382,11 @@ def results_table(payload: dict) -> str:
 
 def _load(path: str, config: EvalConfig):
     """A model to evaluate and its tokenizer, from safetensors weights or a GGUF file (as `poft score` loads)."""
-    from transformers import AutoTokenizer
-
     logger.info("Evaluating %s", path)
-    check_model_source(path, "--model", safetensors_only=True, gguf=True)
-    source, gguf = load_args(path)
-    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-    device = resolve_device(config.device)
-    return load_model(path, device, resolve_dtype(config.dtype, device)), tokenizer
+    spec = ModelSpec.of(path, config)
+    spec.check()
+    tokenizer = spec.tokenizer()
+    return spec.load(), tokenizer
 
 
 def _evaluate_data(model, tokenizer, name: str, data: Dataset, config: EvalConfig) -> tuple[list[dict], dict]:
@@ -405,6 +395,7 @@ def _evaluate_data(model, tokenizer, name: str, data: Dataset, config: EvalConfi
         tokenizer,
         fallback_template=config.chat_template,
         max_length=model_max_length(config.max_length, model.config),
+        truncation_mode=config.truncation_mode,  # type: ignore[arg-type]
         system_turns=config.system_turns,  # type: ignore[arg-type]
         name=name,
     )

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from datasets import Dataset, Value
 
 from poft.errors import DataError, OptionError
+from poft.models import parse_references
 from poft.schema import FILTERS, IFD, MESSAGES, POFT_ID, REF_SCORE, conversation_id, is_numeric, score_column
-from poft.scoring import ScoringOptions, data_row, parse_references, score_dataset
+from poft.scoring import ScoringOptions, data_row, score_dataset
 from poft.stage import StageIO, open_stage
 
 logger = logging.getLogger(__name__)

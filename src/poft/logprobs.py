@@ -20,12 +20,12 @@ import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
-from trl.kernels import ChunkedLogProbFunction
-from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, maybe_gather_lm_head_ctx
+
+if TYPE_CHECKING:  # TRL's modules cost seconds to import: the functions that run them import them
+    from trl.trainer.utils import FusedCausalLMOutput
 
 HEAD_FLAG = "poft_response_head"  # the forward keyword that asks for response-only log-probs
 _PATCHED = "_poft_response_head"
@@ -63,6 +63,8 @@ def response_log_probs(
         install_response_head(causal_lm)
         return model(**inputs, **{HEAD_FLAG: request})
     if "forward" not in vars(causal_lm):  # trainers' models carry TRL's head already
+        from trl.trainer.utils import add_fused_lm_head
+
         add_fused_lm_head(causal_lm, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=request.outputs)
     return model(**inputs, fused_lm_head=True)
 
@@ -146,6 +148,9 @@ def _response_forward(
     **kwargs,
 ) -> FusedCausalLMOutput:
     """The backbone, then the LM head on the response rows only: TRL's fused forward without the other rows."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
     text_config = self.config.get_text_config()
     kwargs["use_cache"] = False
     if getattr(text_config, "output_router_logits", False):
@@ -214,6 +219,8 @@ def _whole(parameter: torch.Tensor | None) -> torch.Tensor | None:
     share). Over a tensor-parallel mesh dimension every process holds the same batch, so the average is that
     gradient itself.
     """
+    from torch.distributed.tensor import DTensor, Partial  # a second to import: scoring from the cache never needs it
+
     if not isinstance(parameter, DTensor):
         return parameter
     return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)

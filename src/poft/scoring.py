@@ -16,41 +16,23 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from trl.trainer.utils import add_fused_lm_head
 
-from poft.attention import VARLEN, packs, use_varlen_by_default
 from poft.batching import iter_scores, pad_token_id
-from poft.chat import (
-    ChatTemplateError,
-    ConversationEncoder,
-    EncodedConversation,
-    check_reading_options,
-    partly_truncated,
-)
+from poft.chat import ChatTemplateError, ConversationEncoder, EncodedConversation, partly_truncated
 from poft.errors import DataError, ModelError, OptionError, ScoringError
-from poft.gguf_models import load_args
-from poft.options import (
-    chat_template_field,
-    check_device_and_dtype,
-    device_field,
-    dtype_field,
-    max_length_field,
-    system_turns_field,
-)
+from poft.models import ModelSpec, Reference, load_for_scoring, model_max_length, parse_references
+from poft.options import ModelOptions, ReadingOptions
 from poft.reference_check import check_references
-from poft.runtime import resolve_device, resolve_dtype
+from poft.runtime import resolve_device
 from poft.schema import (
     MESSAGES,
     POFT_ID,
@@ -62,10 +44,12 @@ from poft.schema import (
     score_column,
     write_score_record,
 )
-from poft.score_cache import ScoreCache, default_cache_dir, model_fingerprint
+from poft.score_cache import ScoreCache, default_cache_dir
 from poft.score_settings import score_feature
 from poft.stage import StageIO, open_stage
-from poft.validation import check_model_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +57,10 @@ SHOWN_ROWS = 5  # rows named in an error
 
 
 @dataclass
-class ScoringOptions:
-    """How a model reads and scores conversations: shared by `poft score` and `poft filter --ifd_model`."""
+class ScoringOptions(ModelOptions, ReadingOptions):
+    """How a model reads and scores conversations: shared by `poft score` and `poft filter --ifd_model`. The
+    reading and model groups come first (`poft.options`), as `poft eval` shares them; batching and caching follow."""
 
-    # reading: template and truncation, the same rules as training
-    max_length: int | None = max_length_field()
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={"help": "Which end to keep when truncating: keep_start or keep_end (as in SFTConfig)."},
-    )
-    chat_template: str | None = chat_template_field()
-    system_turns: str = system_turns_field()
-    # loading
-    device: str = device_field()
-    dtype: str = dtype_field()
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={
-            "help": "Attention implementation to load models with, e.g. sdpa, flex_attention, flash_attention_2 or "
-            "poft_varlen (PyTorch's varlen flash kernel). Default: poft_varlen on CUDA GPUs that run it, else "
-            "transformers' choice."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model repositories to run their own code."}
-    )
-    # batching and caching
     batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -124,12 +86,12 @@ class ScoringOptions:
     )
 
     def __post_init__(self):
-        check_reading_options(self.truncation_mode, self.system_turns)
+        ReadingOptions.__post_init__(self)
         if self.batch_tokens is not None and self.batch_tokens <= 0:
             raise OptionError(f"--batch_tokens must be positive, got {self.batch_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise OptionError(f"--max_length must be at least 2, got {self.max_length}")
-        check_device_and_dtype(self.device, self.dtype)
+        ModelOptions.__post_init__(self)
 
 
 @dataclass
@@ -140,83 +102,6 @@ class ScoreConfig(ScoringOptions, StageIO):
         default_factory=list,
         metadata={"help": "A reference model (path or hub id, optionally NAME=PATH); repeat for several references."},
     )
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A reference model: the column-safe name its scores are stored under, and where it loads from."""
-
-    name: str
-    path: str
-
-
-def parse_references(specs: Sequence[str]) -> list[Reference]:
-    """`PATH` or `NAME=PATH`; names default to the last path component and are made unique."""
-    references, seen = [], set()
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or "/" in name or os.sep in name:
-            name, path = Path(spec.rstrip("/")).name, spec
-            name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
-        unique, k = name, 2
-        while unique in seen:
-            unique, k = f"{name}_{k}", k + 1
-        seen.add(unique)
-        references.append(Reference(unique, path))
-    return references
-
-
-def load_model(
-    path: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-):
-    """A causal LM from safetensors weights (or a GGUF file), on `device`, in eval mode: scoring's and eval's loader."""
-    from safetensors import SafetensorError
-
-    source, gguf = load_args(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-            **(gguf or {"use_safetensors": True}),
-        )
-    except (OSError, SafetensorError) as error:
-        raise ModelError(
-            f"--model {path}: the weights cannot be loaded ({str(error).splitlines()[0]}). Save or download the "
-            "model again (poft loads safetensors weights)."
-        ) from error
-    return model.to(device).eval()
-
-
-def load_reference_model(
-    path: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    trust_remote_code: bool,
-    attn_implementation: str | None = None,
-):
-    """`load_model`, with the attention that packs when it pays and TRL's fused LM head, for scoring."""
-    model = load_model(path, device, dtype, trust_remote_code, attn_implementation)
-    if attn_implementation is None and use_varlen_by_default(model, device):
-        model.set_attn_implementation(VARLEN)  # packed rows through PyTorch's varlen kernel
-    add_fused_lm_head(model, cast_lm_head_to_fp32=True)
-    return model
-
-
-def model_max_length(max_length: int | None, model_config) -> int | None:
-    """Where one model's reading stops: `max_length`, but never past the model's context (`max_position_embeddings`),
-    whose later positions it never learned (scores there are noise; learned position embeddings fail outright), as
-    transformers' tokenizers cap truncation at their `model_max_length`. None (no truncation) reads up to it."""
-    context = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-        return max_length
-    return context if max_length is None else min(max_length, context)
 
 
 def data_row(row: int) -> str:
@@ -234,39 +119,51 @@ class ReferenceScores(NamedTuple):
     cut: set[str]
 
 
-def score_reference(
-    dataset: Dataset, reference: Reference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
-) -> ReferenceScores:
-    """Scores and response-token counts of every row for one reference, through its cache, the max_length they
-    were read with (the model's context where `config.max_length` goes past it and a conversation reaches it), and
-    the conversations it cut.
+@dataclass(frozen=True)
+class CheckedReference:
+    """A reference whose model passed its checks (`ModelSpec.check`), with its spec and content fingerprint (None
+    for a hub id out of reach now: loading it says why)."""
 
-    `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
-    as IFD does, names the user's row they come from).
+    reference: Reference
+    model: ModelSpec
+    model_id: str | None
 
-    Stops with `ScoringError` on a non-finite score (naming the reference and the first rows; nothing
-    non-finite is cached) and when no row at all could be scored; warns, with the cause, about rows
-    with a null score (cut off by truncation, or no response token marked by the template).
-    """
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    source, gguf = load_args(reference.path)
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """A reference ready to score, made once per run: its tokenizer, the encoder that reads the data as it does
+    (at `max_length`, which its context may lower), the fingerprint of the model and the reading settings, and the
+    cache that fingerprint keys."""
+
+    reference: Reference
+    model: ModelSpec
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int | None
+    encoder: ConversationEncoder
+    fingerprint: str
+    cache: ScoreCache
+
+
+def prepare_reference(checked: CheckedReference, config: ScoringOptions, shard: int | None) -> PreparedReference:
+    """Load `checked`'s tokenizer and config, build its encoder and open its cache (`shard`: this process's
+    cache shard under several processes)."""
+    reference, model = checked.reference, checked.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
-        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **gguf)
-        model_id = model_fingerprint(reference.path)
+        tokenizer = model.tokenizer()
+        model_config = model.config()
+        model_id = checked.model_id or model.fingerprint()
     except (OSError, ValueError) as error:
         raise ModelError(
             f"Cannot load reference {reference.name!r} from {reference.path!r}: {str(error).splitlines()[0]} Give "
             "a local model directory or a hub id that is reachable (or already in the Hugging Face cache)."
         ) from error
-    if gguf:
+    if model.gguf_file:
         logger.info(
             "%s: %s is a GGUF file; transformers de-quantises its weights to %s, so these are the scores of the "
             "de-quantised weights (llama.cpp computes with the quantised ones).",
             reference.name,
             reference.path,
-            dtype,
+            model.dtype,
         )
     max_length = model_max_length(config.max_length, model_config)
     encoder = ConversationEncoder(
@@ -284,66 +181,110 @@ def score_reference(
         "system_turns": config.system_turns,
         "max_length": max_length,
         "truncation_mode": config.truncation_mode,
-        "dtype": str(dtype),
+        "dtype": str(model.dtype),
     }
     fingerprint = hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:32]
     meta = {**covered, "first_scored_from": reference.path}  # for whoever reads the cache; not hashed
-    state = PartialState(cpu=device.type == "cpu")  # on CPU, torchrun's processes join through gloo
-    shard = state.process_index if state.num_processes > 1 else None
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
-    with cache.exclusive():  # a second run sharing this cache waits, then scores only what is left
-        scored = cache.load()
+    return PreparedReference(reference, model, tokenizer, max_length, encoder, fingerprint, cache)
 
-        ids = dataset[POFT_ID]
-        pending = sorted({i for i in ids if i not in scored})
-        mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
-        todo: dict[str, EncodedConversation] = {}
-        for row, (poft_id, messages) in enumerate(zip(ids, dataset[MESSAGES], strict=True), start=1):
-            if poft_id in mine and poft_id not in todo:
-                try:
-                    todo[poft_id] = encoder.encode(messages)
-                except ChatTemplateError as error:
-                    raise ChatTemplateError(
-                        f"reference {reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
-                    ) from error
-        _report_unknown_characters(todo, ids, reference, describe_row)
-        unique = len(set(ids))
-        logger.info(
-            "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
-            reference.name,
-            len(ids),
-            unique,
-            unique - len(pending),
-            cache.directory,
-            len(pending),
-            encoder.mask_rule_version,
-            f"; this process scores {len(todo)}" if shard is not None else "",
-        )
-        unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
-        if unscorable:
-            cache.append(
-                [
-                    {
-                        "poft_id": i,
-                        "score": None,
-                        "n_tokens": 0,
-                        "null_reason": "truncated" if todo[i].truncated else "no_response",
-                    }
-                    for i in unscorable
-                ]
-            )
-            for i in unscorable:
-                todo.pop(i)
-        if todo:
-            device = state.device if shard is not None and config.device == "auto" else device
-            rows = {}
-            for row, poft_id in enumerate(ids, start=1):
-                rows.setdefault(poft_id, row)
-            _score_into_cache(todo, rows, tokenizer, reference, config, device, dtype, cache, describe_row)
+
+def score_reference(
+    dataset: Dataset, checked: CheckedReference, config: ScoringOptions, describe_row: Callable[[int], str] = data_row
+) -> ReferenceScores:
+    """Scores and response-token counts of every row for one reference, through its cache, the max_length they
+    were read with (the model's context where `config.max_length` goes past it and a conversation reaches it), and
+    the conversations it cut.
+
+    `describe_row` names a 1-based row of `dataset` in messages (a caller scoring derived conversations,
+    as IFD does, names the user's row they come from).
+
+    Stops with `ScoringError` on a non-finite score (naming the reference and the first rows; nothing
+    non-finite is cached) and when no row at all could be scored; warns, with the cause, about rows
+    with a null score (cut off by truncation, or no response token marked by the template).
+    """
+    state = PartialState(cpu=checked.model.device.type == "cpu")  # on CPU, torchrun's processes join through gloo
+    prepared = prepare_reference(checked, config, state.process_index if state.num_processes > 1 else None)
+    with prepared.cache.exclusive():  # a second run sharing this cache waits, then scores only what is left
+        _score_uncached(dataset, prepared, config, state, describe_row)
     state.wait_for_everyone()
-    scored = cache.load()
+    return _read_scores(dataset[POFT_ID], prepared, config, describe_row)
+
+
+def _score_uncached(
+    dataset: Dataset,
+    prepared: PreparedReference,
+    config: ScoringOptions,
+    state: PartialState,
+    describe_row: Callable[[int], str],
+) -> None:
+    """Score this process's share of the rows the cache lacks into the cache (with its lock held)."""
+    reference, sharded = prepared.reference, state.num_processes > 1
+    ids = dataset[POFT_ID]
+    scored = prepared.cache.load()
+    pending = sorted({i for i in ids if i not in scored})
+    mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
+    todo = _encode(dataset, mine, prepared, describe_row)
+    _report_unknown_characters(todo, ids, reference, describe_row)
+    unique = len(set(ids))
+    logger.info(
+        "%s: %d conversations (%d unique): %d cached in %s, %d to score (%s masking%s)",
+        reference.name,
+        len(ids),
+        unique,
+        unique - len(pending),
+        prepared.cache.directory,
+        len(pending),
+        prepared.encoder.mask_rule_version,
+        f"; this process scores {len(todo)}" if sharded else "",
+    )
+    unscorable = [i for i, e in todo.items() if e.num_response_tokens == 0]
+    if unscorable:
+        prepared.cache.append(
+            [
+                {
+                    "poft_id": i,
+                    "score": None,
+                    "n_tokens": 0,
+                    "null_reason": "truncated" if todo[i].truncated else "no_response",
+                }
+                for i in unscorable
+            ]
+        )
+        for i in unscorable:
+            todo.pop(i)
+    if todo:
+        model = replace(prepared.model, device=state.device) if sharded and config.device == "auto" else prepared.model
+        rows: dict[str, int] = {}
+        for row, poft_id in enumerate(ids, start=1):
+            rows.setdefault(poft_id, row)
+        _score_into_cache(todo, rows, prepared, model, config, describe_row)
+
+
+def _encode(
+    dataset: Dataset, mine: set[str], prepared: PreparedReference, describe_row: Callable[[int], str]
+) -> dict[str, EncodedConversation]:
+    """The conversations of `mine` as `prepared` reads them, each once; a template error names its row."""
+    todo: dict[str, EncodedConversation] = {}
+    for row, (poft_id, messages) in enumerate(zip(dataset[POFT_ID], dataset[MESSAGES], strict=True), start=1):
+        if poft_id in mine and poft_id not in todo:
+            try:
+                todo[poft_id] = prepared.encoder.encode(messages)
+            except ChatTemplateError as error:
+                raise ChatTemplateError(
+                    f"reference {prepared.reference.name!r}, {describe_row(row)}, poft_id {poft_id}: {error}"
+                ) from error
+    return todo
+
+
+def _read_scores(
+    ids: Sequence[str], prepared: PreparedReference, config: ScoringOptions, describe_row: Callable[[int], str]
+) -> ReferenceScores:
+    """Every row's entry from the merged cache, with the warnings about null, truncated and capped readings."""
+    reference, max_length = prepared.reference, prepared.max_length
+    scored = prepared.cache.load()
     entries = [scored[i] for i in ids]
-    _report_null_scores(entries, ids, reference, max_length, describe_row, encoder.template_fix)
+    _report_null_scores(entries, ids, reference, max_length, describe_row, prepared.encoder.template_fix)
     kept = [e.n_tokens for e in entries if e.score is not None and e.truncated]
     if kept:
         message = partly_truncated(kept, len(ids), max_length, config.truncation_mode)
@@ -418,43 +359,26 @@ def _report_null_scores(
     logger.warning("%s. `poft train` skips rows with a null ref_score.", message)
 
 
-def model_scores(
-    model, encoder: ConversationEncoder, conversations: Sequence[Sequence[dict]], batch_tokens: int | None = None
-) -> list[float | None]:
-    """r_m of each conversation for an in-memory model (None where no response token survives truncation)."""
-    if "forward" not in vars(model):  # TRL's fused LM head patches the instance; trainers' models already have it
-        add_fused_lm_head(model)
-    encoded = [encoder.encode(messages) for messages in conversations]
-    scores: list[float | None] = [None] * len(encoded)
-    scorable = [i for i, e in enumerate(encoded) if e.num_response_tokens > 0]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for batch, means, _ in iter_scores(
-        model, [encoded[i] for i in scorable], pad_token_id(encoder.tokenizer), batch_tokens, device, "Scoring"
-    ):
-        for i, mean in zip(batch, means, strict=True):
-            scores[scorable[i]] = mean
-    model.train(was_training)
-    return scores
-
-
 def _score_into_cache(
     todo: dict[str, EncodedConversation],
     rows: dict[str, int],
-    tokenizer,
-    reference: Reference,
+    prepared: PreparedReference,
+    spec: ModelSpec,
     config: ScoringOptions,
-    device: torch.device,
-    dtype: torch.dtype,
-    cache: ScoreCache,
     describe_row: Callable[[int], str],
 ) -> None:
-    model = load_reference_model(reference.path, device, dtype, config.trust_remote_code, config.attn_implementation)
-    packing = packs(model, device, config.packing)
+    """Load the model of `spec` and append the scores of `todo` to the cache, batch by batch."""
+    reference, cache, device = prepared.reference, prepared.cache, spec.device
+    model, packing = load_for_scoring(spec, config.packing)
     keys, encoded = list(todo), list(todo.values())
     for batch, means, counts in iter_scores(
-        model, encoded, pad_token_id(tokenizer), config.batch_tokens, device, f"Scoring with {reference.name}", packing
+        model,
+        encoded,
+        pad_token_id(prepared.tokenizer),
+        config.batch_tokens,
+        device,
+        f"Scoring with {reference.name}",
+        packing,
     ):
         finite = [k for k, m in enumerate(means) if math.isfinite(m)]
         cache.append(
@@ -499,16 +423,22 @@ def score_dataset(
     references = [m if isinstance(m, Reference) else parse_references([m])[0] for m in models]
     if len({r.name for r in references}) < len(references):
         references = parse_references([r.path for r in references])
-    _check_references(references)
+    return _add_scores(dataset, _check_references(references, config), config, describe_row)
+
+
+def _add_scores(
+    dataset: Dataset, checked: Sequence[CheckedReference], config: ScoringOptions, describe_row: Callable[[int], str]
+) -> Dataset:
+    """`score_dataset` for references already checked: their columns and ref_score, with their settings."""
     columns: dict[str, list] = {}
     read_to: dict[str, int | None] = {}  # each score column's max_length: the model's context may lower it
     cut: dict[str, set[str]] = {}  # each score column's conversations that max_length cut
-    for reference in references:
-        read = score_reference(dataset, reference, config, describe_row)
-        column = score_column(reference.name)
-        columns[column], columns[n_tokens_column(reference.name)] = read.scores, read.n_tokens
+    for ref in checked:
+        read = score_reference(dataset, ref, config, describe_row)
+        column = score_column(ref.reference.name)
+        columns[column], columns[n_tokens_column(ref.reference.name)] = read.scores, read.n_tokens
         read_to[column], cut[column] = read.max_length, read.cut
-    per_row = zip(*(columns[score_column(r.name)] for r in references), strict=True)
+    per_row = zip(*(columns[score_column(r.reference.name)] for r in checked), strict=True)
     columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
     read_to[REF_SCORE] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
     cut[REF_SCORE] = set().union(*cut.values())
@@ -523,16 +453,19 @@ def score_dataset(
     return dataset
 
 
-def _check_references(references: Sequence[Reference]) -> None:
-    """Each reference a loadable-looking model (`check_model_source`), and none twice: the same model (one
+def _check_references(references: Sequence[Reference], options: ModelOptions) -> list[CheckedReference]:
+    """Each reference a loadable-looking model (`ModelSpec.check`), and none twice: the same model (one
     fingerprint) would count twice in ref_score."""
+    checked: list[CheckedReference] = []
     seen: dict[str, Reference] = {}
     for reference in references:
-        check_model_source(reference.path, "--model", safetensors_only=True, gguf=True)
+        model = ModelSpec.of(reference.path, options)
+        model.check()
         try:
-            key = model_fingerprint(reference.path)
+            model_id = model.fingerprint()
         except OSError:  # an unreachable hub id: loading it says so
-            key = reference.path
+            model_id = None
+        key = model_id or reference.path
         if key in seen:
             raise OptionError(
                 f"--model {reference.path} is the same model as --model {seen[key].path} (same fingerprint: the "
@@ -540,6 +473,8 @@ def _check_references(references: Sequence[Reference]) -> None:
                 "reference once."
             )
         seen[key] = reference
+        checked.append(CheckedReference(reference, model, model_id))
+    return checked
 
 
 def run_score(config: ScoreConfig) -> Dataset:
@@ -554,7 +489,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     if not config.model:
         raise OptionError("poft score needs at least one reference: --model PATH_OR_HUB_ID (repeat for several).")
     references = parse_references(config.model)
-    _check_references(references)  # before the data is read, so a typo fails in a second
+    checked = _check_references(references, config)  # before the data is read, so a typo fails in a second
     device = resolve_device(config.device)
     state = PartialState(cpu=device.type == "cpu")
     new = reference_columns(r.name for r in references)
@@ -565,7 +500,7 @@ def run_score(config: ScoreConfig) -> Dataset:
     def score(dataset: Dataset) -> Dataset:
         if kept := kept_columns(dataset.column_names):
             logger.info("Kept %s as they are: columns poft did not write, not part of %s.", ", ".join(kept), REF_SCORE)
-        scored = score_dataset(dataset, references, config)
+        scored = _add_scores(dataset, checked, config, data_row)
         columns = {c: scored[c] for c in scored.column_names if is_score_column(c)}
         if (check := check_references(columns)) is not None:
             (logger.warning if check.weak else logger.info)("%s", check.line())

@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
 
+from poft.batching import model_scores
 from poft.chat import ConversationEncoder
 from poft.demo.analysis import training_objective
 from poft.demo.methods import dpo_config, train_dpo
@@ -29,7 +30,6 @@ from poft.evaluation import exact_match_per_row
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
 from poft.schema import MESSAGES, NOISE, REF_SCORE
-from poft.scoring import model_scores
 from poft.trainer import PoFTConfig, PoFTTrainer
 
 logger = logging.getLogger(__name__)
