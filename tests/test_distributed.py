@@ -19,14 +19,14 @@ FAILING_PROCESS = textwrap.dedent(
     from poft.errors import DataError
 
     Path(sys.argv[1], os.environ["RANK"]).write_text(str(os.getpid()))
-    score_dataset = poft.scoring.score_dataset
+    score_reference = poft.scoring.score_reference
 
     def fail_in_process_1(*args, **kwargs):
         if os.environ["RANK"] == "1":
             raise DataError("process 1 cannot go on")
-        return score_dataset(*args, **kwargs)
+        return score_reference(*args, **kwargs)
 
-    poft.scoring.score_dataset = fail_in_process_1
+    poft.scoring.score_reference = fail_in_process_1
     from poft.cli import main
 
     sys.exit(main(sys.argv[2:]))
