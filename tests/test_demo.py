@@ -141,6 +141,8 @@ def test_bad_options_name_the_fix():
         DemoConfig(methods=["dpo"])
     with pytest.raises(ValueError, match="--noise_rate"):
         DemoConfig(noise_rate=[1.0])
+    with pytest.raises(ValueError, match="--dpo_pairs must be at least 1"):
+        DemoConfig(dpo_pairs=0)
 
 
 def record(method, seed, lr, correct, validation=0.5):

@@ -78,10 +78,10 @@ def test_dpo_arms_take_their_base_methods_learning_rate():
 
 def test_toy_grid_trains_the_new_arms_and_reports_their_comparisons(tmp_path):
     methods = ["sft", "poft_token", "token_cleaning", "sft+dpo", "poft_token+dpo"]
-    results = run_demo(toy_config(tmp_path, methods=methods))
+    results = run_demo(toy_config(tmp_path, methods=methods, dpo_pairs=64))
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == set(methods)
-    assert runs["sft+dpo"]["dpo_pairs"] == runs["poft_token+dpo"]["dpo_pairs"] > 0
+    assert 0 < runs["sft+dpo"]["dpo_pairs"] == runs["poft_token+dpo"]["dpo_pairs"] <= 64
     assert runs["sft+dpo"]["curve"][-1]["after_dpo"] and "dpo_pairs" not in runs["sft"]
     (entry,) = results["summary"]
     assert {"token_cleaning", "sft+dpo", "poft_token+dpo"} <= set(entry["differences"]["poft_token"])

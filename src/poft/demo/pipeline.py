@@ -36,7 +36,7 @@ from poft.demo import tasks_second
 from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.builders_second import gemma_char_tokenizer, unigram_tokenizer, wordpiece_tokenizer
-from poft.demo.methods import preference_pairs, token_cleaning_data, token_cleaning_reference
+from poft.demo.methods import DPO_PAIRS, preference_pairs, token_cleaning_data, token_cleaning_reference
 from poft.demo.report import write_demo_report
 from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
 from poft.demo.settings import MAX_LENGTH, trainer_args
@@ -98,7 +98,7 @@ class DemoConfig:
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
             "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
             "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
-            "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on 600 "
+            "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on --dpo_pairs "
             "correct-over-noised pairs on fresh prompts, 2 epochs)."
         },
     )
@@ -172,6 +172,10 @@ class DemoConfig:
         default_factory=lambda: [0.4, 0.7],
         metadata={"help": "Fractions kept by the ref_score filter baseline (the best is compared)."},
     )
+    dpo_pairs: int = field(
+        default=DPO_PAIRS,
+        metadata={"help": "Preference pairs of the +dpo methods' DPO stage, on prompts no other split uses."},
+    )
 
     def __post_init__(self):
         if self.full:
@@ -184,6 +188,8 @@ class DemoConfig:
             self.methods += [m for m in (SFT_NORM.name, "oracle", "filter") if m not in self.methods]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
             raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
+        if self.dpo_pairs < 1:
+            raise OptionError(f"--dpo_pairs must be at least 1, got {self.dpo_pairs}")
         for name, values, allowed in (
             ("methods", self.methods, METHODS),
             ("worlds", self.worlds, WORLDS),
@@ -234,6 +240,7 @@ class DemoConfig:
             warmup_ratio=self.warmup_ratio,
             max_grad_norm=self.max_grad_norm,
             use_cpu=self.use_cpu(),
+            dpo_pairs=self.dpo_pairs,
         )
 
     def use_cpu(self) -> bool:
@@ -482,7 +489,7 @@ class Grid:
         pairs = None
         if spec.method.endswith(DPO_SUFFIX):
             if spec.world not in self.pairs:
-                self.pairs[spec.world] = preference_pairs(world)
+                self.pairs[spec.world] = preference_pairs(world, self.config.dpo_pairs)
             pairs = self.pairs[spec.world]
         return spec, self.world_settings[spec.world], world.base, data, sample, world.validation, world.test, pairs
 

@@ -63,6 +63,7 @@ class TrainSettings:
     warmup_ratio: float
     max_grad_norm: float
     use_cpu: bool
+    dpo_pairs: int  # of the +dpo methods
 
     def fingerprint(self, world_key: str) -> str:
         payload = json.dumps([world_key, asdict(self)], sort_keys=True)
