@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -47,9 +47,6 @@ from poft.schema import (
 from poft.score_cache import ScoreCache, default_cache_dir
 from poft.score_settings import score_feature
 from poft.stage import StageIO, open_stage
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -131,16 +128,13 @@ class CheckedReference:
 
 @dataclass(frozen=True)
 class PreparedReference:
-    """A reference ready to score, made once per run: its tokenizer, the encoder that reads the data as it does
-    (at `max_length`, which its context may lower), the fingerprint of the model and the reading settings, and the
-    cache that fingerprint keys."""
+    """A reference ready to score, made once per run: the encoder that reads the data as it does (its tokenizer,
+    at a `max_length` its context may lower), and the cache keyed by the fingerprint of the model and the reading
+    settings (`cache.fingerprint`)."""
 
     reference: Reference
     model: ModelSpec
-    tokenizer: PreTrainedTokenizerBase
-    max_length: int | None
     encoder: ConversationEncoder
-    fingerprint: str
     cache: ScoreCache
 
 
@@ -186,7 +180,7 @@ def prepare_reference(checked: CheckedReference, config: ScoringOptions, shard: 
     fingerprint = hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:32]
     meta = {**covered, "first_scored_from": reference.path}  # for whoever reads the cache; not hashed
     cache = ScoreCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), fingerprint, meta, shard)
-    return PreparedReference(reference, model, tokenizer, max_length, encoder, fingerprint, cache)
+    return PreparedReference(reference, model, encoder, cache)
 
 
 def score_reference(
@@ -281,7 +275,7 @@ def _read_scores(
     ids: Sequence[str], prepared: PreparedReference, config: ScoringOptions, describe_row: Callable[[int], str]
 ) -> ReferenceScores:
     """Every row's entry from the merged cache, with the warnings about null, truncated and capped readings."""
-    reference, max_length = prepared.reference, prepared.max_length
+    reference, max_length = prepared.reference, prepared.encoder.max_length
     scored = prepared.cache.load()
     entries = [scored[i] for i in ids]
     _report_null_scores(entries, ids, reference, max_length, describe_row, prepared.encoder.template_fix)
@@ -374,7 +368,7 @@ def _score_into_cache(
     for batch, means, counts in iter_scores(
         model,
         encoded,
-        pad_token_id(prepared.tokenizer),
+        pad_token_id(prepared.encoder.tokenizer),
         config.batch_tokens,
         device,
         f"Scoring with {reference.name}",
