@@ -363,3 +363,32 @@ def test_quickstart_with_fewer_steps_than_its_logging_interval(tmp_path):
     assert set(summary) == {"loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref"}
     assert all(math.isfinite(value) for value in summary.values())
     assert 0 < summary["poft/weight"] < 1
+
+
+def test_leaving_the_process_group_waits_until_gloos_worker_has_let_go_of_the_meeting(tmp_path, monkeypatch):
+    """The processes meet by an all-reduce; the group is left only once gloo's worker thread no longer owns that
+    tensor (freeing it needs the GIL, which the group's destructor holds while it joins the worker)."""
+    import torch.distributed as dist
+
+    from poft.runtime import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    met, owners_when_leaving = [], []
+    all_reduce = dist.all_reduce
+
+    def recorded(tensor, *args, **kwargs):
+        met.append(tensor)
+        return all_reduce(tensor, *args, **kwargs)
+
+    class TwoProcesses:  # the meeting path of a multi-process run, over a real one-process gloo group
+        num_processes = 2
+        device = torch.device("cpu")
+
+        def end_training(self):
+            owners_when_leaving.append(met[0]._use_count())
+            dist.destroy_process_group()
+
+    monkeypatch.setattr(dist, "all_reduce", recorded)
+    leave_process_group(TwoProcesses())
+    assert len(met) == 1 and owners_when_leaving == [1]
+    assert not dist.is_initialized()

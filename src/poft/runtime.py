@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -193,11 +194,31 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
             f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
         ) from error
     logger.info("Saved the model to %s", output_dir)
-    # Every process leaves the process group before exiting: a gloo group still alive at interpreter exit can abort
-    # one process ("terminate called without an active exception") after everything was saved.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    leave_process_group(trainer.accelerator)
     return output_dir
+
+
+def leave_process_group(accelerator, settle_seconds: float = 30.0) -> None:
+    """Every process meets the others, then leaves the process group, before it exits.
+
+    A gloo group still alive at interpreter exit can abort a process ("terminate called without an active exception")
+    after everything was saved. Leaving it has a trap of its own: the group's C++ destructor (run when its last
+    owner, DDP's reducer, is freed) joins gloo's worker threads while holding the GIL, and a worker thread still
+    freeing a collective's tensors needs the GIL: a deadlock, seen in 2-process CPU runs that met by a barrier (the
+    worker was freeing an all-gather). So on gloo the processes meet by an all-reduce of a tensor held here, and
+    wait, the GIL released, until the worker has let go of it.
+    """
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "gloo":
+            meeting = torch.zeros(1)
+            torch.distributed.all_reduce(meeting)
+            deadline = time.monotonic() + settle_seconds
+            time.sleep(0.01)  # at least once: every gloo worker gets the GIL to finish freeing what it holds
+            while meeting._use_count() > 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
