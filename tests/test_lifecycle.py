@@ -141,6 +141,39 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tiny_models, scored_dat
     ]
 
 
+@pytest.mark.parametrize("checkpoints", ["a cut one after a complete one", "none"])
+def test_poft_trainer_resume_true_from_python_means_what_the_flag_means(
+    tiny_models, scored_data, tmp_path, loaded, caplog, checkpoints
+):
+    """PoFTTrainer.train(resume_from_checkpoint=True) skips a cut checkpoint as the CLI does (transformers would
+    load the newest folder), and starts fresh with a warning where there is none (transformers would raise)."""
+    from poft.data import load_sft_dataset
+    from poft.trainer import PoFTTrainer
+
+    run = tmp_path / "run"
+    expected = []
+    if checkpoints != "none":
+        assert main(train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_steps", "2")) == 0
+        cut_checkpoint(run / "checkpoint-2", run / "checkpoint-3", "cut state")
+        expected = [str(run / "checkpoint-2")]
+    args = PoFTConfig(
+        output_dir=str(run),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        max_length=256,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        activation_checkpointing=False,
+    )
+    trainer = PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=load_sft_dataset(scored_data))
+    with caplog.at_level(logging.WARNING, logger="poft.runtime"):
+        assert trainer.train(resume_from_checkpoint=True).global_step == 3
+    assert loaded == expected
+    if checkpoints == "none":
+        assert "no complete checkpoint in --output_dir" in caplog.text
+
+
 def test_resume_from_a_missing_folder_is_one_line(tiny_models, scored_data, tmp_path, capsys):
     missing = tmp_path / "run" / "checkpoint-7"
     argv = train_argv(

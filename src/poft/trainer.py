@@ -34,7 +34,7 @@ from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objecti
 from poft.objective_registry import HELP as OBJECTIVE_HELP
 from poft.objectives import StepTensors, poft_weights, sequence_mean_log_probs
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
-from poft.runtime import default_bf16, machine_defaults, output_dir_for, train_and_save
+from poft.runtime import default_bf16, machine_defaults, output_dir_for, resume_checkpoint, train_and_save
 from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
 from poft.score_settings import CUT, LENGTH_SETTINGS, SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
@@ -233,6 +233,14 @@ class PoFTTrainer(SFTTrainer):
         if not isinstance(self.data_collator, DataCollatorForLanguageModeling):
             raise ValueError("PoFTTrainer builds its own data collator; do not pass one.")
         self.data_collator = PoFTDataCollator(self.data_collator)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer.train, where `resume_from_checkpoint=True` means what `poft train --resume_from_checkpoint true`
+        does (`runtime.resume_checkpoint`): the last *complete* checkpoint in output_dir, or a fresh run with a
+        warning. transformers takes the newest checkpoint folder, even one a kill or a full disk cut off."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = resume_checkpoint(True, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
