@@ -178,6 +178,37 @@ def test_dpo_widens_the_chosen_rejected_margin(tiny_model, tmp_path):
     assert after > before + 0.5  # log p(chosen) - log p(rejected), summed over tokens
 
 
+def test_dpo_resume_true_skips_a_cut_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+    tiny_model, tmp_path, monkeypatch
+):
+    """`poft dpo --resume_from_checkpoint true` takes the last complete checkpoint (a cut one after it, as a kill
+    leaves, is skipped) and ends with the weights of a run that was never stopped."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    loaded = []
+    original = Trainer._load_from_checkpoint
+    monkeypatch.setattr(
+        Trainer,
+        "_load_from_checkpoint",
+        lambda self, path, *a, **k: (loaded.append(path), original(self, path, *a, **k)),
+    )
+    data = write_jsonl(tmp_path / "prefs.jsonl", text_rows(make_pairs()))
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    constant = {"lr_scheduler_type": "constant"}  # the stopped run's schedule does not depend on its max_steps
+    assert main(["dpo", *dpo_flags(tiny_model, data, whole, **constant)]) == 0
+    stop_at_2 = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2}
+    assert main(["dpo", *dpo_flags(tiny_model, data, stopped, **constant, **stop_at_2)]) == 0
+    cut = stopped / "checkpoint-3"
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text((stopped / "checkpoint-2" / "trainer_state.json").read_text()[:40])
+    assert main(["dpo", *dpo_flags(tiny_model, data, stopped, **constant), "--resume_from_checkpoint", "true"]) == 0
+    assert loaded == [str(stopped / "checkpoint-2")]
+    resumed, uninterrupted = load_file(str(stopped / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_preference_data_is_one_readable_error(tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi?", "completion": "Hello."}])
     with pytest.raises(DataError, match="sft.jsonl") as error:
