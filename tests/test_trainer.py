@@ -410,6 +410,34 @@ def test_r_theta_equals_poft_score_on_real_templates(template_models, conversati
         assert sorted(ref.tolist()) == pytest.approx(sorted(data["ref_score"]), abs=1e-6)
 
 
+@pytest.mark.parametrize("given", ["path", "model"])
+@pytest.mark.parametrize("max_length", [256, None])
+def test_training_reads_no_further_than_the_models_context(
+    tiny_models, conversations, tmp_path, caplog, given, max_length
+):
+    """A max_length past max_position_embeddings (or none) is capped at the context, as poft score caps it:
+    conversations longer than the context are cut to it, and the run records the length it used."""
+    from poft.demo.builders import save_model, tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chatml"])
+    model = tiny_llama(tokenizer, max_position_embeddings=64)
+    target = str(save_model(model, tokenizer, tmp_path / "short")) if given == "path" else model
+    data = as_dataset(conversations)
+    lengths = [len(tokenizer.apply_chat_template(c["messages"])["input_ids"]) for c in data]
+    assert max(lengths) > 64  # some conversations reach past the context
+    with caplog.at_level(logging.INFO, logger="poft.trainer"):
+        trainer = PoFTTrainer(
+            target,
+            args=config(tmp_path, objective="sft", max_length=max_length),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+    assert trainer.args.max_length == 64
+    assert [len(ids) for ids in trainer.train_dataset["input_ids"]] == [min(n, 64) for n in lengths]
+    requested = "no max_length" if max_length is None else f"max_length {max_length}"
+    assert f"{requested} is beyond the model's context (max_position_embeddings=64)" in caplog.text
+
+
 def test_target_without_a_template_trains_with_the_given_one(tiny_models, conversations, tmp_path):
     """A base model trained with Zephyr's template file: r_theta equals `poft score --chat_template` of the same
     file, and the saved model carries the template."""

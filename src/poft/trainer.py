@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, Value
+from transformers import AutoConfig
 from trl import ScriptArguments, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -30,6 +31,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
+from poft.models import model_max_length
 from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objective_named
 from poft.objective_registry import HELP as OBJECTIVE_HELP
 from poft.objectives import StepTensors, poft_weights, sequence_mean_log_probs
@@ -218,6 +220,7 @@ class PoFTTrainer(SFTTrainer):
             raise OptionError(f"compute_loss_func replaces the loss; it applies with objective={SFT.name!r} only.")
         # Workaround (TRL 1.16, pinned <1.17): SFTTrainer refuses max_length with padding-free batches because it
         # would not truncate them; the encoder truncates every conversation itself, so it is lifted while TRL sets up.
+        args.max_length = _capped_at_context(model, args)
         self._truncate_to, self.objective = args.max_length, objective
         if args.padding_free and not args.packing:
             args.max_length = None
@@ -513,6 +516,30 @@ class PoFTTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+
+
+def _capped_at_context(model, args: PoFTConfig) -> int | None:
+    """`args.max_length`, never past the model's context, as `poft score` reads (`models.model_max_length`): the
+    positions a model never learned give noise, and learned position embeddings fail outright."""
+    config = getattr(model, "config", None)
+    if isinstance(model, str):
+        hub = {k: v for k, v in (args.model_init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+        try:
+            config = AutoConfig.from_pretrained(model, **hub)
+        except (OSError, ValueError):  # TRL's own load of the model reports it
+            return args.max_length
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    capped = model_max_length(args.max_length, config)
+    if capped != args.max_length:
+        logger.info(
+            "%s is beyond the model's context (max_position_embeddings=%d), so conversations are read up to %d "
+            "tokens, as poft score reads them.",
+            "no max_length" if args.max_length is None else f"max_length {args.max_length}",
+            capped,
+            capped,
+        )
+    return capped
 
 
 def _sequence_parallel(accelerator) -> bool:
