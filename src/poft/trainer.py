@@ -218,9 +218,9 @@ class PoFTTrainer(SFTTrainer):
         objective = objective_named(args.objective)
         if not objective.trl_loss and kwargs.get("compute_loss_func") is not None:
             raise OptionError(f"compute_loss_func replaces the loss; it applies with objective={SFT.name!r} only.")
+        args.max_length = _capped_at_context(model, args)
         # Workaround (TRL 1.16, pinned <1.17): SFTTrainer refuses max_length with padding-free batches because it
         # would not truncate them; the encoder truncates every conversation itself, so it is lifted while TRL sets up.
-        args.max_length = _capped_at_context(model, args)
         self._truncate_to, self.objective = args.max_length, objective
         if args.padding_free and not args.packing:
             args.max_length = None
