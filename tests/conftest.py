@@ -6,13 +6,44 @@ import json
 import random
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from transformers import Trainer
 
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.schema import conversation_id
 from tests.real_templates import tokenizer_for
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[str]:
+    """The checkpoints the Trainer loads weights from, in order."""
+    seen: list[str] = []
+    original = Trainer._load_from_checkpoint
+
+    def record(self, resume_from_checkpoint, *args, **kwargs):
+        seen.append(resume_from_checkpoint)
+        return original(self, resume_from_checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_load_from_checkpoint", record)
+    return seen
+
+
+def cut_checkpoint(complete: Path, target: Path, damage: str) -> Path:
+    """A copy of `complete` as a kill or a full disk leaves it: trainer_state.json missing or cut off."""
+    target.mkdir()
+    for file in complete.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    optimizer = target / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    state = target / "trainer_state.json"
+    if damage == "no state":
+        state.unlink()
+    else:
+        state.write_text(state.read_text()[:40])
+    return target
 
 
 def two_cpu_processes(*program: str, config_file: str | None = None) -> list[str]:

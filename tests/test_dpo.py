@@ -20,6 +20,7 @@ from poft.cli import main
 from poft.demo.builders import char_tokenizer, save_model, tiny_llama
 from poft.dpo import DPODataArguments, PoFTDPOConfig, load_preference_dataset, run_dpo
 from poft.errors import DataError
+from tests.conftest import cut_checkpoint
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 DPO_RECIPES = ("dpo-paper.yaml", "dpo-lora.yaml")
@@ -178,30 +179,18 @@ def test_dpo_widens_the_chosen_rejected_margin(tiny_model, tmp_path):
     assert after > before + 0.5  # log p(chosen) - log p(rejected), summed over tokens
 
 
-def test_dpo_resume_true_skips_a_cut_checkpoint_and_ends_where_an_uninterrupted_run_ends(
-    tiny_model, tmp_path, monkeypatch
-):
+def test_dpo_resume_true_skips_a_cut_checkpoint_and_ends_where_an_uninterrupted_run_ends(tiny_model, tmp_path, loaded):
     """`poft dpo --resume_from_checkpoint true` takes the last complete checkpoint (a cut one after it, as a kill
     leaves, is skipped) and ends with the weights of a run that was never stopped."""
     from safetensors.torch import load_file
-    from transformers import Trainer
 
-    loaded = []
-    original = Trainer._load_from_checkpoint
-    monkeypatch.setattr(
-        Trainer,
-        "_load_from_checkpoint",
-        lambda self, path, *a, **k: (loaded.append(path), original(self, path, *a, **k)),
-    )
     data = write_jsonl(tmp_path / "prefs.jsonl", text_rows(make_pairs()))
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     constant = {"lr_scheduler_type": "constant"}  # the stopped run's schedule does not depend on its max_steps
     assert main(["dpo", *dpo_flags(tiny_model, data, whole, **constant)]) == 0
     stop_at_2 = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2}
     assert main(["dpo", *dpo_flags(tiny_model, data, stopped, **constant, **stop_at_2)]) == 0
-    cut = stopped / "checkpoint-3"
-    cut.mkdir()
-    (cut / "trainer_state.json").write_text((stopped / "checkpoint-2" / "trainer_state.json").read_text()[:40])
+    cut_checkpoint(stopped / "checkpoint-2", stopped / "checkpoint-3", "cut state")
     assert main(["dpo", *dpo_flags(tiny_model, data, stopped, **constant), "--resume_from_checkpoint", "true"]) == 0
     assert loaded == [str(stopped / "checkpoint-2")]
     resumed, uninterrupted = load_file(str(stopped / "model.safetensors")), load_file(str(whole / "model.safetensors"))

@@ -21,14 +21,13 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import Trainer
 
 import poft
 from poft.cli import main, parse
 from poft.errors import OptionError
 from poft.runtime import resume_checkpoint, save_error
 from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig
-from tests.conftest import make_conversations
+from tests.conftest import cut_checkpoint, make_conversations
 
 STEPS_PER_EPOCH = 4  # 16 conversations in batches of 4
 
@@ -54,35 +53,6 @@ def train_argv(data: str, model: str, output: Path, max_steps: int, *extra: str)
         *("--report_to", "none", "--seed", "0", "--use_cpu", "true"),
         *extra,
     ]
-
-
-@pytest.fixture
-def loaded(monkeypatch) -> list[str]:
-    """The checkpoints the Trainer loads weights from, in order."""
-    seen: list[str] = []
-    original = Trainer._load_from_checkpoint
-
-    def record(self, resume_from_checkpoint, *args, **kwargs):
-        seen.append(resume_from_checkpoint)
-        return original(self, resume_from_checkpoint, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_load_from_checkpoint", record)
-    return seen
-
-
-def cut_checkpoint(complete: Path, target: Path, damage: str) -> Path:
-    """A copy of `complete` as a kill or a full disk leaves it: trainer_state.json missing or cut off."""
-    target.mkdir()
-    for file in complete.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
-    optimizer = target / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
-    state = target / "trainer_state.json"
-    if damage == "no state":
-        state.unlink()
-    else:
-        state.write_text(state.read_text()[:40])
-    return target
 
 
 # --------------------------------------------------------------------------- --resume_from_checkpoint
