@@ -144,3 +144,12 @@ def model_max_length(max_length: int | None, model_config) -> int | None:
     if not isinstance(context, int) or isinstance(context, bool) or context < 2:
         return max_length
     return context if max_length is None else min(max_length, context)
+
+
+def beyond_context(requested: str, context: int) -> str:
+    """The line that says `requested` (a reading length, as its caller names it) was capped at the model's context
+    by `model_max_length`: shared by scoring and training, so both say it alike."""
+    return (
+        f"{requested} is beyond the model's context (max_position_embeddings={context}), so conversations are read "
+        f"up to {context} tokens"
+    )

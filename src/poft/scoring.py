@@ -29,7 +29,14 @@ from datasets import Dataset
 from poft.batching import iter_scores, pad_token_id
 from poft.chat import ChatTemplateError, ConversationEncoder, EncodedConversation, partly_truncated
 from poft.errors import DataError, ModelError, OptionError, ScoringError
-from poft.models import ModelSpec, Reference, load_for_scoring, model_max_length, parse_references
+from poft.models import (
+    ModelSpec,
+    Reference,
+    beyond_context,
+    load_for_scoring,
+    model_max_length,
+    parse_references,
+)
 from poft.options import ModelOptions, ReadingOptions
 from poft.reference_check import check_references
 from poft.runtime import resolve_device
@@ -285,13 +292,9 @@ def _read_scores(
         logger.warning("reference %r: %s", reference.name, message)
     capped = max_length != config.max_length and any(e.truncated or e.null_reason == "truncated" for e in entries)
     if capped:
+        requested = "no --max_length" if config.max_length is None else f"--max_length {config.max_length}"
         logger.warning(
-            "reference %r: %s is beyond the model's context (max_position_embeddings=%d), so conversations are read "
-            "up to %d tokens, as its scores record.",
-            reference.name,
-            "no --max_length" if config.max_length is None else f"--max_length {config.max_length}",
-            max_length,
-            max_length,
+            "reference %r: %s, as its scores record.", reference.name, beyond_context(requested, max_length)
         )
     # where no conversation reaches the context, the scores are those the requested max_length gives
     cut = {i for i, e in zip(ids, entries, strict=True) if e.truncated or e.null_reason == "truncated"}

@@ -31,7 +31,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_options, partly_truncated
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
-from poft.models import model_max_length
+from poft.models import beyond_context, model_max_length
 from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objective_named
 from poft.objective_registry import HELP as OBJECTIVE_HELP
 from poft.objectives import StepTensors, poft_weights, sequence_mean_log_probs
@@ -532,13 +532,8 @@ def _capped_at_context(model, args: PoFTConfig) -> int | None:
         config = config.get_text_config()
     capped = model_max_length(args.max_length, config)
     if capped != args.max_length:
-        logger.info(
-            "%s is beyond the model's context (max_position_embeddings=%d), so conversations are read up to %d "
-            "tokens, as poft score reads them.",
-            "no max_length" if args.max_length is None else f"max_length {args.max_length}",
-            capped,
-            capped,
-        )
+        requested = "no max_length" if args.max_length is None else f"max_length {args.max_length}"
+        logger.info("%s, as poft score reads them.", beyond_context(requested, capped))
     return capped
 
 
