@@ -10,11 +10,12 @@ import huggingface_hub.utils
 import pytest
 import transformers
 
-from poft.demo.analysis import best_learning_rates, summarise
+from poft.demo.analysis import best_learning_rates, summarise, training_options
 from poft.demo.pipeline import DemoConfig, run_demo
 from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
 from poft.evaluation import exact_match
 from poft.runtime import progress_bars_on_terminal_only
+from poft.trainer import PoFTTrainer
 
 
 def test_task_answers_are_correct():
@@ -87,6 +88,8 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, caplog):
         assert [p["epoch"] for p in run["curve"]] == [0, 1]
         assert 0 <= run["clipped_share"] <= 1
         assert 0 <= run["curve"][-1]["weight_clean"] <= 1 and 0 <= run["curve"][-1]["weight_noisy"] <= 1
+        by_family = run["curve"][-1]["weight_by_family"]  # every family of the 70-row sample, each a mean weight
+        assert set(by_family) == set(FAMILIES) and all(0 <= w <= 1 for w in by_family.values())
     (entry,) = saved["summary"]
     sft = entry["differences"]["poft"]["sft"]
     # each PoFT objective against every other method, and poft_token - poft once
@@ -139,6 +142,12 @@ def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(t
 def test_bad_options_name_the_fix():
     with pytest.raises(ValueError, match="--methods dpo: choose from"):
         DemoConfig(methods=["dpo"])
+    with pytest.raises(ValueError, match="sft@beta=0.5: @beta= applies to the PoFT objectives"):
+        DemoConfig(methods=["sft@beta=0.5"])
+    with pytest.raises(ValueError, match="give the beta as a number, e.g. poft_token@beta=0.5"):
+        DemoConfig(methods=["poft_token@beta=half"])
+    with pytest.raises(ValueError, match="beta must be positive"):
+        DemoConfig(methods=["poft_token@beta=0"])
     with pytest.raises(ValueError, match="--noise_rate"):
         DemoConfig(noise_rate=[1.0])
     with pytest.raises(ValueError, match="--dpo_pairs must be at least 1"):
@@ -178,6 +187,26 @@ def test_best_learning_rate_is_chosen_on_validation_and_arms_pair_by_seed():
     assert by_arm["best lr"]["methods"]["sft"]["learning_rate"] == 2e-3
     # both seeds gain exactly 0.25: a zero-width interval over seeds, which excludes zero
     assert same["interval_seeds"] == {"estimate": 0.25, "low": 0.25, "high": 0.25}
+
+
+def test_a_poft_objective_at_another_beta_trains_with_it_and_is_compared_like_one(tmp_path, monkeypatch):
+    assert training_options("poft_token@beta=0.5") == {"objective": "poft_token", "loss_type": "nll", "beta": 0.5}
+    assert training_options("poft@beta=2+dpo") == {"objective": "poft", "loss_type": "nll", "beta": 2.0}
+    assert training_options("poft_token") == {"objective": "poft_token", "loss_type": "nll"}
+    assert training_options("oracle") == {"objective": "sft", "loss_type": "nll"}
+    seen = []
+    init = PoFTTrainer.__init__
+
+    def recording_init(self, model, args=None, *pargs, **kwargs):
+        seen.append((args.objective, args.beta))
+        init(self, model, args, *pargs, **kwargs)
+
+    monkeypatch.setattr(PoFTTrainer, "__init__", recording_init)
+    results = run_demo(toy_config(tmp_path, epochs=1, methods=["sft", "poft_token", "poft_token@beta=0.5"]))
+    assert ("poft_token", 0.5) in seen and ("poft_token", 1.0) in seen
+    (entry,) = results["summary"]
+    assert set(entry["differences"]["poft_token@beta=0.5"]) == {"sft"}
+    assert set(entry["differences"]["poft_token"]) == {"sft", "poft_token@beta=0.5"}
 
 
 def test_weights_plot_draws_every_poft_objective_and_sft(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ Two learning-rate arms are summarised: "same lr" (every method at --learning_rat
 "best lr" (each method at the rate that did best on the validation split; the filter and oracle baselines
 train like SFT and take its rate).
 
-Each objective of `poft.objective_registry` is a method of the same name; its PoFT objectives (those that read the
-references) are the methods compared with every other one.
+Each objective of `poft.objective_registry` is a method of the same name, and a PoFT objective (one that reads the
+references) at another Bradley-Terry scale is the method `<objective>@beta=<value>` (e.g. `poft_token@beta=0.5`,
+what `poft train --beta 0.5` trains); the PoFT methods are compared with every other one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from poft.objective_registry import DEFAULT, NAMES, OBJECTIVES, SFT
 PREFERENCE_METHODS = tuple(
     sorted((o.name for o in OBJECTIVES if o.needs_references), key=lambda name: name != DEFAULT.name)
 )
+BETA_MARK = "@beta="  # a PoFT objective at another beta: poft_token@beta=0.5
 LOSS_TYPES = {"dft": "dft"}  # methods that train with SFT's objective under another of TRL's loss_type
 # methods with a training loss of their own, in the demo's order (the filters and the oracle train like SFT)
 SWEPT = (
@@ -41,13 +43,37 @@ def base_method(method: str) -> str:
     return method.removesuffix(DPO_SUFFIX)
 
 
-def training_objective(method: str) -> tuple[str, str]:
-    """The (objective, TRL loss_type) `method` trains with: an objective's own; SFT's for every other method
+def split_beta(method: str) -> tuple[str, float | None]:
+    """A method's name without its `@beta=` part, and that beta (None where it has none)."""
+    name, mark, beta = method.partition(BETA_MARK)
+    return name, float(beta) if mark else None
+
+
+def check_method(method: str, known: Sequence[str]) -> str | None:
+    """Why `method` is not a method of the demo (None where it is)."""
+    name, mark, beta = base_method(method).partition(BETA_MARK)
+    if not mark:
+        return None if method in known else f"{method}: choose from {', '.join(known)}"
+    if name not in PREFERENCE_METHODS:
+        return f"{method}: {BETA_MARK} applies to the PoFT objectives ({', '.join(PREFERENCE_METHODS)})"
+    try:
+        return None if float(beta) > 0 else f"{method}: beta must be positive"
+    except ValueError:
+        return f"{method}: give the beta as a number, e.g. {name}{BETA_MARK}0.5"
+
+
+def is_preference(method: str) -> bool:
+    """Whether `method` trains with a PoFT objective (compared with every other method)."""
+    return split_beta(method)[0] in PREFERENCE_METHODS
+
+
+def training_options(method: str) -> dict:
+    """The `PoFTConfig` options `method` trains with: an objective's own (at its beta); SFT's for every other method
     (filters, oracle, Token Cleaning, a `+dpo` arm's first stage by its base method)."""
-    method = base_method(method)
-    if method in NAMES:
-        return method, "nll"
-    return SFT.name, LOSS_TYPES.get(method, "nll")
+    name, beta = split_beta(base_method(method))
+    if name in NAMES:
+        return {"objective": name, "loss_type": "nll", **({"beta": beta} if beta is not None else {})}
+    return {"objective": SFT.name, "loss_type": LOSS_TYPES.get(name, "nll")}
 
 
 def final_validation_accuracy(record: dict) -> float:
@@ -65,9 +91,14 @@ def best_learning_rates(sweep: Sequence[dict]) -> dict[str, float]:
     }
 
 
+def has_own_loss(method: str) -> bool:
+    """Whether `method` trains with a loss of its own (swept for its own learning rate), not SFT's."""
+    return method in SWEPT or is_preference(method)
+
+
 def arm_lr(method: str, best_lr: dict[str, float], default: float) -> float:
     method = base_method(method)
-    return best_lr.get(method if method in SWEPT else SFT.name, default)
+    return best_lr.get(method if has_own_loss(method) else SFT.name, default)
 
 
 def _interval_over_seeds(values: list[float]) -> dict | None:
@@ -95,13 +126,13 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
             "clipped_share": _mean(clipped),
         }
     differences = {}
-    for first in PREFERENCE_METHODS:
+    for first in sorted((m for m in by_method if is_preference(m)), key=lambda m: (m != DEFAULT.name, m)):
         if first in by_method:
             differences[first] = {
                 other: _paired_difference(first, by_method[first], other, seeds)
                 for other, seeds in by_method.items()
                 if other != first
-                and not (other in PREFERENCE_METHODS and other in differences)
+                and not (is_preference(other) and other in differences)
                 and set(by_method[first]) & set(seeds)
             }
     for first, others in PAIRED.items():

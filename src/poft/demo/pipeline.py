@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer
 
 from poft.audit import auc
 from poft.demo import tasks_second
-from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, summarise
+from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, check_method, has_own_loss, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.builders_second import gemma_char_tokenizer, unigram_tokenizer, wordpiece_tokenizer
 from poft.demo.methods import DPO_PAIRS, preference_pairs, token_cleaning_data, token_cleaning_reference
@@ -99,7 +99,8 @@ class DemoConfig:
             "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
             "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
             "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on --dpo_pairs "
-            "correct-over-noised pairs on fresh prompts, 2 epochs)."
+            "correct-over-noised pairs on fresh prompts, 2 epochs). A PoFT objective at another Bradley-Terry scale: "
+            "NAME@beta=B, e.g. poft_token@beta=0.5."
         },
     )
     baselines: bool = field(
@@ -190,8 +191,10 @@ class DemoConfig:
             raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
         if self.dpo_pairs < 1:
             raise OptionError(f"--dpo_pairs must be at least 1, got {self.dpo_pairs}")
+        wrong = [problem for problem in (check_method(m, METHODS) for m in self.methods) if problem]
+        if wrong:
+            raise OptionError(f"--methods {'; '.join(wrong)}")
         for name, values, allowed in (
-            ("methods", self.methods, METHODS),
             ("worlds", self.worlds, WORLDS),
             ("noise_kind", self.noise_kind, NOISE_KINDS),
         ):
@@ -598,8 +601,8 @@ def run_demo(config: DemoConfig) -> dict:
     best_lr: dict[str, float] = {}
     if config.lr_sweep:
         world = config.worlds[0]
-        swept = [m for m in config.methods if m in SWEPT]
-        if any(m not in SWEPT for m in config.methods) and SFT.name not in swept:
+        swept = [m for m in config.methods if has_own_loss(m)]
+        if any(not has_own_loss(m) for m in config.methods) and SFT.name not in swept:
             swept.append(SFT.name)
         specs = [
             RunSpec(world, "none", 0.0, seed, method, lr)

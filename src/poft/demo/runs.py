@@ -23,9 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, P
 
 from poft.batching import model_scores
 from poft.chat import ConversationEncoder
-from poft.demo.analysis import training_objective
+from poft.demo.analysis import training_options
 from poft.demo.methods import dpo_config, train_dpo
 from poft.demo.settings import MAX_LENGTH, trainer_args
+from poft.demo.tasks import FAMILY
 from poft.evaluation import exact_match_per_row
 from poft.objectives import poft_weights
 from poft.outputs import atomic_write_text
@@ -100,15 +101,26 @@ def answers_correct(model, tokenizer, dataset: Dataset, batch_size: int = 128) -
     return [int(c) for c in correct]
 
 
-def clean_and_noisy_weights(model, tokenizer, sample: Dataset) -> tuple[float | None, float | None]:
-    """Mean sigmoid(r_ref - r_theta) over the sample's clean and its noisy rows (PoFT's weight, for any model)."""
+def weight_record(model, tokenizer, sample: Dataset) -> dict:
+    """PoFT's weight sigmoid(r_ref - r_theta) (beta 1, for any model) over the sample: the mean of its clean and of
+    its noisy rows, and of each task family's rows (where the sample names them), to see which rows a method
+    learns less."""
     r_theta = torch.tensor(
         model_scores(model, ConversationEncoder(tokenizer, max_length=MAX_LENGTH), sample[MESSAGES])
     )
     weights = poft_weights(r_theta, torch.tensor(sample[REF_SCORE]))
     noisy = torch.tensor(sample[NOISE])
-    clean = weights[~noisy].mean().item() if (~noisy).any() else None
-    return clean, (weights[noisy].mean().item() if noisy.any() else None)
+    record = {
+        "weight_clean": weights[~noisy].mean().item() if (~noisy).any() else None,
+        "weight_noisy": weights[noisy].mean().item() if noisy.any() else None,
+    }
+    if FAMILY in sample.column_names:
+        families = sample[FAMILY]
+        record["weight_by_family"] = {
+            family: weights[torch.tensor([f == family for f in families])].mean().item()
+            for family in sorted(set(families))
+        }
+    return record
 
 
 class EpochRecorder(TrainerCallback):
@@ -121,13 +133,11 @@ class EpochRecorder(TrainerCallback):
 
     def _record(self, model, tokenizer, epoch: int) -> None:
         correct = answers_correct(model, tokenizer, self.validation)
-        weight_clean, weight_noisy = clean_and_noisy_weights(model, tokenizer, self.sample)
         self.curve.append(
             {
                 "epoch": epoch,
                 "validation_accuracy": sum(correct) / len(correct),
-                "weight_clean": weight_clean,
-                "weight_noisy": weight_noisy,
+                **weight_record(model, tokenizer, self.sample),
             }
         )
 
@@ -164,7 +174,6 @@ def train_run(
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     recorder = EpochRecorder(validation, sample, settings.max_grad_norm)
-    objective, loss_type = training_objective(spec.method)
     with tempfile.TemporaryDirectory() as scratch:
         args = trainer_args(
             PoFTConfig,
@@ -174,8 +183,7 @@ def train_run(
             learning_rate=spec.learning_rate,
             seed=spec.seed,
             use_cpu=settings.use_cpu,
-            objective=objective,
-            loss_type=loss_type,
+            **training_options(spec.method),
             lr_scheduler_type=settings.lr_scheduler_type,
             # transformers 5 has no warmup_ratio: a float below 1 in warmup_steps is that share of the steps
             warmup_steps=settings.warmup_ratio,
@@ -211,10 +219,8 @@ def train_run(
 def _after_dpo(model, tokenizer, validation: Dataset, sample: Dataset) -> dict:
     """The last curve point again after DPO (same epoch, marked), so the final validation accuracy is the model's."""
     correct = answers_correct(model, tokenizer, validation)
-    weight_clean, weight_noisy = clean_and_noisy_weights(model, tokenizer, sample)
     return {
         "validation_accuracy": sum(correct) / len(correct),
-        "weight_clean": weight_clean,
-        "weight_noisy": weight_noisy,
+        **weight_record(model, tokenizer, sample),
         "after_dpo": True,
     }

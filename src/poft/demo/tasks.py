@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from poft.schema import MESSAGES
 
+FAMILY = "family"  # the demo's column naming each row's task family
 CONSONANTS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
 
@@ -95,7 +96,7 @@ class Example:
         return {
             MESSAGES: [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}],
             "answer": self.answer,
-            "family": self.family,
+            FAMILY: self.family,
         }
 
 
