@@ -60,7 +60,7 @@ def padding_share(lengths: list[int], packing: bool, batch_tokens: int, max_padd
 def one_pass(model, encoded, on, packing: bool, batch_tokens: int, max_padding: float) -> tuple[float, list[float]]:
     scores = [0.0] * len(encoded)
     start = time.process_time()
-    for batch, means, _ in iter_scores(model, encoded, 0, batch_tokens, on, "bench", packing, max_padding):
+    for batch, means, _, _ in iter_scores(model, encoded, 0, batch_tokens, on, "bench", packing, max_padding):
         for i, m in zip(batch, means, strict=True):
             scores[i] = m
     return time.process_time() - start, scores

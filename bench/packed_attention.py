@@ -29,7 +29,7 @@ def scores_of(model, data, on, packing: bool, batch_tokens: int) -> tuple[torch.
     if on.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, on, "check", packing):
+    for batch, means, _, _ in iter_scores(model, data, 0, batch_tokens, on, "check", packing):
         scores[batch] = torch.tensor(means)
     if on.type == "cuda":
         torch.cuda.synchronize()
@@ -43,7 +43,7 @@ def leaky_scores(model, data, on) -> torch.Tensor:
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=on)[None]
     for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         batch.pop(key)
-    means, _ = score_packed_batch(model, batch, len(data))
+    means, _, _ = score_packed_batch(model, batch, len(data))
     return means.cpu()
 
 

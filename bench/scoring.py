@@ -118,7 +118,7 @@ def public_strategy(model, data, max_length: int, batch_size: int, on) -> list[f
 
 def poft_strategy(model, data, batch_tokens: int, on, packing: bool, max_padding: float = MAX_PADDING) -> list[float]:
     scores = [0.0] * len(data)
-    for batch, means, _ in iter_scores(model, data, 0, batch_tokens, on, "poft", packing, max_padding):
+    for batch, means, _, _ in iter_scores(model, data, 0, batch_tokens, on, "poft", packing, max_padding):
         for i, m in zip(batch, means, strict=True):
             scores[i] = m
     return scores

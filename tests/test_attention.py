@@ -102,7 +102,7 @@ def packed_scores(model, data, implementation):
     model.set_attn_implementation(implementation)
     scores = torch.full((len(data),), float("nan"))
     batches = 0
-    for batch, means, _ in iter_scores(model, data, 0, 4096, torch.device("cpu"), "test", packing=True):
+    for batch, means, _, _ in iter_scores(model, data, 0, 4096, torch.device("cpu"), "test", packing=True):
         scores[batch] = torch.tensor(means)
         batches += 1
     assert batches == 1  # every conversation shares one row
@@ -142,7 +142,7 @@ def test_padded_batches_through_varlen_model_fall_back_to_sdpa(model, data, alon
     monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: leaky)  # must not be reached
     model.set_attn_implementation(attention.VARLEN)
     scores = torch.full((len(data),), float("nan"))
-    for batch, means, _ in iter_scores(model, data, 0, 4096, torch.device("cpu"), "test", packing=False):
+    for batch, means, _, _ in iter_scores(model, data, 0, 4096, torch.device("cpu"), "test", packing=False):
         scores[batch] = torch.tensor(means)
     torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,8 +14,10 @@ from poft.objectives import (
     StepTensors,
     nll_loss,
     normalised_nll_loss,
+    poft_calibrated_objective,
     poft_loss,
     poft_token_loss,
+    poft_token_objective,
     poft_weights,
     sequence_mean_log_probs,
 )
@@ -118,6 +121,30 @@ def test_token_weighted_poft_loss_equals_formula_by_hand():
         assert partial.item() == pytest.approx(expected * sum(tokens) / 60, rel=1e-6)
 
 
+def test_calibrated_poft_equals_formula_by_hand():
+    """poft_calibrated: token-weighted PoFT with r_ref + H_ref in place of r_ref; hand-computed numbers."""
+    policy, ref, entropy, tokens = [-1.2, -0.3, -2.5], [-1.0, -0.9, -0.4], [0.9, 0.2, 0.0], [4, 1, 10]
+    beta, gamma = 2.0, 0.5
+    # margins 2 * (-1.2 - (-0.1)) + 0.5 = -1.7, 2 * (-0.3 - (-0.7)) + 0.5 = 1.3, 2 * (-2.5 - (-0.4)) + 0.5 = -3.7
+    per_sequence = [math.log1p(math.exp(1.7)), math.log1p(math.exp(-1.3)), math.log1p(math.exp(3.7))]
+    expected = (4 * per_sequence[0] + per_sequence[1] + 10 * per_sequence[2]) / 15
+    step = StepTensors(
+        torch.zeros(3, 1),
+        torch.ones(3, 1),
+        torch.tensor(policy, dtype=torch.float64),
+        torch.tensor(tokens),
+        torch.tensor(ref, dtype=torch.float64),
+        None,
+        beta,
+        gamma,
+        ref_entropy=torch.tensor(entropy, dtype=torch.float64),
+    )
+    assert poft_calibrated_objective(step).item() == pytest.approx(expected, abs=1e-12)
+    # with every entropy 0 (references sure of each next token) it is poft_token itself
+    sure = dataclasses.replace(step, ref_entropy=torch.zeros(3, dtype=torch.float64))
+    assert poft_calibrated_objective(sure).item() == pytest.approx(poft_token_objective(sure).item(), abs=1e-12)
+
+
 @pytest.mark.parametrize("beta, gamma", [(1.0, 0.0), (2.0, 0.5)])
 def test_token_weighted_gradient_is_weighted_token_level_cross_entropy(beta, gamma):
     """grad = beta * sum_i w_i * grad(summed NLL of sequence i) / N_tokens, w_i = sigmoid(-(beta (r_i - ref_i) + gamma))."""
@@ -158,11 +185,12 @@ def test_declared_losses_are_the_objectives_formulas():
     torch.manual_seed(0)
     log_probs, mask = -torch.rand(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
     r_theta, counts = sequence_mean_log_probs(log_probs, mask)
-    ref = torch.tensor([-0.3, -0.6, -0.2])
-    step = StepTensors(log_probs, mask, r_theta, counts, ref, num_items=None, beta=2.0, gamma=0.5)
+    ref, entropy = torch.tensor([-0.3, -0.6, -0.2]), torch.tensor([0.1, 0.5, 0.0])
+    step = StepTensors(log_probs, mask, r_theta, counts, ref, num_items=None, beta=2.0, gamma=0.5, ref_entropy=entropy)
     expected = {
         "poft": poft_loss(r_theta, ref, 2.0, 0.5),
         "poft_token": (counts * -F.logsigmoid(2.0 * (r_theta - ref) + 0.5)).sum() / counts.sum(),
+        "poft_calibrated": (counts * -F.logsigmoid(2.0 * (r_theta - ref - entropy) + 0.5)).sum() / counts.sum(),
         "sft": -(log_probs * mask).sum() / mask.sum(),
         "sft_norm": -r_theta.mean(),
     }

@@ -26,17 +26,20 @@ from poft.scoring import ScoreConfig, parse_references, score_dataset
 from tests.conftest import as_dataset, make_conversations, two_cpu_processes, write_jsonl
 
 
-def slow_score(model_path: str, messages: list[dict], max_length: int | None = None) -> tuple[float, int]:
-    """Full forward, log_softmax over the whole vocabulary, gather, mask: one conversation at a time."""
+def slow_score(model_path: str, messages: list[dict], max_length: int | None = None) -> tuple[float, int, float]:
+    """Full forward, log_softmax over the whole vocabulary, gather, mask: one conversation at a time. Returns the
+    mean response log-prob, the response-token count and the mean entropy -sum p log p at those positions."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     encoded = ConversationEncoder(tokenizer, max_length=max_length).encode(messages)
     ids = torch.tensor([encoded.input_ids])
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].double()
-    token_log_probs = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    distribution = torch.log_softmax(logits, -1)
+    token_log_probs = distribution.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    entropy = -(distribution.exp() * distribution).sum(-1)
     mask = torch.tensor(encoded.response_mask[1:], dtype=torch.bool)
-    return token_log_probs[mask].mean().item(), int(mask.sum())
+    return token_log_probs[mask].mean().item(), int(mask.sum()), entropy[mask].mean().item()
 
 
 def test_scores_equal_slow_computation(tiny_models, conversations, tmp_path):
@@ -44,14 +47,38 @@ def test_scores_equal_slow_computation(tiny_models, conversations, tmp_path):
     config = ScoreConfig(cache_dir=str(tmp_path / "cache"), batch_tokens=300, device="cpu")
     scored = score_dataset(dataset, [tiny_models["chatml"], tiny_models["zephyr"]], config)
     for name in ("chatml", "zephyr"):
-        for messages, score, count in zip(
-            conversations, scored[f"score_{name}"], scored[f"n_tokens_{name}"], strict=False
+        for messages, score, count, entropy in zip(
+            conversations, scored[f"score_{name}"], scored[f"n_tokens_{name}"], scored[f"entropy_{name}"], strict=True
         ):
-            expected, expected_count = slow_score(tiny_models[name], messages)
+            expected, expected_count, expected_entropy = slow_score(tiny_models[name], messages)
             assert score == pytest.approx(expected, abs=1e-5)
             assert count == expected_count
+            assert entropy == pytest.approx(expected_entropy, abs=1e-5)
     for row in scored:
         assert row["ref_score"] == pytest.approx((row["score_chatml"] + row["score_zephyr"]) / 2)
+        assert row["ref_entropy"] == pytest.approx((row["entropy_chatml"] + row["entropy_zephyr"]) / 2)
+
+
+def test_cached_scores_without_entropy_are_scored_again(tiny_models, conversations, tmp_path, caplog):
+    """A cache written before poft cached entropies serves no row whose entropy is missing: those rows are scored
+    again (and said so), and the result equals a fresh cache's; an entropy that is no number >= 0 is corrupt."""
+    config = ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu")
+    fresh = score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+    (cache_file,) = (tmp_path / "cache").glob("*.jsonl")
+    lines = [json.loads(line) for line in cache_file.read_text().splitlines()]
+    assert all(line["entropy"] > 0 for line in lines)
+    older = [{k: v for k, v in line.items() if k != "entropy"} for line in lines]
+    cache_file.write_text("".join(json.dumps(line) + "\n" for line in older))
+    with caplog.at_level(logging.INFO, logger="poft"):
+        again = score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+    assert f"{len(lines)} cached scores lack the reference's entropy" in caplog.text
+    assert again["entropy_chatml"] == pytest.approx(fresh["entropy_chatml"], abs=1e-6)
+    assert again["score_chatml"] == pytest.approx(fresh["score_chatml"], abs=1e-6)
+    cache_file.write_text(json.dumps({**lines[0], "entropy": -1.0}) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        score_dataset(as_dataset(conversations), [tiny_models["chatml"]], config)
+    assert "an entropy that is not a finite number >= 0: -1.0" in caplog.text
 
 
 def test_fully_truncated_response_is_null_and_reported(tiny_models, conversations, tmp_path, caplog):
@@ -252,6 +279,7 @@ def test_packed_scores_equal_padded(tiny_models, conversations, tmp_path, name):
     )
     assert packed[f"n_tokens_{name}"] == padded[f"n_tokens_{name}"]
     assert packed[f"score_{name}"] == pytest.approx(padded[f"score_{name}"], abs=1e-5)
+    assert packed[f"entropy_{name}"] == pytest.approx(padded[f"entropy_{name}"], abs=1e-5)
 
 
 def test_packed_batches_fill_the_budget_without_padding():

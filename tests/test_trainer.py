@@ -63,12 +63,13 @@ def test_r_theta_equals_the_models_own_score(tiny_models, scored, tmp_path, name
     assert sorted(ref.tolist()) == pytest.approx(sorted(scored[name]["ref_score"]), abs=1e-6)
 
 
-def policy_scores(trainer: PoFTTrainer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """r_theta and r_ref of the whole training set, computed by the loss's own path."""
+def policy_scores(trainer: PoFTTrainer, compared: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """r_theta and r_ref of the whole training set, computed by the loss's own path (with `compared`, what the
+    objective compares r_theta with: r_ref + H_ref for poft_calibrated)."""
     batch = whole_batch(trainer)
     outputs, ref, seq_ids = trainer._forward(trainer.model, batch)
     _, r_theta = trainer._objective_loss(outputs, ref, seq_ids, _num_sequences(batch), None)
-    return r_theta, ref
+    return r_theta, None if ref is None else ref.compared() if compared else ref.score
 
 
 def loss_and_grads(trainer: PoFTTrainer):
@@ -78,7 +79,7 @@ def loss_and_grads(trainer: PoFTTrainer):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "poft_calibrated", "sft", "sft_norm"])
 def test_padded_and_packed_batches_give_the_same_loss_and_gradients(tiny_models, scored, tmp_path, objective):
     data = scored["zephyr"].map(lambda r: {"ref_score": r["ref_score"] + 0.3})  # a non-trivial margin
     results = []
@@ -121,7 +122,7 @@ def test_response_only_head_gives_trl_fused_heads_loss_and_gradients(
         assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["poft", "poft_token", "sft", "sft_norm"])
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "poft_calibrated", "sft", "sft_norm"])
 def test_gradient_accumulation_4x1_equals_1x4(tiny_models, scored, tmp_path, objective):
     weights = []
     for batch, accumulation in ((4, 1), (1, 4)):
@@ -299,7 +300,7 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
         config(tmp_path, loss_type="dpo")
 
 
-@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "poft_calibrated"])
 def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, objective):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
@@ -373,7 +374,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         torch.testing.assert_close(two[name], weight, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("objective", ["poft", "poft_token"])
+@pytest.mark.parametrize("objective", ["poft", "poft_token", "poft_calibrated"])
 def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_path, objective):
     data = scored["zephyr"]
     args = config(
@@ -383,7 +384,7 @@ def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_p
     metrics = trainer.evaluate()
     trainer.model.eval()
     with torch.no_grad():
-        r_theta, ref = policy_scores(trainer)
+        r_theta, ref = policy_scores(trainer, compared=True)
     losses = torch.nn.functional.softplus(-(r_theta - ref))  # -log sigmoid(margin)
     tokens = whole_batch(trainer)["labels"][:, 1:].ne(-100).sum(1).to(losses.dtype)
     expected = (losses.mean() if objective == "poft" else (losses * tokens).sum() / tokens.sum()).item()

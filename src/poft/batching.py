@@ -1,13 +1,15 @@
 """Batches for scoring: length-sorted, filled to a token budget, padded or packed, never padded to max_length.
 
 `iter_scores` runs a model over encoded conversations, log-probs from the response positions alone
-(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob and token count;
-`model_scores` is that for an in-memory model and a list of conversations.
+(`poft.logprobs`), and yields each batch's per-conversation mean response log-prob, token count and mean entropy
+of the model's next-token distribution at those positions (`BatchScores`); `model_scores` is the scores for an
+in-memory model and a list of conversations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +25,19 @@ GPU_BATCH_TOKENS = 16384
 # Largest share of padding in a padded batch: a length-sorted batch is split where the next conversation would
 # push it above this. Padding costs the backbone as much as real tokens do; bench/batching.py measures it.
 MAX_PADDING = 0.2
+
+
+SCORED = ("log_probs", "entropy")  # what scoring asks of the response head
+
+
+class BatchScores(NamedTuple):
+    """One batch of `iter_scores`: the conversations' indices, and per conversation its mean response log-prob, its
+    response-token count and the mean entropy of the model's next-token distribution at its response positions."""
+
+    indices: list[int]
+    means: list[float]
+    counts: list[int]
+    entropies: list[float]
 
 
 def token_budget_batches(
@@ -74,11 +89,15 @@ def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device)
 
 
 @torch.no_grad()
-def score_packed_batch(model, batch: dict[str, torch.Tensor], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-conversation mean response log-prob and token count of a packed row."""
+def score_packed_batch(
+    model, batch: dict[str, torch.Tensor], num_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-conversation mean response log-prob, token count and mean entropy of a packed row."""
     seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
-    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
-    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+    outputs = response_log_probs(model, batch, SCORED, cast_lm_head_to_fp32=True)
+    means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+    entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask, seq_ids, num_sequences)
+    return means, counts, entropies
 
 
 def collate(
@@ -102,10 +121,13 @@ def collate(
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean response log-prob and response token count of each row, from the response positions alone."""
-    outputs = response_log_probs(model, batch, cast_lm_head_to_fp32=True)
-    return sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean response log-prob, response token count and mean entropy of each row, from the response positions
+    alone."""
+    outputs = response_log_probs(model, batch, SCORED, cast_lm_head_to_fp32=True)
+    means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+    entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask)
+    return means, counts, entropies
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -121,8 +143,8 @@ def iter_scores(
     desc: str,
     packing: bool = False,
     max_padding: float = MAX_PADDING,
-) -> Iterator[tuple[list[int], list[float], list[int]]]:
-    """Score `encoded` in length-sorted token-budget batches: (indices, mean log-probs, token counts) per batch.
+) -> Iterator[BatchScores]:
+    """Score `encoded` in length-sorted token-budget batches: `BatchScores` per batch.
 
     `batch_tokens` None: the device's default (`default_batch_tokens`). Padded batches by default, each at most
     `max_padding` padding; `packing` concatenates conversations into one
@@ -138,10 +160,10 @@ def iter_scores(
         for batch in batches:
             chosen = [encoded[i] for i in batch]
             if packing:
-                means, counts = score_packed_batch(model, collate_packed(chosen, device), len(batch))
+                means, counts, entropies = score_packed_batch(model, collate_packed(chosen, device), len(batch))
             else:
-                means, counts = score_batch(model, collate(chosen, pad_token_id, device))
-            yield batch, means.tolist(), [int(c) for c in counts.tolist()]
+                means, counts, entropies = score_batch(model, collate(chosen, pad_token_id, device))
+            yield BatchScores(batch, means.tolist(), [int(c) for c in counts.tolist()], entropies.tolist())
             bar.update(sum(lengths[i] for i in batch))
 
 
@@ -163,7 +185,7 @@ def model_scores(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for batch, means, _ in iter_scores(
+    for batch, means, _, _ in iter_scores(
         model, [encoded[i] for i in scorable], pad_token_id(encoder.tokenizer), batch_tokens, device, "Scoring"
     ):
         for i, mean in zip(batch, means, strict=True):

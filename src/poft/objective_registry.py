@@ -28,6 +28,7 @@ class Objective:
     # TRL's own SFT loss: TRL's loss_type, label smoothing, compute_loss_func, sequence parallelism, plain text and
     # a completion_mask column apply to it only, since it needs no per-sequence score
     trl_loss: bool = False
+    reads_entropy: bool = False  # also reads the references' mean entropy (`poft score`'s ref_entropy)
 
     def loss_function(self) -> Callable:
         return getattr(importlib.import_module("poft.objectives"), self.loss)
@@ -48,6 +49,16 @@ POFT_TOKEN = Objective(
     per_sequence=False,
     needs_references=True,
 )
+POFT_CALIBRATED = Objective(
+    "poft_calibrated",
+    "poft_calibrated_objective",
+    "poft_token against the references' score calibrated by their own uncertainty, r_ref + H_ref (H_ref: their mean "
+    "entropy at the response positions, poft score's ref_entropy), so that rows a reference is unsure of are not "
+    "down-weighted as if they were wrong",
+    per_sequence=False,
+    needs_references=True,
+    reads_entropy=True,
+)
 SFT = Objective(
     "sft",
     "sft_objective",
@@ -63,7 +74,7 @@ SFT_NORM = Objective(
     per_sequence=True,
     needs_references=False,
 )
-OBJECTIVES = (POFT, POFT_TOKEN, SFT, SFT_NORM)
+OBJECTIVES = (POFT, POFT_TOKEN, POFT_CALIBRATED, SFT, SFT_NORM)
 DEFAULT = POFT_TOKEN  # chosen by the demo grid: bench/RESULTS.md, "Objectives"
 NAMES = tuple(objective.name for objective in OBJECTIVES)
 HELP = "; ".join(f"{objective.name}: {objective.help}" for objective in OBJECTIVES) + "."

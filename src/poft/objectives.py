@@ -11,8 +11,16 @@ step's response tokens. Since T_i * r_theta_i is sequence i's summed log-prob, i
 beta * w_i * grad(summed NLL of sequence i) / N_tokens with w_i the same PoFT weight: token-level SFT with
 each sequence scaled by the weight, so long responses count per token as SFT counts them.
 
+`poft_calibrated_objective` is token-weighted PoFT against `calibrated_reference`: r_ref + H_ref, the references'
+mean response log-prob plus their mean entropy at the same positions. -H is the log-prob a reference expects of its
+own next token, so r + H is how much more likely (> 0) or less likely (< 0) the response is to a reference than its
+own answers are: near 0 where a reference is unsure and the response is as plausible as anything it would say,
+well below 0 only where a confident reference finds the response wrong. The weight then follows what a reference
+knows: a family of rows it is unsure of is no longer down-weighted as if it were noise.
+
 Each training objective's loss is one function of a `StepTensors` (`poft_objective`, `poft_token_objective`,
-`sft_objective`, `sft_norm_objective`), so the trainer calls whichever `poft.objective_registry` declares.
+`poft_calibrated_objective`, `sft_objective`, `sft_norm_objective`), so the trainer calls whichever
+`poft.objective_registry` declares.
 """
 
 from __future__ import annotations
@@ -107,6 +115,12 @@ def poft_weights(
     return torch.sigmoid(-poft_margins(policy_scores.detach(), ref_scores, beta, gamma))
 
 
+def calibrated_reference(ref_scores: torch.Tensor, ref_entropies: torch.Tensor) -> torch.Tensor:
+    """r_ref + H_ref: the references' mean response log-prob beyond the log-prob they expect of their own tokens (the
+    negative of their mean entropy at the response positions)."""
+    return ref_scores + ref_entropies.to(ref_scores.dtype)
+
+
 def nll_loss(
     token_log_probs: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None = None
 ) -> torch.Tensor:
@@ -133,7 +147,8 @@ class StepTensors:
     `log_probs` and `mask` are the next-token log-probs at the response positions and their mask; `r_theta` and
     `counts` the per-sequence means and response-token counts (None where the objective needs neither and no
     reference is given); `ref` the references' scores (None without them); `num_items` the optimizer step's
-    sequences or response tokens (None: this micro-batch's); `dft` asks for TRL's Dynamic Fine-Tuning.
+    sequences or response tokens (None: this micro-batch's); `dft` asks for TRL's Dynamic Fine-Tuning;
+    `ref_entropy` the references' mean entropy at the response positions (None unless the objective reads it).
     """
 
     log_probs: torch.Tensor
@@ -145,6 +160,7 @@ class StepTensors:
     beta: float = 1.0
     gamma: float = 0.0
     dft: bool = False
+    ref_entropy: torch.Tensor | None = None
 
 
 def poft_objective(step: StepTensors) -> torch.Tensor:
@@ -156,6 +172,12 @@ def poft_objective(step: StepTensors) -> torch.Tensor:
 def poft_token_objective(step: StepTensors) -> torch.Tensor:
     """Token-weighted PoFT over the step's response tokens."""
     return poft_token_loss(step.r_theta, step.ref, step.counts, step.beta, step.gamma, step.num_items)
+
+
+def poft_calibrated_objective(step: StepTensors) -> torch.Tensor:
+    """Token-weighted PoFT against the calibrated references r_ref + H_ref, over the step's response tokens."""
+    reference = calibrated_reference(step.ref, step.ref_entropy)
+    return poft_token_loss(step.r_theta, reference, step.counts, step.beta, step.gamma, step.num_items)
 
 
 def sft_objective(step: StepTensors) -> torch.Tensor:

@@ -21,13 +21,14 @@ from poft.errors import DataError
 MESSAGES = "messages"
 POFT_ID = "poft_id"
 REF_SCORE = "ref_score"
-SCORE_PREFIX, N_TOKENS_PREFIX = "score_", "n_tokens_"
-SCORE_PREFIXES = (SCORE_PREFIX, N_TOKENS_PREFIX)  # a reference's columns
+REF_ENTROPY = "ref_entropy"  # the references' mean entropy at the response positions, beside ref_score
+SCORE_PREFIX, N_TOKENS_PREFIX, ENTROPY_PREFIX = "score_", "n_tokens_", "entropy_"
+SCORE_PREFIXES = (SCORE_PREFIX, N_TOKENS_PREFIX, ENTROPY_PREFIX)  # a reference's columns
 NOISE = "poft_noise"
 FILTERS = "poft_filters"
 IFD = "ifd"
 COMPLETION_MASK = "completion_mask"  # TRL's per-token 0/1 column: 0 takes a token out of the loss
-CONTENT_SCORES = (REF_SCORE, SCORE_PREFIX, N_TOKENS_PREFIX, IFD)  # prefixes of the columns scoring a row's content
+CONTENT_SCORES = (REF_SCORE, REF_ENTROPY, *SCORE_PREFIXES, IFD)  # prefixes of the columns scoring a row's content
 
 MARKER = "poft_output.json"
 SCORE_RECORD = "poft_score.json"
@@ -46,9 +47,15 @@ def n_tokens_column(reference: str) -> str:
     return f"{N_TOKENS_PREFIX}{reference}"
 
 
+def entropy_column(reference: str) -> str:
+    """The column of one reference's mean entropy at the response positions: how unsure it was where it scored."""
+    return f"{ENTROPY_PREFIX}{reference}"
+
+
 def reference_columns(references: Iterable[str]) -> set[str]:
-    """The columns `poft score` writes for these reference names: theirs and `ref_score`."""
-    return {REF_SCORE} | {column(name) for name in references for column in (score_column, n_tokens_column)}
+    """The columns `poft score` writes for these reference names: theirs, `ref_score` and `ref_entropy`."""
+    columns = (score_column, n_tokens_column, entropy_column)
+    return {REF_SCORE, REF_ENTROPY} | {column(name) for name in references for column in columns}
 
 
 def is_score_column(name: str) -> bool:

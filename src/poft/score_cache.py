@@ -36,12 +36,20 @@ NULL_REASONS = ("truncated", "no_response")  # why a cached score is null: cut o
 
 
 class Entry(NamedTuple):
-    """One cached row: its mean response log-prob (None: nothing to score) and response-token count."""
+    """One cached row: its mean response log-prob (None: nothing to score), response-token count and the mean entropy
+    of the model's next-token distribution at those positions (None where nothing was scored, or in a line written
+    before poft cached entropies: `poft score` scores such a row again)."""
 
     score: float | None
     n_tokens: int
     null_reason: str | None = None  # one of NULL_REASONS when score is None
     truncated: bool = False  # scored on what max_length left of a longer conversation
+    entropy: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the entry holds all a scored row needs: a null score, or a score with its entropy."""
+        return self.score is None or self.entropy is not None
 
 
 SMALL_FILES = (
@@ -253,8 +261,15 @@ def _parse(line: bytes) -> tuple[str, Entry] | str:
         )
     if score is not None and not math.isfinite(score):
         return f"a non-finite score {score}"
+    entropy = record.get("entropy")
+    if entropy is not None and not (
+        isinstance(entropy, number_types) and not isinstance(entropy, bool) and math.isfinite(entropy) and entropy >= 0
+    ):
+        return f"an entropy that is not a finite number >= 0: {entropy!r}"
     reason = record.get("null_reason") if score is None else None
-    return poft_id, Entry(None if score is None else float(score), n_tokens, reason, record.get("truncated") is True)
+    score = None if score is None else float(score)
+    entropy = None if entropy is None or score is None else float(entropy)
+    return poft_id, Entry(score, n_tokens, reason, record.get("truncated") is True, entropy)
 
 
 @contextmanager

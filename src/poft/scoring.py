@@ -43,8 +43,10 @@ from poft.runtime import resolve_device
 from poft.schema import (
     MESSAGES,
     POFT_ID,
+    REF_ENTROPY,
     REF_SCORE,
     SCORE_PREFIXES,
+    entropy_column,
     is_score_column,
     n_tokens_column,
     reference_columns,
@@ -114,11 +116,12 @@ def data_row(row: int) -> str:
 
 
 class ReferenceScores(NamedTuple):
-    """One reference's reading of a dataset: per row its score and response-token count, the max_length the rows
-    were read with, and the poft_ids of the conversations that max_length cut."""
+    """One reference's reading of a dataset: per row its score, response-token count and mean entropy, the
+    max_length the rows were read with, and the poft_ids of the conversations that max_length cut."""
 
     scores: list[float | None]
     n_tokens: list[int]
+    entropies: list[float | None]
     max_length: int | None
     cut: set[str]
 
@@ -223,7 +226,14 @@ def _score_uncached(
     reference, sharded = prepared.reference, state.num_processes > 1
     ids = dataset[POFT_ID]
     scored = prepared.cache.load()
-    pending = sorted({i for i in ids if i not in scored})
+    pending = sorted({i for i in ids if i not in scored or not scored[i].complete})
+    older = len({i for i in ids if i in scored and not scored[i].complete})
+    if older:
+        logger.info(
+            "%s: %d cached scores lack the reference's entropy (cached by an older poft); scoring them again.",
+            reference.name,
+            older,
+        )
     mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
     todo = _encode(dataset, mine, prepared, describe_row)
     _report_unknown_characters(todo, ids, reference, describe_row)
@@ -299,7 +309,11 @@ def _read_scores(
     # where no conversation reaches the context, the scores are those the requested max_length gives
     cut = {i for i, e in zip(ids, entries, strict=True) if e.truncated or e.null_reason == "truncated"}
     return ReferenceScores(
-        [e.score for e in entries], [e.n_tokens for e in entries], max_length if capped else config.max_length, cut
+        [e.score for e in entries],
+        [e.n_tokens for e in entries],
+        [e.entropy for e in entries],
+        max_length if capped else config.max_length,
+        cut,
     )
 
 
@@ -368,7 +382,7 @@ def _score_into_cache(
     reference, cache, device = prepared.reference, prepared.cache, spec.device
     model, packing = load_for_scoring(spec, config.packing)
     keys, encoded = list(todo), list(todo.values())
-    for batch, means, counts in iter_scores(
+    for batch, means, counts, entropies in iter_scores(
         model,
         encoded,
         pad_token_id(prepared.encoder.tokenizer),
@@ -377,16 +391,16 @@ def _score_into_cache(
         f"Scoring with {reference.name}",
         packing,
     ):
-        finite = [k for k, m in enumerate(means) if math.isfinite(m)]
+        finite = [k for k, (m, h) in enumerate(zip(means, entropies, strict=True)) if math.isfinite(m + h)]
         cache.append(
             [
-                {"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k]}
+                {"poft_id": keys[batch[k]], "score": means[k], "n_tokens": counts[k], "entropy": entropies[k]}
                 | ({"truncated": True} if encoded[batch[k]].truncated else {})
                 for k in finite
             ]
         )
         if len(finite) < len(batch):
-            bad = sorted(rows[keys[i]] for i, m in zip(batch, means, strict=True) if not math.isfinite(m))
+            bad = sorted(rows[keys[batch[k]]] for k in range(len(batch)) if k not in finite)
             raise ScoringError(
                 f"reference {reference.name!r} ({reference.path}) gives non-finite log-probs (NaN or inf) for "
                 f"{', '.join(map(describe_row, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
@@ -404,7 +418,8 @@ def score_dataset(
     config: ScoringOptions | None = None,
     describe_row: Callable[[int], str] = data_row,
 ) -> Dataset:
-    """Add `score_<name>` and `n_tokens_<name>` per reference and their mean `ref_score` to `dataset`.
+    """Add `score_<name>`, `n_tokens_<name>` and `entropy_<name>` per reference, their mean score `ref_score` and their
+    mean entropy `ref_entropy` to `dataset`.
 
     `dataset` needs `messages` and `poft_id` (as made by `load_sft_dataset`). `ref_score` is the mean of
     exactly these references; the same model given twice is refused. A row whose response is truncated
@@ -432,13 +447,16 @@ def _add_scores(
     cut: dict[str, set[str]] = {}  # each score column's conversations that max_length cut
     for ref in checked:
         read = score_reference(dataset, ref, config, describe_row)
-        column = score_column(ref.reference.name)
-        columns[column], columns[n_tokens_column(ref.reference.name)] = read.scores, read.n_tokens
-        read_to[column], cut[column] = read.max_length, read.cut
-    per_row = zip(*(columns[score_column(r.reference.name)] for r in checked), strict=True)
-    columns[REF_SCORE] = [None if None in row else sum(row) / len(row) for row in per_row]
-    read_to[REF_SCORE] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
-    cut[REF_SCORE] = set().union(*cut.values())
+        name = ref.reference.name
+        columns[score_column(name)], columns[n_tokens_column(name)] = read.scores, read.n_tokens
+        columns[entropy_column(name)] = read.entropies
+        for column in (score_column(name), entropy_column(name)):
+            read_to[column], cut[column] = read.max_length, read.cut
+    for mean, column_of in ((REF_SCORE, score_column), (REF_ENTROPY, entropy_column)):
+        per_row = zip(*(columns[column_of(r.reference.name)] for r in checked), strict=True)
+        columns[mean] = [None if None in row else sum(row) / len(row) for row in per_row]
+        read_to[mean] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
+        cut[mean] = set().union(*cut.values())
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():
         # the trainer checks that it truncates as these scores were computed

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +34,18 @@ from poft.logprobs import response_log_probs
 from poft.models import beyond_context, model_max_length
 from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objective_named
 from poft.objective_registry import HELP as OBJECTIVE_HELP
-from poft.objectives import StepTensors, poft_weights, sequence_mean_log_probs
+from poft.objectives import StepTensors, calibrated_reference, poft_weights, sequence_mean_log_probs
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
 from poft.runtime import default_bf16, machine_defaults, output_dir_for, resume_checkpoint, train_and_save
-from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, is_numeric
+from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_ENTROPY, REF_SCORE, is_numeric
 from poft.score_settings import CUT, LENGTH_SETTINGS, SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
 
 logger = logging.getLogger(__name__)
 
 REF_TOKENS = "poft_ref"  # per-token copy of the reference score, internal to the trainer
+ENTROPY_TOKENS = "poft_ref_entropy"  # per-token copy of the references' entropy, for objectives that read it
+PER_SEQUENCE = (REF_TOKENS, ENTROPY_TOKENS)  # per-token copies the collator turns back into one value per sequence
 SEQ_IDS = "poft_seq_ids"
 DEFAULT_OBJECTIVE = DEFAULT.name
 # poft's former spellings of `objective` in TRL's `loss_type`
@@ -168,27 +170,41 @@ class PoFTConfig(SFTConfig):
             self.chat_template_path, self.chat_template = self.chat_template, None
 
 
+class SequenceReferences(NamedTuple):
+    """What a micro-batch carries of the references, one value per sequence: their score, and their entropy where
+    the objective reads it."""
+
+    score: torch.Tensor
+    entropy: torch.Tensor | None
+
+    def compared(self) -> torch.Tensor:
+        """What r_theta is compared with: the score, or the calibrated score where the entropy is carried."""
+        return self.score if self.entropy is None else calibrated_reference(self.score, self.entropy)
+
+
 class PoFTDataCollator:
-    """TRL's language-modeling collator, plus one reference score per sequence and each token's sequence index."""
+    """TRL's language-modeling collator, plus one reference score (and entropy) per sequence and each token's
+    sequence index."""
 
     def __init__(self, base: DataCollatorForLanguageModeling):
         self.base = base
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        refs = [example.get(REF_TOKENS) for example in examples]
-        batch = self.base([{k: v for k, v in e.items() if k != REF_TOKENS} for e in examples])
+        carried = {key: [example.get(key) for example in examples] for key in PER_SEQUENCE}
+        batch = self.base([{k: v for k, v in e.items() if k not in PER_SEQUENCE} for e in examples])
         lengths = [list(e.get("seq_lengths") or [len(e["input_ids"])]) for e in examples]
         if self.base.padding_free:
             flat = [n for per_example in lengths for n in per_example]
             seq_ids = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(flat))
             width = batch["input_ids"].size(1)
             batch[SEQ_IDS] = F.pad(seq_ids, (0, width - seq_ids.numel()), value=len(flat) - 1)[None]
-        if refs[0] is not None:
-            starts = [[sum(per_example[:k]) for k in range(len(per_example))] for per_example in lengths]
-            batch[REF_TOKENS] = torch.tensor(
-                [ref[s] for ref, per_example in zip(refs, starts, strict=True) for s in per_example],
-                dtype=torch.float32,
-            )
+        starts = [[sum(per_example[:k]) for k in range(len(per_example))] for per_example in lengths]
+        for key, values in carried.items():
+            if values[0] is not None:
+                batch[key] = torch.tensor(
+                    [value[s] for value, per_example in zip(values, starts, strict=True) for s in per_example],
+                    dtype=torch.float32,
+                )
         return batch
 
 
@@ -247,7 +263,7 @@ class PoFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "labels", "seq_lengths", REF_TOKENS]
+            self._signature_columns = ["input_ids", "labels", "seq_lengths", *PER_SEQUENCE]
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if not isinstance(dataset, Dataset):
@@ -265,18 +281,24 @@ class PoFTTrainer(SFTTrainer):
             return self._prepare_text(dataset, processing_class, args, packing, dataset_name)
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
+        entropy = REF_ENTROPY if self.objective.reads_entropy else None
         scored = self._check_conversations(dataset, ref_column, dataset_name)
-        dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, dataset_name)
+        dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, entropy, dataset_name)
         if scored is not None:
             self._check_scoring_settings(scored, dataset, args, dataset_name)
         dataset = self._skip_empty_responses(dataset, args, dataset_name)
         if self.objective.needs_references:
-            dataset = _drop_null_reference_scores(dataset, ref_column, dataset_name)
+            for column in (ref_column, entropy) if entropy else (ref_column,):
+                dataset = _drop_null_reference_scores(dataset, column, dataset_name)
         dataset = dataset.remove_columns(
-            ["poft_num_response_tokens", "poft_truncated", "poft_row", POFT_ID] + ([ref_column] if has_ref else [])
+            ["poft_num_response_tokens", "poft_truncated", "poft_row", POFT_ID]
+            + ([ref_column] if has_ref else [])
+            + ([entropy] if entropy else [])
         )
         if packing:
-            columns = ["input_ids", "labels"] + ([REF_TOKENS] if has_ref else [])
+            columns = (
+                ["input_ids", "labels"] + ([REF_TOKENS] if has_ref else []) + ([ENTROPY_TOKENS] if entropy else [])
+            )
             dataset = dataset.select_columns(columns)
             if args.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
@@ -307,14 +329,23 @@ class PoFTTrainer(SFTTrainer):
             )
         if not self.objective.needs_references:
             return None
+        if self.objective.reads_entropy and REF_ENTROPY not in dataset.column_names:
+            raise DataError(
+                f"The {dataset_name} dataset has no {REF_ENTROPY!r} column, which objective={self.objective.name!r} "
+                f"reads beside {ref_column!r}. Score it (again) with `poft score`, which writes both, or use "
+                f"objective={DEFAULT_OBJECTIVE!r}."
+            )
         _check_reference_column(dataset, ref_column, dataset_name)
+        if self.objective.reads_entropy:
+            _check_reference_column(dataset, REF_ENTROPY, dataset_name)
         return scoring_settings(dataset, ref_column)
 
     def _tokenize_conversations(
-        self, dataset: Dataset, args: PoFTConfig, ref_column: str | None, dataset_name: str
+        self, dataset: Dataset, args: PoFTConfig, ref_column: str | None, entropy: str | None, dataset_name: str
     ) -> Dataset:
         """Each conversation's tokens and response-only labels by `poft.chat`, the code that scored the references,
-        with its reference score copied to every token (`REF_TOKENS`) when `ref_column` is given."""
+        with its reference score copied to every token (`REF_TOKENS`) when `ref_column` is given, and the
+        references' entropy (`ENTROPY_TOKENS`) when `entropy` is."""
         encoder = ConversationEncoder(
             self._tokenizer,
             fallback_template=args.chat_template,
@@ -327,7 +358,7 @@ class PoFTTrainer(SFTTrainer):
         return dataset.map(
             _tokenize,
             with_indices=True,
-            fn_kwargs={"encoder": encoder, "ref_column": ref_column},
+            fn_kwargs={"encoder": encoder, "ref_column": ref_column, "entropy": entropy},
             remove_columns=dataset.column_names,
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing {dataset_name} dataset (response-only labels)",
@@ -416,9 +447,10 @@ class PoFTTrainer(SFTTrainer):
 
     def _forward(self, model, inputs: dict[str, Any]):
         """Response-only forward (`poft.logprobs`, the scorer's computation); returns TRL's fused-head outputs, the
-        per-sequence reference scores and sequence ids."""
+        per-sequence references (None without them) and sequence ids."""
         inputs = dict(inputs)
-        ref = inputs.pop(REF_TOKENS, None)
+        score, entropy = inputs.pop(REF_TOKENS, None), inputs.pop(ENTROPY_TOKENS, None)
+        ref = None if score is None else SequenceReferences(score, entropy)
         seq_ids = inputs.pop(SEQ_IDS, None)
         inputs["use_cache"] = False
         if self.aux_loss_enabled:  # MoE: the model returns its load-balancing loss as outputs.aux_loss
@@ -429,7 +461,9 @@ class PoFTTrainer(SFTTrainer):
             seq_ids = seq_ids[:, 1:]  # align with the next-token log-probs
         return outputs, ref, seq_ids
 
-    def _objective_loss(self, outputs, ref, seq_ids, num_sequences: int, num_items_in_batch) -> tuple:
+    def _objective_loss(
+        self, outputs, ref: SequenceReferences | None, seq_ids, num_sequences: int, num_items_in_batch
+    ) -> tuple:
         """The objective's loss over this micro-batch (normalised by the step's items) and r_theta (or None)."""
         log_probs, mask = outputs.log_probs, outputs.label_mask
         r_theta, counts = None, None
@@ -440,11 +474,12 @@ class PoFTTrainer(SFTTrainer):
             mask,
             r_theta,
             counts,
-            ref,
+            None if ref is None else ref.score,
             num_items_in_batch,
             self.args.beta,
             self.args.gamma,
             dft=self.args.loss_type == "dft",
+            ref_entropy=None if ref is None else ref.entropy,
         )
         return self.objective.loss_function()(step), r_theta
 
@@ -461,7 +496,7 @@ class PoFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective.trl_loss and self._trl_computes_the_loss():
-            inputs = {k: v for k, v in inputs.items() if k not in (REF_TOKENS, SEQ_IDS)}
+            inputs = {k: v for k, v in inputs.items() if k not in (*PER_SEQUENCE, SEQ_IDS)}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         outputs, ref, seq_ids = self._forward(model, inputs)
@@ -480,19 +515,20 @@ class PoFTTrainer(SFTTrainer):
             or self.label_smoother is not None
         )
 
-    def _log_step_metrics(self, mode, inputs, outputs, r_theta, ref) -> None:
-        """TRL's token metrics plus PoFT's, summed across processes before averaging (one host sync)."""
+    def _log_step_metrics(self, mode, inputs, outputs, r_theta, ref: SequenceReferences | None) -> None:
+        """TRL's token metrics plus PoFT's, summed across processes before averaging (one host sync). The weight, win
+        rate and margin compare r_theta with what the objective compares it with (`SequenceReferences.compared`)."""
         mask = outputs.label_mask
         stats = [mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
         if ref is not None:
-            r_theta = r_theta.detach()
+            r_theta, compared = r_theta.detach(), ref.compared()
             stats += [
-                poft_weights(r_theta, ref, self.args.beta, self.args.gamma).sum(),
-                (r_theta > ref).sum(),
-                (r_theta - ref).sum(),
+                poft_weights(r_theta, compared, self.args.beta, self.args.gamma).sum(),
+                (r_theta > compared).sum(),
+                (r_theta - compared).sum(),
                 r_theta.sum(),
-                ref.sum(),
-                torch.tensor(ref.numel(), device=ref.device),
+                ref.score.sum(),
+                torch.tensor(ref.score.numel(), device=ref.score.device),
             ]
         if "attention_mask" in inputs:
             stats.append(inputs["attention_mask"].sum())
@@ -551,7 +587,9 @@ def _num_sequences(batch: dict[str, Any]) -> int:
     return batch["input_ids"].size(0)
 
 
-def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None) -> dict:
+def _tokenize(
+    example: dict, index: int, *, encoder: ConversationEncoder, ref_column: str | None, entropy: str | None
+) -> dict:
     try:
         encoded = encoder.encode(example[MESSAGES])
     except ChatTemplateError as error:
@@ -564,9 +602,10 @@ def _tokenize(example: dict, index: int, *, encoder: ConversationEncoder, ref_co
         "poft_row": index,
         POFT_ID: example.get(POFT_ID) or "",
     }
-    if ref_column is not None:
-        ref = out[ref_column] = example[ref_column]
-        out[REF_TOKENS] = [float("nan") if ref is None else float(ref)] * len(encoded.input_ids)
+    for column, tokens in ((ref_column, REF_TOKENS), (entropy, ENTROPY_TOKENS)):
+        if column is not None:
+            value = out[column] = example[column]
+            out[tokens] = [float("nan") if value is None else float(value)] * len(encoded.input_ids)
     return out
 
 
