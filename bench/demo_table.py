@@ -5,7 +5,9 @@
 Runs are merged by their identity (world, noise, seed, method, learning rate) and summarised again, so
 paired differences span every file: PoFT minus each method with its 95% intervals over seeds and over
 prompts, the accuracy table, the PoFT and SFT weights of clean and noisy rows over epochs, the references'
-AUC of clean vs noisy rows, and the learning-rate sweep where one ran.
+AUC of clean vs noisy rows, and the learning-rate sweep where one ran; with `--rule`, each PoFT objective's
+difference to SFT in every condition, its worst, its share of poft_token's paper-noise gain, and each method's
+share of the noise's cost it recovers, (method - sft) / (oracle - sft).
 """
 
 from __future__ import annotations
@@ -19,7 +21,53 @@ from poft.demo.analysis import summarise
 from poft.demo.report import accuracy_table, difference_table
 
 
-def main(paths: list[str]) -> None:
+def decision_table(summary: list[dict]) -> None:
+    """The default's decision rule (bench/RESULTS.md, "Never below SFT"): per PoFT objective, its difference to SFT
+    in each condition (same lr), the worst, and its paper-noise gain as a share of poft_token's in each world; then
+    each method's recovered share of the noise's cost."""
+    same = [e for e in summary if e["arm"] == "same lr"]
+    conditions = [(e["world"], e["noise_kind"], e["noise_rate"]) for e in same]
+    differences: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for entry, condition in zip(same, conditions, strict=True):
+        methods = entry["methods"]
+        for method, m in methods.items():
+            if method != "sft" and "sft" in methods:
+                differences[method][condition] = 100 * (m["accuracy"] - methods["sft"]["accuracy"])
+    print(
+        "| objective | "
+        + " | ".join(f"{w} {k} {r:g}" for w, k, r in conditions)
+        + " | worst | paper gain vs poft_token |"
+    )
+    print("| --- |" + " --- |" * (len(conditions) + 2))
+    for method, by_condition in sorted(differences.items()):
+        if method in ("oracle",) or not all(c in by_condition for c in conditions):
+            continue
+        shares = [
+            f"{w} {by_condition[(w, k, r)] / differences['poft_token'][(w, k, r)]:.0%}"
+            for w, k, r in conditions
+            if k == "paper" and w != "misaligned" and "poft_token" in differences
+        ]
+        cells = " | ".join(f"{by_condition[c]:+.1f}" for c in conditions)
+        print(f"| {method} | {cells} | {min(by_condition.values()):+.1f} | {', '.join(shares)} |")
+    print()
+    print(
+        "| world | noise | rate | oracle - sft | "
+        + " | ".join(f"{m}: recovered" for m in sorted(differences) if m != "oracle")
+        + " |"
+    )
+    print("| --- | --- | --- | --- |" + " --- |" * (len(differences) - 1))
+    for world, kind, rate in conditions:
+        oracle = differences.get("oracle", {}).get((world, kind, rate))
+        if oracle is None:
+            continue
+        shares = " | ".join(
+            f"{differences[m][(world, kind, rate)] / oracle:.0%}" for m in sorted(differences) if m != "oracle"
+        )
+        print(f"| {world} | {kind} | {rate:g} | {oracle:+.1f} | {shares} |")
+    print()
+
+
+def main(paths: list[str], rule: bool = False) -> None:
     runs: dict[tuple, dict] = {}
     sweep: dict[tuple, dict] = {}
     separation, reference_accuracy, best_lr, learning_rates = [], {}, {}, set()
@@ -39,6 +87,8 @@ def main(paths: list[str]) -> None:
         sys.exit(f"The files use different --learning_rate values {sorted(learning_rates)}; merge files of one arm.")
     summary = summarise(list(runs.values()), learning_rates.pop(), best_lr)
     summary.sort(key=lambda e: (e["world"], e["arm"], e["noise_kind"] != "none", e["noise_kind"], e["noise_rate"]))
+    if rule:
+        decision_table(summary)
     print(difference_table(summary))
     print()
     print(accuracy_table(summary))
@@ -58,7 +108,9 @@ def main(paths: list[str]) -> None:
     print("| --- | --- | --- | --- | --- |")
     curves = defaultdict(list)
     for run in runs.values():
-        if run["method"] in ("poft", "sft") and run["learning_rate"] in {r["learning_rate"] for r in runs.values()}:
+        if run["method"] in ("poft", "poft_token", "poft_calibrated", "sft") and run["learning_rate"] in {
+            r["learning_rate"] for r in runs.values()
+        }:
             curves[(run["world"], run["noise_kind"], run["noise_rate"], run["method"], run["learning_rate"])].append(
                 run
             )
@@ -86,4 +138,5 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    arguments = sys.argv[1:]
+    main([a for a in arguments if a != "--rule"], rule="--rule" in arguments)

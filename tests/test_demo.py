@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import datasets
 import huggingface_hub.utils
@@ -187,6 +188,38 @@ def test_best_learning_rate_is_chosen_on_validation_and_arms_pair_by_seed():
     assert by_arm["best lr"]["methods"]["sft"]["learning_rate"] == 2e-3
     # both seeds gain exactly 0.25: a zero-width interval over seeds, which excludes zero
     assert same["interval_seeds"] == {"estimate": 0.25, "low": 0.25, "high": 0.25}
+
+
+def test_a_run_finished_by_other_code_is_trained_again(tmp_path, monkeypatch, caplog):
+    """A run's key holds the code that trained it: with another code version the store's finished run is not
+    reported, the run is trained again, and the log says why."""
+    import poft.demo.runs
+
+    config = toy_config(tmp_path, epochs=1, methods=["sft"])
+    first = run_demo(config)
+    assert first["runs"][0]["code"] == poft.demo.runs.code_version()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="poft.demo"):
+        assert run_demo(config)["runs"] == first["runs"]  # the same code: reused
+        assert "1 of 1 runs already finished" in caplog.text
+        monkeypatch.setattr(poft.demo.runs, "code_version", lambda: "0.0.0+other")
+        caplog.clear()
+        again = run_demo(config)
+    assert (
+        "holds runs of other code or settings" in caplog.text and "[1/1] standard-paper-0.6-seed0-sft" in caplog.text
+    )
+    assert again["runs"][0]["code"] == "0.0.0+other"
+
+
+def test_the_demo_says_what_it_trains_on_and_prints_no_trainer_dicts(tmp_path, capsys, caplog):
+    """No raw trainer dicts on the console; one line per epoch of each reference and the base in a log; the
+    misaligned references' noisy rows and a clean condition said as they are."""
+    with caplog.at_level(logging.INFO, logger="poft"):
+        run_demo(toy_config(tmp_path, epochs=1, methods=["sft"], worlds=["misaligned"], conditions=["clean"]))
+    assert "{'loss'" not in capsys.readouterr().out
+    assert "Reference ref-char: epoch 1 of 1, loss" in caplog.text and "Target base: epoch 1 of 1" in caplog.text
+    assert re.search(r"Training reference ref-char on 140 rows, \d+ with noise", caplog.text)
+    assert "Corrupted 0 of" not in caplog.text
 
 
 def test_a_poft_objective_at_another_beta_trains_with_it_and_is_compared_like_one(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ arm end to end and reports their comparisons."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -83,6 +84,14 @@ def test_toy_grid_trains_the_new_arms_and_reports_their_comparisons(tmp_path):
     assert set(runs) == set(methods)
     assert 0 < runs["sft+dpo"]["dpo_pairs"] == runs["poft_token+dpo"]["dpo_pairs"] <= 64
     assert runs["sft+dpo"]["curve"][-1]["after_dpo"] and "dpo_pairs" not in runs["sft"]
+    # each DPO stage starts from its base method's finished run: the same curve up to the point after DPO
+    for method in ("sft", "poft_token"):
+        assert runs[f"{method}+dpo"]["curve"][:-1] == runs[method]["curve"]
+        moved = runs[f"{method}+dpo"]["log_probs"]
+        assert set(moved) == {
+            f"{k} {w}" for k in ("chosen", "rejected", "validation answers") for w in ("before", "after")
+        }
+        assert all(v < 0 for v in moved.values())
     (entry,) = results["summary"]
     assert {"token_cleaning", "sft+dpo", "poft_token+dpo"} <= set(entry["differences"]["poft_token"])
     assert set(entry["differences"]["poft_token+dpo"]) == {"sft+dpo"}
@@ -91,6 +100,32 @@ def test_toy_grid_trains_the_new_arms_and_reports_their_comparisons(tmp_path):
     # the same-tokenizer reference is cached inside the world's directory, beside the world's own models
     world = tmp_path / "cache" / f"world-{toy_config(tmp_path).world_key()}"
     assert (world / "token-cleaning-ref-v1" / "done").exists() and (world / "done").exists()
+
+
+def test_dpo_settings_are_a_dpo_arms_identity_only_and_share_its_first_stage(tmp_path, caplog):
+    """Another DPO setting trains only its DPO stage, from the first stage's saved model; the first stage and every
+    other run keep their key. An NLL term on the chosen answers raises their log-prob against plain DPO."""
+    config = toy_config(tmp_path, methods=["sft", "sft+dpo"], dpo_pairs=64, epochs=1, dpo_learning_rate=1e-3)
+    first = run_demo(config)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="poft.demo.pipeline"):
+        again = run_demo(
+            toy_config(
+                tmp_path,
+                methods=["sft", "sft+dpo"],
+                dpo_pairs=64,
+                epochs=1,
+                dpo_learning_rate=1e-3,
+                dpo_nll_weight=1.0,
+            )
+        )
+    assert "1 of 2 runs already finished" in caplog.text and "[1/1] standard-paper-0.6-seed0-sft+dpo" in caplog.text
+    runs = {r["method"]: r for r in again["runs"]}
+    plain = {r["method"]: r for r in first["runs"]}["sft+dpo"]
+    assert runs["sft"] == {r["method"]: r for r in first["runs"]}["sft"]
+    assert runs["sft+dpo"]["dpo"]["nll_weight"] == 1.0 and plain["dpo"]["nll_weight"] == 0.0
+    assert runs["sft+dpo"]["log_probs"]["chosen before"] == plain["log_probs"]["chosen before"]
+    assert runs["sft+dpo"]["log_probs"]["chosen after"] > plain["log_probs"]["chosen after"]
 
 
 def test_token_cleaning_mask_keeps_the_papers_share(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from poft.batching import collate, pad_token_id
 from poft.chat import ConversationEncoder
-from poft.demo.settings import MAX_LENGTH, trainer_args
+from poft.demo.settings import MAX_LENGTH, describe_rows, quiet, trainer_args
 from poft.demo.tasks import sample_examples
 from poft.dpo import PoFTDPOConfig
 from poft.noise import add_noise
@@ -79,10 +80,11 @@ def token_cleaning_reference(world, train_args) -> str:
     path = Path(world.base).parent / TOKEN_CLEANING_REFERENCE
     if (path / "done").exists():
         return str(path)
-    logger.info("Training Token Cleaning's reference from the base on %d rows", len(world.reference_data))
+    logger.info("Training Token Cleaning's reference from the base on %s", describe_rows(world.reference_data))
     model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(world.base)
     trainer = PoFTTrainer(model, args=train_args, train_dataset=world.reference_data, processing_class=tokenizer)
+    quiet(trainer, "Token Cleaning's reference")
     trainer.train()
     scratch = path.with_name(path.name + ".tmp")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -130,18 +132,40 @@ def preference_pairs(world, count: int = DPO_PAIRS) -> Dataset:
     return Dataset.from_list(pairs)
 
 
-def dpo_config(output_dir: str, seed: int, batch_size: int, use_cpu: bool) -> PoFTDPOConfig:
+@dataclass(frozen=True)
+class DPOSettings:
+    """The DPO stage of a `+dpo` arm: part of that arm's run identity only, so that sweeping it retrains no other
+    run. `nll_weight` > 0 adds an NLL term on the chosen answers (TRL's loss_type ["sigmoid", "sft"], weighted),
+    the usual remedy for DPO lowering the chosen answer's likelihood (Smaug / DPOP, arXiv 2402.13228)."""
+
+    pairs: int = DPO_PAIRS
+    learning_rate: float = DPO_LEARNING_RATE
+    beta: float = DPO_BETA
+    epochs: int = DPO_EPOCHS
+    nll_weight: float = 0.0
+
+    @property
+    def name(self) -> str:
+        nll = f"-nll{self.nll_weight:g}" if self.nll_weight else ""
+        return f"dpo{self.pairs}-lr{self.learning_rate:g}-beta{self.beta:g}-ep{self.epochs}{nll}"
+
+
+def dpo_config(output_dir: str, seed: int, batch_size: int, use_cpu: bool, settings: DPOSettings) -> PoFTDPOConfig:
+    losses = (
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, settings.nll_weight]} if settings.nll_weight else {}
+    )
     return trainer_args(
         PoFTDPOConfig,
         output_dir,
-        epochs=DPO_EPOCHS,
+        epochs=settings.epochs,
         batch_size=batch_size,
-        learning_rate=DPO_LEARNING_RATE,
+        learning_rate=settings.learning_rate,
         seed=seed,
         use_cpu=use_cpu,
-        beta=DPO_BETA,
+        beta=settings.beta,
         lr_scheduler_type="constant",
         logging_steps=10,
+        **losses,
     )
 
 
@@ -150,5 +174,6 @@ def train_dpo(model, tokenizer, pairs: Dataset, args: PoFTDPOConfig):
     from trl import DPOTrainer
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    quiet(trainer)
     trainer.train()
     return trainer.model

@@ -36,10 +36,19 @@ from poft.demo import tasks_second
 from poft.demo.analysis import DPO_SUFFIX, SWEPT, arm_lr, best_learning_rates, check_method, has_own_loss, summarise
 from poft.demo.builders import bpe_tokenizer, char_tokenizer, save_model, tiny_llama
 from poft.demo.builders_second import gemma_char_tokenizer, unigram_tokenizer, wordpiece_tokenizer
-from poft.demo.methods import DPO_PAIRS, preference_pairs, token_cleaning_data, token_cleaning_reference
+from poft.demo.methods import (
+    DPO_BETA,
+    DPO_EPOCHS,
+    DPO_LEARNING_RATE,
+    DPO_PAIRS,
+    DPOSettings,
+    preference_pairs,
+    token_cleaning_data,
+    token_cleaning_reference,
+)
 from poft.demo.report import write_demo_report
-from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, train_run
-from poft.demo.settings import MAX_LENGTH, trainer_args
+from poft.demo.runs import RunSpec, RunStore, TrainSettings, answers_correct, dpo_run, train_run
+from poft.demo.settings import MAX_LENGTH, describe_rows, quiet, trainer_args
 from poft.demo.tasks import Example, alphabet, make_words, sample_examples
 from poft.errors import OptionError
 from poft.filtering import filter_by_score, ifd_scores
@@ -177,6 +186,13 @@ class DemoConfig:
         default=DPO_PAIRS,
         metadata={"help": "Preference pairs of the +dpo methods' DPO stage, on prompts no other split uses."},
     )
+    dpo_learning_rate: float = field(default=DPO_LEARNING_RATE, metadata={"help": "Learning rate of the DPO stage."})
+    dpo_beta: float = field(default=DPO_BETA, metadata={"help": "DPO's beta (the KL strength)."})
+    dpo_epochs: int = field(default=DPO_EPOCHS, metadata={"help": "Epochs of the DPO stage over its pairs."})
+    dpo_nll_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an NLL term on the chosen answers in the DPO stage (0: plain DPO)."},
+    )
 
     def __post_init__(self):
         if self.full:
@@ -189,8 +205,14 @@ class DemoConfig:
             self.methods += [m for m in (SFT_NORM.name, "oracle", "filter") if m not in self.methods]
         if any(not 0.0 <= r < 1.0 for r in self.noise_rate):
             raise OptionError(f"--noise_rate values must be in [0, 1), got {self.noise_rate}")
-        if self.dpo_pairs < 1:
-            raise OptionError(f"--dpo_pairs must be at least 1, got {self.dpo_pairs}")
+        for name in ("dpo_pairs", "dpo_epochs"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("dpo_learning_rate", "dpo_beta"):
+            if not getattr(self, name) > 0:
+                raise OptionError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.dpo_nll_weight < 0:
+            raise OptionError(f"--dpo_nll_weight must be 0 (plain DPO) or positive, got {self.dpo_nll_weight}")
         wrong = [problem for problem in (check_method(m, METHODS) for m in self.methods) if problem]
         if wrong:
             raise OptionError(f"--methods {'; '.join(wrong)}")
@@ -243,8 +265,11 @@ class DemoConfig:
             warmup_ratio=self.warmup_ratio,
             max_grad_norm=self.max_grad_norm,
             use_cpu=self.use_cpu(),
-            dpo_pairs=self.dpo_pairs,
         )
+
+    def dpo_settings(self) -> DPOSettings:
+        """The DPO stage of the +dpo methods (part of their runs' identity only)."""
+        return DPOSettings(self.dpo_pairs, self.dpo_learning_rate, self.dpo_beta, self.dpo_epochs, self.dpo_nll_weight)
 
     def use_cpu(self) -> bool:
         """Whether --device resolves to the CPU (transformers' `use_cpu`)."""
@@ -377,7 +402,7 @@ def _train_references(
     epochs = config.strong_reference_epochs if world.name == "strong" else config.reference_epochs
     for index, (reference, tokenizer) in enumerate(tokenizers.items()):
         logger.info(
-            "Training reference %s on %d clean rows for %d epochs", reference, len(world.reference_data), epochs
+            "Training reference %s on %s for %d epochs", reference, describe_rows(world.reference_data), epochs
         )
         model = tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=10 + index)
         trainer = PoFTTrainer(
@@ -386,6 +411,7 @@ def _train_references(
             train_dataset=world.reference_data,
             processing_class=tokenizer,
         )
+        quiet(trainer, f"Reference {reference}")
         trainer.train()
         save_model(trainer.model, tokenizer, root / reference)
         correct = answers_correct(trainer.model, tokenizer, world.test)
@@ -413,7 +439,9 @@ def _pretrain_base(
         bf16=False,
         logging_steps=50,
     )
-    SFTTrainer(base, args=args, train_dataset=plain, processing_class=tokenizer).train()
+    trainer = SFTTrainer(base, args=args, train_dataset=plain, processing_class=tokenizer)
+    quiet(trainer, "Target base")
+    trainer.train()
     save_model(base, tokenizer, root / "base")
 
 
@@ -438,7 +466,11 @@ class Grid:
         key = (world, kind, rate, seed)
         if key not in self.scored:
             w = self.worlds[world]
-            noised = add_noise(w.train, rate, kind=kind if rate > 0 else "paper", seed=seed)
+            noised = (
+                add_noise(w.train, rate, kind=kind, seed=seed)
+                if rate > 0
+                else w.train.add_column(NOISE, [False] * len(w.train))
+            )
             cache = str(Path(w.base).parent / "scores")
             scored = score_dataset(
                 noised, w.references, ScoreConfig(**{**asdict(self.score_config), "cache_dir": cache})
@@ -486,18 +518,26 @@ class Grid:
             return token_cleaning_data(scored, world.base, reference), sample
         return scored, sample
 
-    def _arguments(self, spec: RunSpec) -> tuple:
-        data, sample = self.training_data(spec)
-        world = self.worlds[spec.world]
-        pairs = None
-        if spec.method.endswith(DPO_SUFFIX):
-            if spec.world not in self.pairs:
-                self.pairs[spec.world] = preference_pairs(world, self.config.dpo_pairs)
-            pairs = self.pairs[spec.world]
-        return spec, self.world_settings[spec.world], world.base, data, sample, world.validation, world.test, pairs
+    def _job(self, spec: RunSpec, save_to: Path | None = None) -> tuple:
+        """The function that trains `spec` and its arguments: a `+dpo` arm's DPO stage starts from its first stage's
+        saved model; every other run from the base."""
+        world, settings, store = self.worlds[spec.world], self.world_settings[spec.world], self.stores[spec.world]
+        if spec.dpo is None:
+            data, sample = self.training_data(spec)
+            return train_run, (spec, settings, world.base, data, sample, world.validation, world.test, save_to)
+        first = spec.first_stage()
+        sample = self.training_data(first)[1]
+        key = (spec.world, spec.dpo.pairs)
+        if key not in self.pairs:
+            self.pairs[key] = preference_pairs(world, spec.dpo.pairs)
+        arguments = (store.model_path(first), store.load(first), self.pairs[key], sample, world.validation, world.test)
+        return dpo_run, (spec, settings, *arguments)
 
     def run(self, specs: list[RunSpec]) -> list[dict]:
-        """Records of every spec, in order; logs progress and the estimated time left."""
+        """Records of every spec, in order; logs progress and the estimated time left.
+
+        The runs a pending `+dpo` arm starts from run first (again, if their model was not kept), saving their model;
+        then the DPO stages, each from its first stage's model, so that several DPO settings share one first stage."""
         records: dict[RunSpec, dict] = {}
         pending = []
         for spec in dict.fromkeys(specs):
@@ -513,35 +553,55 @@ class Grid:
                 len(records) + len(pending),
                 ", ".join(str(store.directory) for store in self.stores.values()),
             )
-        started, done = time.perf_counter(), 0
+        stages = [s for s in pending if s.dpo is not None]
+        keep = {s.first_stage() for s in stages if not self.stores[s.world].model_path(s.first_stage()).exists()}
+        first = [s for s in pending if s.dpo is None] + [s for s in keep if s not in pending]
+        total, started, done = len(first) + len(stages), time.perf_counter(), 0
 
         def finished(spec: RunSpec, record: dict) -> None:
             nonlocal done
             done += 1
             self.stores[spec.world].save(spec, record)
             records[spec] = record
-            elapsed = time.perf_counter() - started
-            left = elapsed / done * (len(pending) - done)
+            left = (time.perf_counter() - started) / done * (total - done)
             logger.info(
                 "[%d/%d] %s: test %.1f%% (%.0f s); about %.0f min left",
                 done,
-                len(pending),
+                total,
                 spec.name,
                 100 * record["test_accuracy"],
                 record["seconds"],
                 left / 60,
             )
 
-        if self.config.workers == 1 or len(pending) <= 1:
-            for spec in pending:
-                finished(spec, train_run(*self._arguments(spec)))
-        else:
-            with worker_pool(self.config.workers) as pool:
-                # each run is submitted as soon as its data is scored, so the workers start while the rest is scored
-                futures = {pool.submit(train_run, *self._arguments(spec)): spec for spec in pending}
-                for future in as_completed(futures):
-                    finished(futures[future], future.result())
+        for phase in (first, stages):
+            jobs = ((spec, lambda spec=spec: self._job(spec, self._model_path(spec, keep))) for spec in phase)
+            self._execute(jobs, finished)
         return [records[spec] for spec in dict.fromkeys(specs)]
+
+    def _model_path(self, spec: RunSpec, keep: set[RunSpec]) -> Path | None:
+        if spec not in keep:
+            return None
+        path = self.stores[spec.world].model_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _execute(self, jobs, finished) -> None:
+        """Each (spec, job) in this process or over the worker pool; `finished` gets each spec's record."""
+        jobs = list(jobs)
+        if self.config.workers == 1 or len(jobs) <= 1:
+            for spec, job in jobs:
+                function, arguments = job()
+                finished(spec, function(*arguments))
+            return
+        with worker_pool(self.config.workers) as pool:
+            # each run is submitted as soon as its data is scored, so the workers start while the rest is scored
+            futures = {}
+            for spec, job in jobs:
+                function, arguments = job()
+                futures[pool.submit(function, *arguments)] = spec
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
@@ -587,7 +647,8 @@ def plan_grid(config: DemoConfig, best_lr: dict[str, float]) -> list[RunSpec]:
             for seed in config.seeds:
                 for method in _methods(config, rate):
                     lrs = {config.learning_rate, arm_lr(method, best_lr, config.learning_rate)}
-                    specs += [RunSpec(world, kind, rate, seed, method, lr) for lr in sorted(lrs)]
+                    dpo = config.dpo_settings() if method.endswith(DPO_SUFFIX) else None
+                    specs += [RunSpec(world, kind, rate, seed, method, lr, dpo) for lr in sorted(lrs)]
     return specs
 
 
