@@ -313,6 +313,31 @@ def test_save_errors_of_every_writer_are_recognised(tmp_path):
         assert save_error(unrelated, what, str(tmp_path)) is None
 
 
+def test_a_disk_that_fills_up_while_a_checkpoint_is_written(tiny_models, scored_data, small_disk, monkeypatch, capsys):
+    """checkpoint-2's weights are written, then the run's disk (a tmpfs of its own) fills up: torch.save meets the
+    kernel's ENOSPC part-way through the optimizer's state. One line, exit 2, checkpoint-2 removed, checkpoint-1
+    kept whole."""
+    from transformers import Trainer
+
+    real_save = Trainer._save_optimizer_and_scheduler
+
+    def fill_midway(self, output_dir):
+        if os.path.basename(output_dir) == "checkpoint-2":
+            small_disk.fill()
+        return real_save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fill_midway)
+    run = small_disk.path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 3, "--save_steps", "1")) == 2
+    assert error_lines(capsys) == [
+        f"poft train: error: cannot write checkpoints or the model to {run}: torch.save stopped part-way with 0.0 MiB "
+        "left on that disk (full, or over quota). Free space or pick a writable location, then rerun. Complete "
+        f"checkpoints in {run} are kept: resume with --resume_from_checkpoint true."
+    ]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-1")
+
+
 def test_full_disk_while_the_final_model_is_written(tiny_models, scored_data, small_disk, monkeypatch, capsys, loaded):
     """The run's disk (a tmpfs of its own) fills up after the last step, so the final save meets the kernel's ENOSPC
     in safetensors' writer: one line, exit 2, every checkpoint kept whole; with space freed, `--resume_from_checkpoint
