@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -107,17 +106,16 @@ def small_disk(tmp_path) -> Iterator[SmallDisk]:
 
 def two_cpu_processes(*program: str, config_file: str | None = None) -> list[str]:
     """`program` (by default `-m poft.cli`) under accelerate with two CPU processes (gloo): the multi-process
-    paths, tested without a GPU. The processes meet on a free port, so test suites running side by side on one
-    machine do not collide on accelerate's default 29500. `config_file`: an accelerate config (FSDP, DeepSpeed)
+    paths, tested without a GPU. `--main_process_port 0` is accelerate's own choice of a free port, taken by the
+    launcher just before its rendezvous store binds it, so test suites running side by side on one machine do not
+    collide on the default 29500 (nor on a port a test picked and let go before the launcher started). Run it
+    with `tests.processes.run`, which ends the workers too. `config_file`: an accelerate config (FSDP, DeepSpeed)
     in place of plain data parallelism."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     engine = ("--multi_gpu",) if config_file is None else ("--config_file", config_file)
     return [
         sys.executable,
         *("-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1"),
-        *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"),
         *(program or ("-m", "poft.cli")),
     ]
 

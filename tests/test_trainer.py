@@ -15,6 +15,7 @@ from poft.chat import MASK_RULE, ChatTemplateError
 from poft.errors import DataError, OptionError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
+from tests import processes
 from tests.conftest import as_dataset, two_cpu_processes
 
 
@@ -303,7 +304,6 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
 def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, objective):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
-    import subprocess
 
     from safetensors.torch import load_file
 
@@ -348,7 +348,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         f"open(os.path.join({str(tmp_path)!r}, 'alive-' + os.environ['RANK']), 'w').write(str(dist.is_initialized()))\n"
         "sys.exit(code)\n"
     )
-    run = subprocess.run(
+    run = processes.run(
         [
             *two_cpu_processes(str(script)),
             *common,
