@@ -6,6 +6,7 @@ conftest's tiny model, and checks the outcome against a run that was not interru
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -481,14 +483,43 @@ def test_quickstart_refuses_no_steps(tmp_path, capsys, steps):
     assert not (tmp_path / "q").exists()
 
 
-def test_quickstart_with_fewer_steps_than_its_logging_interval(tmp_path):
-    from poft.demo.quickstart import LOGGING_STEPS, QuickstartConfig, run_quickstart
+@pytest.fixture(scope="module")
+def quickstarted(tmp_path_factory) -> tuple[Path, dict]:
+    """A folder in which `poft quickstart` ran as a user runs it (its default --output, relative to the working
+    folder), with fewer steps than its logging interval; and what it printed."""
+    from poft.demo.quickstart import LOGGING_STEPS
 
-    steps = LOGGING_STEPS - 1
-    summary = run_quickstart(QuickstartConfig(output=str(tmp_path / "q"), max_steps=steps, device="cpu"))["last_step"]
+    folder, previous = tmp_path_factory.mktemp("user"), os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as shown:
+            code = main(["quickstart", "--max_steps", str(LOGGING_STEPS - 1), "--device", "cpu"])
+    finally:
+        os.chdir(previous)
+    assert code == 0
+    printed = shown.getvalue()  # the trainer's log lines, then the command's JSON
+    return folder, json.loads(printed[printed.rfind("\n{\n") + 1 :])
+
+
+def test_quickstart_with_fewer_steps_than_its_logging_interval(quickstarted):
+    summary = quickstarted[1]["last_step"]
     assert set(summary) == {"loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref"}
     assert all(math.isfinite(value) for value in summary.values())
     assert 0 < summary["poft/weight"] < 1
+
+
+def test_the_tiny_cpu_recipe_runs_as_written_after_quickstart(quickstarted, monkeypatch):
+    """`poft train --config recipes/train-tiny-cpu.yaml` where `poft quickstart` ran, as the recipe's comment says:
+    its own model, data and output paths (only its 30 steps cut to 2) train the quickstart's target."""
+    folder, _ = quickstarted
+    recipe = Path(__file__).parents[1] / "recipes" / "train-tiny-cpu.yaml"
+    settings = yaml.safe_load(recipe.read_text())
+    monkeypatch.chdir(folder)
+    assert main(["train", "--config", str(recipe), "--max_steps", "2"]) == 0
+    trained, target = folder / settings["output_dir"], folder / settings["model_name_or_path"]
+    assert json.loads((trained / "trainer_state.json").read_text())["global_step"] == 2
+    before, after = load_file(target / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_leaving_the_process_group_waits_until_gloos_worker_has_let_go_of_the_meeting(tmp_path, monkeypatch):
