@@ -153,8 +153,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     """Let `write` fill a temporary sibling of `path`, then rename it over `path`: readers see the old file or the new.
 
     The sibling keeps `path`'s suffix (a plot's file name names its image format) and carries this process's
-    id, so a later write in that folder deletes what a killed run left (and restores an output it renamed aside). The file gets the mode of the file
-    it replaces, or a new file's usual mode (0o666 less the umask), not mkstemp's private 0o600.
+    id, so a later write in that folder deletes what a killed run left (and restores an output it renamed aside).
+    The file gets the mode of the file it replaces, or a new file's usual mode (0o666 less the umask), not
+    mkstemp's private 0o600.
     """
     path = Path(path)
     _restore_asides(path.parent)

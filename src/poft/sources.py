@@ -178,6 +178,14 @@ def _records(frame: pd.DataFrame) -> list[Row]:
     return [Row("row", n, record) for n, record in enumerate(frame.to_dict("records"), start=1)]
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _shown(text: str) -> str:
+    """`text` with each byte that was not UTF-8 shown as U+FFFD, as a text editor shows it."""
+    return _UNDECODABLE.sub("\ufffd", text)
+
+
 def _read_csv_with_undecodable_rows(path: Path, source: str) -> list[Row]:
     """Read every cell as text, each byte that is not UTF-8 kept as a lone surrogate (Python's surrogateescape), so
     the rows holding one are known; the other rows are parsed again on their own, so their columns are typed as in a
@@ -203,14 +211,6 @@ def _read_csv_with_undecodable_rows(path: Path, source: str) -> list[Row]:
     good = cells.drop(index=[n - 1 for n in bad])
     typed = iter(_records(_parse_csv(io.StringIO(good.to_csv(index=False)), source)) if len(good) else [])
     return [bad.get(row.number) or Row("row", row.number, next(typed).record) for row in rows]
-
-
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
-
-
-def _shown(text: str) -> str:
-    """`text` with each byte that was not UTF-8 shown as U+FFFD, as a text editor shows it."""
-    return _UNDECODABLE.sub("\ufffd", text)
 
 
 _READERS: dict[str, Callable[[Path, str], list[Row]]] = {
