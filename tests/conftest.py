@@ -97,7 +97,8 @@ def small_disk(tmp_path) -> Iterator[SmallDisk]:
     try:
         _mount("-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path))
     except subprocess.CalledProcessError as error:
-        pytest.skip(f"cannot mount a tmpfs here ({error.stderr.strip()}), so no disk to fill or make read-only")
+        reason = (error.stderr.strip().splitlines() or ["mount failed"])[0]
+        pytest.skip(f"cannot mount a tmpfs here ({reason}), so no disk to fill or make read-only")
     try:
         yield SmallDisk(path)
     finally:
