@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
-import socket
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,19 +50,73 @@ def cut_checkpoint(complete: Path, target: Path, damage: str) -> Path:
     return target
 
 
+class SmallDisk:
+    """A file system of the test's own, a tmpfs mounted at `path`, so that writers meet a real full or read-only disk
+    (the kernel's ENOSPC and EROFS), not an exception a test raised."""
+
+    def __init__(self, path: Path):
+        self.path, self.filler = path, path / "filler"
+
+    def fill(self, leave: int = 0) -> None:
+        """Write a file until the disk is full, then give back about `leave` bytes of it."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, bytes(1 << 16))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+        try:
+            while True:  # the last pages: a 64 KiB write can fail where a smaller one fits
+                os.write(fd, bytes(4096))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+        os.ftruncate(fd, max(os.fstat(fd).st_size - leave, 0))
+        os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def read_only(self, read_only: bool = True) -> None:
+        _mount("-o", f"remount,{'ro' if read_only else 'rw'}", str(self.path))
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, check=True, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[SmallDisk]:
+    """A 32 MiB tmpfs of this test's own. Mounting needs root with CAP_SYS_ADMIN (a container's root may lack it);
+    elsewhere the test is skipped, saying why."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command, so no file system of the test's own to fill or make read-only")
+    try:
+        _mount("-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path))
+    except subprocess.CalledProcessError as error:
+        reason = (error.stderr.strip().splitlines() or ["mount failed"])[0]
+        pytest.skip(f"cannot mount a tmpfs here ({reason}), so no disk to fill or make read-only")
+    try:
+        yield SmallDisk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=60)
+
+
 def two_cpu_processes(*program: str, config_file: str | None = None) -> list[str]:
     """`program` (by default `-m poft.cli`) under accelerate with two CPU processes (gloo): the multi-process
-    paths, tested without a GPU. The processes meet on a free port, so test suites running side by side on one
-    machine do not collide on accelerate's default 29500. `config_file`: an accelerate config (FSDP, DeepSpeed)
+    paths, tested without a GPU. `--main_process_port 0` is accelerate's own choice of a free port, taken by the
+    launcher just before its rendezvous store binds it, so test suites running side by side on one machine do not
+    collide on the default 29500 (nor on a port a test picked and let go before the launcher started). Run it
+    with `tests.processes.run`, which ends the workers too. `config_file`: an accelerate config (FSDP, DeepSpeed)
     in place of plain data parallelism."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     engine = ("--multi_gpu",) if config_file is None else ("--config_file", config_file)
     return [
         sys.executable,
         *("-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1"),
-        *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"),
         *(program or ("-m", "poft.cli")),
     ]
 

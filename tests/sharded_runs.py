@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +99,7 @@ def train_args(model: str, data: str, objective: str, lora: bool, steps: int, ou
 def compare(engine: str, model: str, data: str, objective: str, lora: bool, root: Path, steps: int = 3) -> Comparison:
     """Train under `engine` on two processes (batch 2 each) and on one (batch 4, in this process); the same steps."""
     from poft.cli import main as cli
+    from tests import processes
     from tests.conftest import two_cpu_processes
 
     sharded, single = root / f"{engine}-{objective}-{lora}", root / f"one-{objective}-{lora}"
@@ -111,7 +111,7 @@ def compare(engine: str, model: str, data: str, objective: str, lora: bool, root
     }
     args = train_args(model, data, objective, lora, steps, sharded)
     program = ("-m", "tests.sharded_runs", engine, *args, "--ddp_backend", "gloo", "--per_device_train_batch_size")
-    run = subprocess.run(
+    run = processes.run(
         two_cpu_processes(*program, "2", config_file=str(CONFIGS[engine])),
         env=env,
         capture_output=True,

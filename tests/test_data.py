@@ -344,6 +344,32 @@ def test_skip_invalid_drops_bad_rows_and_writes_report(tmp_path, caplog):
     )
 
 
+def test_a_csv_with_rows_that_are_not_utf8(tmp_path):
+    """Two rows of a CSV hold Latin-1 bytes: without --skip-invalid the error names the file, the first of them and
+    the fix; with it, the other rows load as the same rows in a clean file do (columns typed alike), and the report
+    lists the two by row number."""
+    rows = [
+        {"instruction": f"Say {word}", "output": word, "score": score}
+        for word, score in [("hi", 1.5), ("café", 2), ("multi\nline", 3), ("naïve", 4), ("ok", 5)]
+    ]
+    path, clean = tmp_path / "data.csv", tmp_path / "clean.csv"
+    pd.DataFrame(rows).to_csv(path, index=False, encoding="latin-1")
+    pd.DataFrame([r for r in rows if r["output"].isascii()]).to_csv(clean, index=False)
+    with pytest.raises(DataError) as raised:
+        load_sft_dataset(str(path))
+    assert str(raised.value) == (
+        f"{path}: row 2: not valid UTF-8 in column 'instruction' (re-save the file as UTF-8). Fix the row, or pass "
+        "--skip-invalid to skip bad rows and write them to a report."
+    )
+    report = tmp_path / "bad.jsonl"
+    assert load_sft_dataset(str(path), skip_invalid=True, invalid_report=report).to_list() == (
+        load_sft_dataset(str(clean)).to_list()
+    )
+    entries = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [e["row"] for e in entries] == [2, 4]
+    assert entries[0]["record"] == {"instruction": "Say caf\ufffd", "output": "caf\ufffd", "score": "2.0"}
+
+
 def test_skip_invalid_with_every_row_bad_still_raises(tmp_path):
     report = tmp_path / "bad.jsonl"
     with pytest.raises(DataError, match=r"all 2 rows are invalid, so there is nothing to train on \(first: line 1: "):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import textwrap
 
+from tests import processes
 from tests.conftest import two_cpu_processes, write_jsonl
 
 # poft.cli in which process 1 fails before scoring while process 0 scores and then waits for it
@@ -58,22 +57,15 @@ def test_one_failing_process_ends_every_process_with_its_error(tiny_models, conv
         "--output",
         str(tmp_path / "o"),
     ]
-    launcher = subprocess.Popen(
+    launcher = processes.run(  # a process left waiting for its failed peer would hang here: all are ended then
         [*two_cpu_processes(str(script), str(pids)), *args, "--cache_dir", str(tmp_path / "cache")],
         env={**os.environ, "PYTHONPATH": os.getcwd()},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
-        start_new_session=True,  # the launcher and its processes in one group, to be ended together on a hang
+        timeout=240,
     )
-    try:
-        _, stderr = launcher.communicate(timeout=240)  # a process left waiting for its failed peer hangs here
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-        raise
     assert launcher.returncode != 0
-    assert "poft score: error: process 1 cannot go on" in stderr
+    assert "poft score: error: process 1 cannot go on" in launcher.stderr
     started = [int((pids / rank).read_text()) for rank in ("0", "1")]
     assert not any(alive(pid) for pid in started)
     assert not (tmp_path / "o").exists()

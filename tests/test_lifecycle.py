@@ -6,6 +6,7 @@ conftest's tiny model, and checks the outcome against a run that was not interru
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -15,10 +16,12 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -239,6 +242,14 @@ def real_full_disk_error() -> RuntimeError:
     raise AssertionError("torch.save to /dev/full succeeded")
 
 
+def real_torch_error(path: str) -> RuntimeError:
+    try:
+        torch.save({"weights": torch.zeros(4)}, path)
+    except RuntimeError as error:
+        return error
+    raise AssertionError(f"torch.save to {path} succeeded")
+
+
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 
@@ -295,8 +306,122 @@ def test_save_errors_of_every_writer_are_recognised(tmp_path):
     )
     torch_error = save_error(real_full_disk_error(), what, str(tmp_path))
     assert str(torch_error).startswith(f"cannot write {what}: torch.save stopped part-way with ")
+    # torch.save that cannot open its file names the system's reason: sysfs refuses new files even to root
+    assert str(save_error(real_torch_error("/sys/poft.pt"), what, str(tmp_path))) == (
+        f"cannot write {what}: permission denied (Errno 13). {fix}"
+    )
+    assert save_error(real_torch_error("/proc/poft.pt"), what, str(tmp_path)) is None  # no such folder: not the disk
     for unrelated in (RuntimeError("CUDA out of memory"), ValueError("bad"), SafetensorError("invalid header")):
         assert save_error(unrelated, what, str(tmp_path)) is None
+
+
+def test_a_disk_that_fills_up_while_a_checkpoint_is_written(tiny_models, scored_data, small_disk, monkeypatch, capsys):
+    """checkpoint-2's weights are written, then the run's disk (a tmpfs of its own) fills up: torch.save meets the
+    kernel's ENOSPC part-way through the optimizer's state. One line, exit 2, checkpoint-2 removed, checkpoint-1
+    kept whole."""
+    from transformers import Trainer
+
+    real_save = Trainer._save_optimizer_and_scheduler
+
+    def fill_midway(self, output_dir):
+        if os.path.basename(output_dir) == "checkpoint-2":
+            small_disk.fill()
+        return real_save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fill_midway)
+    run = small_disk.path / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 3, "--save_steps", "1")) == 2
+    assert error_lines(capsys) == [
+        f"poft train: error: cannot write checkpoints or the model to {run}: torch.save stopped part-way with 0.0 MiB "
+        "left on that disk (full, or over quota). Free space or pick a writable location, then rerun. Complete "
+        f"checkpoints in {run} are kept: resume with --resume_from_checkpoint true."
+    ]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-1")
+
+
+def test_full_disk_while_the_final_model_is_written(tiny_models, scored_data, small_disk, monkeypatch, capsys, loaded):
+    """The run's disk (a tmpfs of its own) fills up after the last step, so the final save meets the kernel's ENOSPC
+    in safetensors' writer: one line, exit 2, every checkpoint kept whole; with space freed, `--resume_from_checkpoint
+    true` saves the weights the run trained."""
+    from poft.trainer import PoFTTrainer
+
+    real_train = PoFTTrainer.train
+
+    def train_then_fill_the_disk(self, *args, **kwargs):
+        result = real_train(self, *args, **kwargs)
+        small_disk.fill(leave=64 << 10)  # room for config.json, not for the weights
+        return result
+
+    monkeypatch.setattr(PoFTTrainer, "train", train_then_fill_the_disk)
+    run = small_disk.path / "run"
+    argv = train_argv(scored_data, tiny_models["chatml"], run, 2, "--save_steps", "1")
+    assert main(argv) == 2
+    assert error_lines(capsys) == [
+        f"poft train: error: cannot write checkpoints or the model to {run}: the disk is full (Errno 28). Free space "
+        f"or pick a writable location, then rerun. Complete checkpoints in {run} are kept: resume with "
+        "--resume_from_checkpoint true."
+    ]
+    assert not (run / "model.safetensors").exists()
+    assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-2")
+    monkeypatch.setattr(PoFTTrainer, "train", real_train)
+    small_disk.free()
+    assert main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert loaded == [str(run / "checkpoint-2")]
+    trained, saved = load_file(run / "checkpoint-2" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert trained.keys() == saved.keys() and all(torch.equal(saved[k], t) for k, t in trained.items())
+
+
+@pytest.fixture
+def read_only_switch(request, tmp_path) -> tuple[Path, Callable[[Path], None]]:
+    """A folder to train into, and how to make a checkpoint folder in it read-only for real: as root (whom mode bits
+    do not stop), by remounting a tmpfs of the test's own read-only (EROFS); as any other user, by the folder's mode
+    bits (EACCES)."""
+    if os.geteuid() == 0:
+        disk = request.getfixturevalue("small_disk")
+        return disk.path, lambda checkpoint: disk.read_only()
+    folder, changed = tmp_path / "disk", []
+    folder.mkdir()
+
+    def forbid(checkpoint: Path) -> None:
+        checkpoint.chmod(0o555)
+        changed.append(checkpoint)
+
+    request.addfinalizer(lambda: [path.chmod(0o755) for path in changed])
+    return folder, forbid
+
+
+def test_read_only_disk_while_a_checkpoint_is_written(
+    tiny_models, scored_data, read_only_switch, monkeypatch, capsys, caplog
+):
+    """checkpoint-2's weights are written, then its disk turns read-only before the optimizer's state is: torch.save
+    meets the system's EROFS (or EACCES). One line, exit 2; checkpoint-1 kept whole; checkpoint-2, which a read-only
+    disk does not let poft remove, is named in the line and skipped by `--resume_from_checkpoint true`."""
+    from transformers import Trainer
+
+    folder, make_read_only = read_only_switch
+    real_save = Trainer._save_optimizer_and_scheduler
+
+    def read_only_midway(self, output_dir):
+        if os.path.basename(output_dir) == "checkpoint-2":
+            make_read_only(Path(output_dir))
+        return real_save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", read_only_midway)
+    run = folder / "run"
+    assert main(train_argv(scored_data, tiny_models["chatml"], run, 3, "--save_steps", "1")) == 2
+    reason = "the file system is read-only (Errno 30)" if os.geteuid() == 0 else "permission denied (Errno 13)"
+    assert error_lines(capsys) == [
+        f"poft train: error: cannot write checkpoints or the model to {run}: {reason}. Free space or pick a writable "
+        f"location, then rerun. Complete checkpoints in {run} are kept: resume with --resume_from_checkpoint true, "
+        "which skips the unfinished checkpoint-2 (it could not be removed)."
+    ]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    half = run / "checkpoint-2"
+    assert (half / "model.safetensors").exists() and not (half / "optimizer.pt").exists()
+    with caplog.at_level(logging.WARNING, logger="poft.runtime"):
+        assert resume_checkpoint("true", str(run)) == str(run / "checkpoint-1")
+    assert f"{half} is incomplete" in caplog.text
 
 
 # --------------------------------------------------------------------------- options that contradict each other
@@ -358,14 +483,43 @@ def test_quickstart_refuses_no_steps(tmp_path, capsys, steps):
     assert not (tmp_path / "q").exists()
 
 
-def test_quickstart_with_fewer_steps_than_its_logging_interval(tmp_path):
-    from poft.demo.quickstart import LOGGING_STEPS, QuickstartConfig, run_quickstart
+@pytest.fixture(scope="module")
+def quickstarted(tmp_path_factory) -> tuple[Path, dict]:
+    """A folder in which `poft quickstart` ran as a user runs it (its default --output, relative to the working
+    folder), with fewer steps than its logging interval; and what it printed."""
+    from poft.demo.quickstart import LOGGING_STEPS
 
-    steps = LOGGING_STEPS - 1
-    summary = run_quickstart(QuickstartConfig(output=str(tmp_path / "q"), max_steps=steps, device="cpu"))["last_step"]
+    folder, previous = tmp_path_factory.mktemp("user"), os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as shown:
+            code = main(["quickstart", "--max_steps", str(LOGGING_STEPS - 1), "--device", "cpu"])
+    finally:
+        os.chdir(previous)
+    assert code == 0
+    printed = shown.getvalue()  # the trainer's log lines, then the command's JSON
+    return folder, json.loads(printed[printed.rfind("\n{\n") + 1 :])
+
+
+def test_quickstart_with_fewer_steps_than_its_logging_interval(quickstarted):
+    summary = quickstarted[1]["last_step"]
     assert set(summary) == {"loss", "poft/weight", "poft/win_rate", "poft/margin", "poft/r_theta", "poft/r_ref"}
     assert all(math.isfinite(value) for value in summary.values())
     assert 0 < summary["poft/weight"] < 1
+
+
+def test_the_tiny_cpu_recipe_runs_as_written_after_quickstart(quickstarted, monkeypatch):
+    """`poft train --config recipes/train-tiny-cpu.yaml` where `poft quickstart` ran, as the recipe's comment says:
+    its own model, data and output paths (only its 30 steps cut to 2) train the quickstart's target."""
+    folder, _ = quickstarted
+    recipe = Path(__file__).parents[1] / "recipes" / "train-tiny-cpu.yaml"
+    settings = yaml.safe_load(recipe.read_text())
+    monkeypatch.chdir(folder)
+    assert main(["train", "--config", str(recipe), "--max_steps", "2"]) == 0
+    trained, target = folder / settings["output_dir"], folder / settings["model_name_or_path"]
+    assert json.loads((trained / "trainer_state.json").read_text())["global_step"] == 2
+    before, after = load_file(target / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_leaving_the_process_group_waits_until_gloos_worker_has_let_go_of_the_meeting(tmp_path, monkeypatch):

@@ -10,11 +10,7 @@ import logging
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ from poft.cli import main
 from poft.schema import is_poft_output
 from poft.score_settings import scoring_settings
 from poft.scoring import ScoreConfig, score_dataset
+from tests import processes
 from tests.conftest import as_dataset, write_jsonl
 
 
@@ -154,99 +151,138 @@ def test_a_mount_point_gets_its_temporary_inside_it(tmp_path, monkeypatch):
     assert load_from_disk(str(out))["version"] == [1] * 5 and temporaries(tmp_path, out) == []
 
 
-def dead_owner() -> str:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return f"{dead.stdout.strip()}.{outputs._host()}"
+SRC = str(Path(__file__).parent.parent / "src")
+CHILD_ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}  # the poft under test; poft.outputs is light
+
+FILLING_WRITER = """
+import errno, os, shutil
+from pathlib import Path
+from poft import outputs
+
+out, new, kill_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rename, exchange, count = os.rename, outputs._exchange, [0]
+
+
+def busy(path) -> None:  # out is a mount point: it cannot be renamed or exchanged, though what is inside can
+    if Path(path).absolute() == out:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+
+
+def counted(a, b) -> None:
+    if count[0] == kill_at:
+        stop_here(f"before rename {kill_at}")
+    count[0] += 1
+    busy(a)
+    busy(b)
+    rename(a, b)
+
+
+outputs.os.rename = counted
+outputs._exchange = lambda a, b: busy(a) or busy(b) or exchange(a, b)
+with outputs.atomic_output(out, "test") as tmp:
+    shutil.copytree(new, tmp, dirs_exist_ok=True)
+print("done", flush=True)
+"""
 
 
 @pytest.mark.parametrize("renames_before_the_kill", range(8))
-def test_a_kill_while_filling_in_place_is_finished_by_the_next_run(
-    mount_point, tmp_path, monkeypatch, renames_before_the_kill
-):
-    """Killed after any number of renames while filling the folder: the next run (here its recovery) leaves the
-    old output whole or the new one whole, nothing of the other and no temporary."""
+def test_a_kill_while_filling_in_place_is_finished_by_the_next_run(mount_point, tmp_path, renames_before_the_kill):
+    """A process filling the folder in place is SIGKILLed after any number of its renames (7 is all of them): the next
+    run (here its recovery) leaves the old output whole or the new one whole, nothing of the other and no
+    temporary."""
     with outputs.atomic_output(mount_point, "test") as tmp:
         Dataset.from_dict({"version": [1] * 30}).save_to_disk(str(tmp))
         (tmp / "old_only.txt").write_text("an entry the new output does not have")
-    count, rename = [0], outputs.os.rename
-
-    def killed(a, b):
-        if count[0] == renames_before_the_kill:
-            raise KeyboardInterrupt  # stands for SIGKILL: nothing after it runs
-        count[0] += 1
-        rename(a, b)
-
-    monkeypatch.setattr(outputs.os, "rename", killed)
-    killed_at_the_end = False
-    try:
-        with outputs.atomic_output(mount_point, "test") as tmp:
-            Dataset.from_dict({"version": [2] * 30}).save_to_disk(str(tmp))
-        killed_at_the_end = True
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(outputs.os, "rename", rename)
-    owner = dead_owner()
-    for leftover in list(mount_point.glob(f"{outputs.TMP_TAG}*")):  # as a SIGKILLed run of another process leaves it
-        rename(leftover, leftover.with_name(leftover.name.replace(outputs._owner(), owner)))
+    new = tmp_path / "new"
+    Dataset.from_dict({"version": [2] * 30}).save_to_disk(str(new))
+    writer = processes.start(FILLING_WRITER, str(mount_point), str(new), str(renames_before_the_kill), env=CHILD_ENV)
+    said = processes.reached(writer)
+    killed = said == f"before rename {renames_before_the_kill}"
+    assert killed or said == "done", said
+    processes.sigkill(writer)
     outputs.check_output(mount_point, overwrite=True)  # what the next run does first
     versions = set(load_from_disk(str(mount_point))["version"])
     assert versions in ({1}, {2}) and temporaries(tmp_path, mount_point) == []
     assert (mount_point / "old_only.txt").exists() == (versions == {1})
     assert is_poft_output(mount_point)
-    if killed_at_the_end:
+    assert killed == (renames_before_the_kill < 7)
+    if not killed:
         assert versions == {2}
 
 
 # --- a kill while an output is swapped in ------------------------------------------------------------------------
 
-SRC = str(Path(__file__).parent.parent / "src")
-KILLED_WRITER = """
-import sys, types
-from datasets import Dataset
-package = types.ModuleType("poft")  # poft.outputs alone, without the package's heavy imports
-package.__path__ = [sys.argv[3]]
-sys.modules["poft"] = package
+SWAPPING_WRITER = """
+import shutil
+from pathlib import Path
 from poft import outputs
-if sys.argv[2] == "aside":
-    outputs._exchange = lambda a, b: False
-print("ready", flush=True)
-version = 1
-while True:
-    with outputs.atomic_output(sys.argv[1], "test") as tmp:
-        Dataset.from_dict({"version": [version] * 100_000, "text": ["x" * 20] * 100_000}).save_to_disk(tmp)
-    version += 1
+
+out, new, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+exchange, rename, rmtree = outputs._exchange, outputs.os.rename, outputs.shutil.rmtree
+
+
+def exchanged(a, b) -> bool:  # the old output now lies where the temporary was, not yet deleted
+    done = exchange(a, b)
+    if done and point == "exchanged":
+        stop_here(point)
+    return done
+
+
+def renamed(a, b) -> None:  # the old output renamed aside, the new one not yet in
+    rename(a, b)
+    if Path(a) == out and point == "aside":
+        stop_here(point)
+
+
+def removed(path, *args, **kwargs) -> None:  # the new output in place, the old one aside not yet deleted
+    if outputs.OLD_TAG in Path(path).name and point == "new in place":
+        stop_here(point)
+    rmtree(path, *args, **kwargs)
+
+
+outputs._exchange = exchanged if point == "exchanged" else (lambda a, b: False)  # else: no renameat2
+outputs.os.rename, outputs.shutil.rmtree = renamed, removed
+with outputs.atomic_output(out, "test") as tmp:
+    shutil.copytree(new, tmp, dirs_exist_ok=True)
+    if point == "writing":
+        stop_here(point)
+print("done", flush=True)
 """
 
 
 def test_what_a_killed_swap_leaves_is_removed_by_the_next_run_writing_beside_it(tmp_path):
-    """A real process replacing its output again and again, SIGKILLed at several moments: whatever it left (a
-    temporary, an old output renamed aside) is gone after the next run writing any output or file in that folder,
-    and the killed run's output is whole."""
+    """A process replacing its output, SIGKILLed at each moment of the swap (while writing the temporary; after the
+    exchange, before deleting the old output; between the two renames of systems without renameat2; before deleting
+    the old output renamed aside): whatever it left is gone after the next run writing any output or file in that
+    folder, and the output is the old one or the new one, whole."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    left = []
-    for k, (mode, delay) in enumerate([("exchange", 0.3), ("exchange", 0.9), ("aside", 0.5), ("aside", 1.2)]):
-        process = subprocess.Popen(
-            [sys.executable, "-c", KILLED_WRITER, str(out), mode, str(Path(SRC) / "poft")],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        left.append(temporaries(tmp_path))
-        if k % 2:
+
+    def killed_at(point: str, version: int, next_run: str) -> None:
+        new = tmp_path / "versions" / str(version)
+        Dataset.from_dict({"version": [version] * 10}).save_to_disk(str(new))
+        writer = processes.start(SWAPPING_WRITER, str(out), str(new), point, env=CHILD_ENV)
+        assert processes.reached(writer) == point
+        processes.sigkill(writer)
+        assert temporaries(tmp_path), point  # the kill left something to clean up
+        if next_run == "file":
             outputs.atomic_write_text(tmp_path / "notes.txt", "a single file written beside it")
         else:
-            with outputs.atomic_output(tmp_path / f"other{k}", "test") as tmp:
-                Dataset.from_dict({"x": [k]}).save_to_disk(str(tmp))
-        assert temporaries(tmp_path) == [], (mode, delay)
-        assert out.exists() or k == 0  # an old output renamed aside is restored
-        if out.exists():
-            assert len(load_from_disk(str(out))) == 100_000
-    assert any(left)  # at least one kill left something to clean up
+            with outputs.atomic_output(tmp_path / f"other{version}", "test") as tmp:
+                Dataset.from_dict({"x": [version]}).save_to_disk(str(tmp))
+        assert temporaries(tmp_path) == [], point
+
+    killed_at("writing", 0, "output")  # the first output, killed while written: none is left
+    assert not out.exists()
+    with outputs.atomic_output(out, "test") as tmp:
+        Dataset.from_dict({"version": [1] * 10}).save_to_disk(str(tmp))
+    for point, version, next_run, left in [
+        ("exchanged", 2, "file", 2),
+        ("aside", 3, "file", 2),  # the old output, renamed aside, is restored
+        ("new in place", 4, "output", 4),
+        ("writing", 5, "file", 4),
+    ]:
+        killed_at(point, version, next_run)
+        assert set(load_from_disk(str(out))["version"]) == {left}, point
 
 
 # --- a score cache that cannot be created ------------------------------------------------------------------------
@@ -461,33 +497,46 @@ def test_corrupt_cache_lines_are_rescored_with_one_warning(tiny_models, conversa
 
 
 def test_two_runs_sharing_a_cache_score_each_row_once(tiny_models, conversations, tmp_path, monkeypatch, caplog):
-    """A second run starts while the first is scoring (held there for a second): it waits, then reads what the first
-    wrote, and every row is scored once in all, with the scores of one run alone."""
+    """A second run starts while the first is scoring (held there until the second says it waits for the cache's
+    lock): it waits, then reads what the first wrote, and every row is scored once in all, with the scores of one run
+    alone."""
     import poft.scoring as scoring
 
     dataset = as_dataset(conversations)
     alone = score_dataset(dataset, [tiny_models["zephyr"]], ScoreConfig(cache_dir=str(tmp_path / "alone")))
     config = ScoreConfig(cache_dir=str(tmp_path / "shared"))
-    counts, scoring_started, original = [], threading.Event(), scoring.iter_scores
+    counts, scoring_started, second_waits = [], threading.Event(), threading.Event()
+    original = scoring.iter_scores
 
-    def slow_scores(model, encoded, *args):
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Another run is scoring this reference into"):
+                second_waits.set()
+
+    def held_scores(model, encoded, *args):
         counts.append(len(encoded))
         scoring_started.set()
-        time.sleep(1.0)  # the second run starts meanwhile
+        if not second_waits.wait(120):  # the second run reaches the lock meanwhile
+            raise TimeoutError("the second run never waited for the cache's lock")
         yield from original(model, encoded, *args)
 
-    monkeypatch.setattr(scoring, "iter_scores", slow_scores)
+    monkeypatch.setattr(scoring, "iter_scores", held_scores)
     results = {}
 
     def run(name: str) -> None:
         results[name] = score_dataset(dataset, [tiny_models["zephyr"]], config)
 
     first = threading.Thread(target=run, args=("first",))
-    with caplog.at_level(logging.WARNING, logger="poft"):
-        first.start()
-        assert scoring_started.wait(60)
-        run("second")
-        first.join()
+    watcher = Waiting()
+    logging.getLogger("poft").addHandler(watcher)
+    try:
+        with caplog.at_level(logging.WARNING, logger="poft"):
+            first.start()
+            assert scoring_started.wait(120)
+            run("second")
+            first.join(120)
+    finally:
+        logging.getLogger("poft").removeHandler(watcher)
+    assert not first.is_alive() and second_waits.is_set()
     assert sum(counts) == len(set(dataset["poft_id"]))
     assert results["first"]["score_zephyr"] == results["second"]["score_zephyr"] == alone["score_zephyr"]
-    assert "Another run is scoring this reference into" in caplog.text

@@ -7,10 +7,6 @@ import logging
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ from poft.batching import packed_batches, token_budget_batches
 from poft.chat import ConversationEncoder
 from poft.score_cache import ScoreCache
 from poft.scoring import ScoreConfig, parse_references, score_dataset
+from tests import processes
 from tests.conftest import as_dataset, make_conversations, two_cpu_processes, write_jsonl
 
 
@@ -159,14 +156,24 @@ def test_a_model_by_any_spelling_or_copy_scores_once(tiny_models, conversations,
     assert len(list(cache.glob("*.jsonl"))) == 1 and len(list(cache.glob("*.json"))) == 1
 
 
-SLOW_SCORER = (
-    "import sys, time, poft.batching as s\n"
-    "original = s.score_batch\n"
-    "def slow(*a):\n    time.sleep(0.2)\n    return original(*a)\n"
-    "s.score_batch = slow\n"
-    "from poft.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
+STOPPED_SCORER = """
+import poft.score_cache as score_cache
+
+append, batches = score_cache.ScoreCache.append, []
+
+
+def append_then_stop(self, records):
+    append(self, records)
+    batches.append(len(records))
+    if len(batches) == 3:
+        stop_here(f"{sum(batches)} rows cached")
+
+
+score_cache.ScoreCache.append = append_then_stop
+from poft.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_killed_run_resumes_without_losing_or_duplicating_rows(tiny_models, tmp_path):
@@ -175,23 +182,15 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(tiny_models, tmp_
     args = ["score", "--data", data, "--model", tiny_models["chatml"], "--batch-tokens", "200", "--device", "cpu"]
     # the child imports the poft under test (not an installed copy) and the tests package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scoring.__file__).parents[1]), os.getcwd()])}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SCORER, *args, "--output", str(tmp_path / "killed"), "--cache_dir", str(cache)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = processes.start(
+        STOPPED_SCORER, *args, "--output", str(tmp_path / "killed"), "--cache_dir", str(cache), env=env
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        files = list(cache.glob("*.jsonl"))
-        if files and len(files[0].read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    said = processes.reached(process, timeout=300)  # SIGKILLed once three batches are cached
+    assert said.endswith(" rows cached"), said
+    processes.sigkill(process)
     (cache_file,) = cache.glob("*.jsonl")
     partial = len(cache_file.read_text().splitlines())
-    assert 0 < partial < 40, "the kill should land mid-run"
+    assert partial == int(said.split()[0]) < 40
 
     from poft.cli import main
 
@@ -225,7 +224,7 @@ def test_two_processes_shard_the_work_and_merge_in_order(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", make_conversations(30, seed=8))
     args = ["score", "--data", data, "--model", tiny_models["zephyr"], "--batch_tokens", "300", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    run = subprocess.run(
+    run = processes.run(
         [*two_cpu_processes(), *args, "--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "c2")],
         env=env,
         capture_output=True,

@@ -15,6 +15,7 @@ from poft.chat import MASK_RULE, ChatTemplateError
 from poft.errors import DataError, OptionError
 from poft.scoring import ScoreConfig, score_dataset
 from poft.trainer import PoFTConfig, PoFTTrainer, _num_sequences
+from tests import processes
 from tests.conftest import as_dataset, two_cpu_processes
 
 
@@ -289,6 +290,29 @@ def test_training_refuses_scores_read_with_other_settings(tiny_models, scored, t
     PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=dataset)  # the same settings train
 
 
+def test_scores_written_to_jsonl_train_with_one_warning_that_their_settings_cannot_be_checked(
+    tiny_models, scored, tmp_path, caplog
+):
+    """`Dataset.to_json` keeps the scores, not the reading settings in their feature: training at another max_length
+    cannot be refused then, and says so in one warning naming the settings it reads with."""
+    from poft.data import load_sft_dataset
+
+    exported = tmp_path / "scored.jsonl"
+    scored["chatml"].to_json(str(exported))
+    data = load_sft_dataset(str(exported))
+    assert data["ref_score"] == pytest.approx(scored["chatml"]["ref_score"], abs=1e-9)  # pandas writes 10 digits
+    with caplog.at_level(logging.WARNING, logger="poft.trainer"):
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path, max_length=120), train_dataset=data)
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=scored["chatml"])  # checked
+    assert caplog.text.count("carries no reading settings") == 1
+    assert (
+        "The train dataset's 'ref_score' carries no reading settings (scores from elsewhere, or written to a file "
+        "such as JSONL, which keeps the values only), so training cannot check that they read conversations as it "
+        "does (max_length 120, truncation_mode keep_start, system_turns auto). Train on `poft score`'s output "
+        "folder to have them checked." in caplog.text
+    )
+
+
 def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_path):
     with pytest.raises(ValueError, match="bfd"):
         PoFTTrainer(
@@ -304,7 +328,6 @@ def test_packing_that_cuts_conversations_is_refused(tiny_models, scored, tmp_pat
 def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, objective):
     """DDP over 2 CPU processes (gloo) with batch 2 each makes the same update as one process with batch 4."""
     import os
-    import subprocess
 
     from safetensors.torch import load_file
 
@@ -349,7 +372,7 @@ def test_two_processes_equal_one_large_batch(tiny_models, scored, tmp_path, obje
         f"open(os.path.join({str(tmp_path)!r}, 'alive-' + os.environ['RANK']), 'w').write(str(dist.is_initialized()))\n"
         "sys.exit(code)\n"
     )
-    run = subprocess.run(
+    run = processes.run(
         [
             *two_cpu_processes(str(script)),
             *common,

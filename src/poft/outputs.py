@@ -10,8 +10,8 @@ one deleted, and a later run restores an aside copy if a kill fell between the t
 An output folder that cannot be renamed (a mount point, such as a container's volume, or a folder in a
 read-only parent) is filled in place instead: the new output is staged whole inside it, then its old
 entries are deleted and the new ones moved in, one rename each, the marker last; a kill in between is
-finished by the next run. Every run writing into a folder first removes the temporaries that dead runs
-left there, beside any output.
+finished by the next run. Every run writing into a folder, an output or a single file, first removes the
+temporaries that dead runs left there, beside any output, and restores an output a dead run renamed aside.
 
 Every poft dataset output carries `poft_output.json` (the stage and the columns poft computed). An
 existing non-empty folder without it is never replaced; one with it is replaced only with
@@ -153,10 +153,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     """Let `write` fill a temporary sibling of `path`, then rename it over `path`: readers see the old file or the new.
 
     The sibling keeps `path`'s suffix (a plot's file name names its image format) and carries this process's
-    id, so a later write of the same file deletes what a killed run left. The file gets the mode of the file
-    it replaces, or a new file's usual mode (0o666 less the umask), not mkstemp's private 0o600.
+    id, so a later write in that folder deletes what a killed run left (and restores an output it renamed aside).
+    The file gets the mode of the file it replaces, or a new file's usual mode (0o666 less the umask), not
+    mkstemp's private 0o600.
     """
     path = Path(path)
+    _restore_asides(path.parent)
     _remove_dead_temporaries(path.parent)
     try:
         mode = path.stat().st_mode & 0o7777
@@ -282,17 +284,23 @@ def _recover(out: Path) -> None:
         _remove_dead_temporaries(out)
     if not out.parent.is_dir():
         return
-    for leftover in sorted(out.parent.glob(f".*{OLD_TAG}*")):
+    _restore_asides(out.parent)
+    _remove_dead_temporaries(out.parent)
+
+
+def _restore_asides(folder: Path) -> None:
+    """Put back each output in `folder` that a killed run renamed aside and did not replace (the kill fell between
+    the fallback path's two renames); delete the aside copy where the new output made it in."""
+    for leftover in sorted(folder.glob(f".*{OLD_TAG}*")):
         owner = _owner_of(leftover.name, OLD_TAG)
         if _alive(owner):
             continue
-        original = out.parent / leftover.name[1 : -len(OLD_TAG + owner)]
+        original = folder / leftover.name[1 : -len(OLD_TAG + owner)]
         if original.exists():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             os.rename(leftover, original)
             logger.warning("Restored %s from %s, left by a run killed while replacing it", original, leftover)
-    _remove_dead_temporaries(out.parent)
 
 
 def _remove_dead_temporaries(folder: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from poft.errors import DependencyError, ModelError, OptionError, OutputError, PoftError
 from poft.optional import check_model_extras
-from poft.outputs import disk_error
+from poft.outputs import DISK_ERRORS, disk_error
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,16 @@ def train_and_save(trainer_class, model_args, training_args, train_dataset, eval
         translated = save_error(error, f"checkpoints or the model to {output_dir}", output_dir)
         if translated is None:
             raise
-        for partial in set(_checkpoints(output_dir)) - before:
+        left = []  # a read-only disk keeps the unfinished checkpoint it stopped; resuming skips it
+        for partial in sorted(set(_checkpoints(output_dir)) - before):
             if not _complete_checkpoint(partial):
                 shutil.rmtree(partial, ignore_errors=True)
+                if os.path.exists(partial):
+                    left.append(os.path.basename(partial))
+        skipped = f", which skips the unfinished {', '.join(left)} (it could not be removed)" if left else ""
         raise OutputError(
-            f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint true."
+            f"{translated} Complete checkpoints in {output_dir} are kept: resume with --resume_from_checkpoint "
+            f"true{skipped}."
         ) from error
     logger.info("Saved the model to %s", output_dir)
     leave_process_group(trainer.accelerator)
@@ -271,8 +276,9 @@ def save_error(error: BaseException, what: str, directory: str) -> OutputError |
     None for any other error.
 
     json and tokenizer files raise OSError; safetensors a SafetensorError ending in "(os error 28)"; torch.save (the
-    optimizer, scheduler and RNG states) a RuntimeError from its C++ writer, which drops errno, so the disk itself
-    is asked what is wrong.
+    optimizer, scheduler and RNG states) a RuntimeError from its C++ writer, which drops errno: where it could not
+    open the file it names the system's reason ("strerror: Permission denied"), and where a write failed part-way
+    nothing, so the disk itself is asked what is wrong.
     """
     if isinstance(error, OSError):
         return disk_error(error, what)
@@ -283,6 +289,10 @@ def save_error(error: BaseException, what: str, directory: str) -> OutputError |
         return disk_error(OSError(number, os.strerror(number)), what)
     if not isinstance(error, RuntimeError) or not any(mark in text for mark in TORCH_WRITE_FAILURES):
         return None
+    reason = re.search(r"strerror: (.+)$", text.strip())
+    if reason is not None:
+        number = next((n for n in DISK_ERRORS if os.strerror(n) == reason.group(1)), None)
+        return None if number is None else disk_error(OSError(number, reason.group(1)), what)
     try:
         disk = os.statvfs(directory)
     except OSError:

@@ -4,7 +4,8 @@ r_ref and r_theta cover the same tokens only if scoring and training truncate al
 turns alike). `score_dataset` stores its settings in the score columns' feature (`datasets.Value.id`),
 which `save_to_disk`/`load_from_disk`, `map`, `filter`, `select` and `poft filter` keep, so that
 `PoFTTrainer` can check them whatever the entry point: the CLI, a saved directory, or the Dataset
-`score_dataset` returned in memory. A column with no settings (scores from elsewhere) is not checked.
+`score_dataset` returned in memory. A column with no settings (scores from elsewhere, or a JSONL or CSV file
+written from poft's output, which keeps the values only) cannot be checked, and the trainer says so.
 
 The reading length (max_length, truncation_mode) changes what is read only in conversations it cuts, so the
 column also carries the poft_ids of the conversations its max_length cut: training at another length is refused

@@ -8,8 +8,10 @@ the rows mean (`poft.formats`, `poft.dpo`) is not this module's business.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,9 @@ class Row:
     number: int  # 1-based
     record: dict[str, Any] | None = None
     error: str | None = None
-    raw: str | None = None  # the text of a line that is not a JSON object, for the invalid-rows report
+    # what could be read of a row that is no record, for the invalid-rows report: the text of a line that is not a
+    # JSON object, or a CSV row's cells with the bytes that are not UTF-8 shown as U+FFFD
+    raw: str | dict[str, Any] | None = None
 
     @property
     def where(self) -> str:
@@ -150,15 +154,63 @@ def _read_parquet(path: Path, source: str) -> list[Row]:
 
 
 def _read_csv(path: Path, source: str) -> list[Row]:
+    """The rows of a CSV file, typed as pandas infers each column. A row holding bytes that are not UTF-8 is a bad
+    row of its own (named, or skipped with `--skip-invalid`), not a reason to refuse the whole file."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return _read_csv_with_undecodable_rows(path, source)
+    return _records(_parse_csv(path, source))
+
+
+def _parse_csv(file: Path | io.StringIO, source: str, **options: Any) -> pd.DataFrame:
     try:
         # Only empty cells are missing; text such as "NA" or "None" is content.
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        return pd.read_csv(file, keep_default_na=False, na_values=[""], **options)
     except pd.errors.EmptyDataError:
-        return []
+        return pd.DataFrame()
     except pd.errors.ParserError as exc:
         raise DataError(f"{source}: could not parse the CSV file ({exc}). Fix its quoting or column counts.") from None
+
+
+def _records(frame: pd.DataFrame) -> list[Row]:
     frame = frame.astype(object).where(frame.notna(), None)
     return [Row("row", n, record) for n, record in enumerate(frame.to_dict("records"), start=1)]
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _shown(text: str) -> str:
+    """`text` with each byte that was not UTF-8 shown as U+FFFD, as a text editor shows it."""
+    return _UNDECODABLE.sub("\ufffd", text)
+
+
+def _read_csv_with_undecodable_rows(path: Path, source: str) -> list[Row]:
+    """Read every cell as text, each byte that is not UTF-8 kept as a lone surrogate (Python's surrogateescape), so
+    the rows holding one are known; the other rows are parsed again on their own, so their columns are typed as in a
+    clean file."""
+    cells = _parse_csv(path, source, dtype=object, encoding_errors="surrogateescape")
+    for column in cells.columns:
+        if _UNDECODABLE.search(str(column)):
+            raise DataError(
+                f"{source}: the header row is not valid UTF-8 (column {_shown(str(column))!r}). Re-save the file as "
+                "UTF-8."
+            )
+    rows = _records(cells)
+    bad = {}
+    for row in rows:
+        column = next((c for c, v in row.record.items() if isinstance(v, str) and _UNDECODABLE.search(v)), None)
+        if column is not None:
+            bad[row.number] = Row(
+                "row",
+                row.number,
+                error=f"not valid UTF-8 in column {column!r} (re-save the file as UTF-8)",
+                raw={c: _shown(v) if isinstance(v, str) else v for c, v in row.record.items()},
+            )
+    good = cells.drop(index=[n - 1 for n in bad])
+    typed = iter(_records(_parse_csv(io.StringIO(good.to_csv(index=False)), source)) if len(good) else [])
+    return [bad.get(row.number) or Row("row", row.number, next(typed).record) for row in rows]
 
 
 _READERS: dict[str, Callable[[Path, str], list[Row]]] = {

@@ -286,6 +286,18 @@ class PoFTTrainer(SFTTrainer):
         dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, entropy, dataset_name)
         if scored is not None:
             self._check_scoring_settings(scored, dataset, args, dataset_name)
+        elif self.objective.needs_references:
+            logger.warning(
+                "The %s dataset's %r carries no reading settings (scores from elsewhere, or written to a file such as "
+                "JSONL, which keeps the values only), so training cannot check that they read conversations as it "
+                "does (max_length %s, truncation_mode %s, system_turns %s). Train on `poft score`'s output folder to "
+                "have them checked.",
+                dataset_name,
+                ref_column,
+                self._truncate_to,
+                args.truncation_mode,
+                args.system_turns,
+            )
         dataset = self._skip_empty_responses(dataset, args, dataset_name)
         if self.objective.needs_references:
             for column in (ref_column, entropy) if entropy else (ref_column,):
