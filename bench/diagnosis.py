@@ -77,6 +77,8 @@ def accuracy_table(title: str, groups: dict[str, list[int]], correct: dict[str, 
     print(f"| group | prompts | {against} | {method} | {method} - {against} |")
     print("| --- | --- | --- | --- | --- |")
     for group, rows in groups.items():
+        if not rows:
+            continue
         means = {
             m: 100 * statistics.mean(statistics.mean(seed[i] for i in rows) for seed in correct[m])
             for m in (against, method)

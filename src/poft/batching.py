@@ -8,7 +8,7 @@ in-memory model and a list of conversations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -48,32 +48,29 @@ def token_budget_batches(
 
     A sequence longer than the budget gets a batch of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batch: list[int] = []
-    real = 0
-    for index in order:
-        if batch:
-            padded = (len(batch) + 1) * lengths[batch[0]]
-            if padded > batch_tokens or real + lengths[index] < (1 - max_padding) * padded:
-                yield batch
-                batch, real = [], 0
-        batch.append(index)
-        real += lengths[index]
-    if batch:
-        yield batch
+
+    def full(batch: list[int], real: int, next_length: int) -> bool:
+        padded = (len(batch) + 1) * lengths[batch[0]]
+        return padded > batch_tokens or real + next_length < (1 - max_padding) * padded
+
+    return _longest_first(lengths, full)
 
 
 def packed_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
     """Indices grouped longest first so that the summed length stays within `batch_tokens` (no padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return _longest_first(lengths, lambda batch, real, next_length: real + next_length > batch_tokens)
+
+
+def _longest_first(lengths: Sequence[int], full: Callable[[list[int], int, int], bool]) -> Iterator[list[int]]:
+    """Indices, longest first, in batches closed where `full(batch, its real tokens, the next length)` says so."""
     batch: list[int] = []
-    total = 0
-    for index in order:
-        if batch and total + lengths[index] > batch_tokens:
+    real = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        if batch and full(batch, real, lengths[index]):
             yield batch
-            batch, total = [], 0
+            batch, real = [], 0
         batch.append(index)
-        total += lengths[index]
+        real += lengths[index]
     if batch:
         yield batch
 

@@ -155,18 +155,11 @@ def exact_match_per_row(
 
 
 def exact_match_accuracy(
-    model,
-    reader: ConversationEncoder | PreTrainedTokenizerBase,
-    dataset: Dataset,
-    *,
-    answer_column: str = "answer",
-    max_new_tokens: int | None = None,
-    batch_size: int = 64,
+    model, reader: ConversationEncoder | PreTrainedTokenizerBase, dataset: Dataset, **options
 ) -> tuple[float, list[str]]:
-    """Share of rows whose greedy response equals `answer_column` (whitespace-trimmed), and the responses."""
-    correct, predictions = exact_match_per_row(
-        model, reader, dataset, answer_column=answer_column, max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+    """Share of rows whose greedy response equals the answer column (whitespace-trimmed), and the responses;
+    `options` are `exact_match_per_row`'s (answer_column, max_new_tokens, batch_size)."""
+    correct, predictions = exact_match_per_row(model, reader, dataset, **options)
     return sum(correct) / max(len(predictions), 1), predictions
 
 

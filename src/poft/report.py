@@ -181,84 +181,83 @@ def audit_section(dataset, rows: int = 10, text_chars: int = 120) -> list[str]:
     if NOISE in dataset.column_names:  # synthetic noise (`poft noise`, the demo): is the row a corrupted one?
         flags = dataset[NOISE]
         noise = {"noisy": lambda row: "yes" if flags[row] else "no"}
-    lines += _extreme_rows(dataset, columns, references, noise, rows, text_chars)
-    lines += _disputed_rows(dataset, columns, references, noise, rows, text_chars)
-    return lines + _threshold_shares(columns, len(dataset))
+    tables = AuditTables(dataset, columns, references, noise, rows, text_chars)
+    return lines + tables.extreme_rows() + tables.disputed_rows() + _threshold_shares(columns, len(dataset))
 
 
-def _extreme_rows(
-    dataset,
-    columns: dict[str, list],
-    references: list[str],
-    noise: dict[str, Callable[[int], str]],
-    rows: int,
-    text_chars: int,
-) -> list[str]:
-    """The audit's tables of the rows with the lowest and the highest ref_score, and of those without one."""
-    found = audit.extremes(columns[REF_SCORE], rows)
-    scores = {n: (lambda row, n=n: _score(columns[n][row])) for n in [REF_SCORE, *references]}
-    scores.update(noise)
-    lines = [
-        "Rows are numbered from 0 in the scored dataset's order (`datasets.load_from_disk(DIR)[row]`); "
-        "text is the first user turn and the first assistant turn, shortened.",
-        "",
-        f"### Lowest ref_score ({len(found.lowest)} rows)",
-        "",
-        *_rows_table(dataset, found.lowest, scores, text_chars),
-        "",
-        f"### Highest ref_score ({len(found.highest)} rows)",
-        "",
-        *_rows_table(dataset, found.highest, scores, text_chars),
-        "",
-    ]
-    if found.missing:
-        lines += [
-            f"### Rows without a ref_score ({len(found.missing)})",
+@dataclass(frozen=True)
+class AuditTables:
+    """The audit's row tables over one scored dataset: its score columns, reference names, the noise column's cells
+    (where the data carry one), how many rows a table shows and how much of each text."""
+
+    dataset: Any
+    columns: dict[str, list]
+    references: list[str]
+    noise: dict[str, Callable[[int], str]]
+    rows: int
+    text_chars: int
+
+    def extreme_rows(self) -> list[str]:
+        """The audit's tables of the rows with the lowest and the highest ref_score, and of those without one."""
+        found = audit.extremes(self.columns[REF_SCORE], self.rows)
+        scores = {n: (lambda row, n=n: _score(self.columns[n][row])) for n in [REF_SCORE, *self.references]}
+        scores.update(self.noise)
+        lines = [
+            "Rows are numbered from 0 in the scored dataset's order (`datasets.load_from_disk(DIR)[row]`); "
+            "text is the first user turn and the first assistant turn, shortened.",
             "",
-            "At least one reference gave no score (usually: no response token survived its truncation; see the "
-            "score columns). `poft filter` drops these rows; PoFT training skips them with a warning."
-            + (f" The first {rows}:" if len(found.missing) > rows else ""),
+            f"### Lowest ref_score ({len(found.lowest)} rows)",
             "",
-            *_rows_table(dataset, found.missing[:rows], scores, text_chars),
+            *_rows_table(self.dataset, found.lowest, scores, self.text_chars),
+            "",
+            f"### Highest ref_score ({len(found.highest)} rows)",
+            "",
+            *_rows_table(self.dataset, found.highest, scores, self.text_chars),
             "",
         ]
-    return lines
+        if found.missing:
+            lines += [
+                f"### Rows without a ref_score ({len(found.missing)})",
+                "",
+                "At least one reference gave no score (usually: no response token survived its truncation; see the "
+                "score columns). `poft filter` drops these rows; PoFT training skips them with a warning."
+                + (f" The first {self.rows}:" if len(found.missing) > self.rows else ""),
+                "",
+                *_rows_table(self.dataset, found.missing[: self.rows], scores, self.text_chars),
+                "",
+            ]
+        return lines
 
-
-def _disputed_rows(
-    dataset,
-    columns: dict[str, list],
-    references: list[str],
-    noise: dict[str, Callable[[int], str]],
-    rows: int,
-    text_chars: int,
-) -> list[str]:
-    """The audit's table of the rows whose references' percentile ranks differ most."""
-    lines = ["### Where the references disagree", ""]
-    disputed = audit.disagreements({n: columns[n] for n in references}, rows)
-    if len(references) < 2:
-        return lines + ["One reference: nothing to compare.", ""]
-    if not disputed:
+    def disputed_rows(self) -> list[str]:
+        """The audit's table of the rows whose references' percentile ranks differ most."""
+        lines = ["### Where the references disagree", ""]
+        disputed = audit.disagreements({n: self.columns[n] for n in self.references}, self.rows)
+        if len(self.references) < 2:
+            return lines + ["One reference: nothing to compare.", ""]
+        if not disputed:
+            return lines + [
+                "No disagreement: the references rank every row they all scored alike (or no row was scored by "
+                "every reference).",
+                "",
+            ]
+        by_row = {d.row: d for d in disputed}
+        cells = {
+            n: (lambda row, n=n: f"{_score(self.columns[n][row])} ({by_row[row].percentiles[n]:.0f})")
+            for n in self.references
+        }
         return lines + [
-            "No disagreement: the references rank every row they all scored alike (or no row was scored by "
-            "every reference).",
+            "Each reference's scores as percentiles among the rows all references scored (0: its lowest row, "
+            "100: its highest; in brackets), since references' log-prob scales differ; spread is the largest "
+            "minus the smallest percentile.",
+            "",
+            *_rows_table(
+                self.dataset,
+                [d.row for d in disputed],
+                {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **self.noise},
+                self.text_chars,
+            ),
             "",
         ]
-    by_row = {d.row: d for d in disputed}
-    cells = {n: (lambda row, n=n: f"{_score(columns[n][row])} ({by_row[row].percentiles[n]:.0f})") for n in references}
-    return lines + [
-        "Each reference's scores as percentiles among the rows all references scored (0: its lowest row, "
-        "100: its highest; in brackets), since references' log-prob scales differ; spread is the largest "
-        "minus the smallest percentile.",
-        "",
-        *_rows_table(
-            dataset,
-            [d.row for d in disputed],
-            {"spread": lambda row: f"{by_row[row].spread:.0f}", **cells, **noise},
-            text_chars,
-        ),
-        "",
-    ]
 
 
 def _threshold_shares(columns: dict[str, list], n_rows: int) -> list[str]:

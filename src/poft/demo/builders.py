@@ -40,16 +40,25 @@ ZEPHYR_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 def char_tokenizer(alphabet: Iterable[str], chat_template: str | None = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
     """One token per character of `alphabet` (others map to <unk>), ChatML specials, eos <|im_end|>."""
-    specials = ["<unk>", "<pad>", *CHATML_SPECIALS]
-    chars = sorted(set(alphabet) - set(specials))
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    return character_tokenizer(alphabet, ["<unk>", "<pad>"], CHATML_SPECIALS, chat_template, eos_token="<|im_end|>")
+
+
+def character_tokenizer(
+    alphabet: Iterable[str],
+    specials: list[str],
+    turn_specials: list[str],
+    chat_template: str | None,
+    **named: str | bool,
+) -> PreTrainedTokenizerFast:
+    """One token per character of `alphabet` after `specials` and the template's `turn_specials` (each one token);
+    `named` gives the special tokens' roles beyond <unk> and <pad> (eos_token=..., bos_token=...)."""
+    vocabulary = [*specials, *turn_specials]
+    chars = sorted(set(alphabet) - set(vocabulary))
+    backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocabulary + chars)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIALS})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", **named)
+    tokenizer.add_special_tokens({"additional_special_tokens": turn_specials})
     tokenizer.chat_template = chat_template
     return tokenizer
 

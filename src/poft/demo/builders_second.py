@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from poft.demo.builders import character_tokenizer
+
 LLAMA2_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
@@ -102,20 +104,12 @@ def wordpiece_tokenizer(
 
 def gemma_char_tokenizer(alphabet: str, chat_template: str = GEMMA_TEMPLATE) -> PreTrainedTokenizerFast:
     """One token per character of `alphabet`, Gemma's turn specials, bos <bos> and eos <end_of_turn>."""
-    specials = ["<unk>", "<pad>", "<bos>", *GEMMA_SPECIALS]
-    chars = sorted(set(alphabet) - set(specials))
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
+    return character_tokenizer(
+        alphabet,
+        ["<unk>", "<pad>", "<bos>"],
+        GEMMA_SPECIALS,
+        chat_template,
         bos_token="<bos>",
         eos_token="<end_of_turn>",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": GEMMA_SPECIALS})
-    tokenizer.chat_template = chat_template
-    return tokenizer

@@ -250,13 +250,10 @@ def train_run(
         model = trainer.model
     if save_to is not None:
         save_model_atomically(model, tokenizer, save_to)
-    test_correct = answers_correct(model, tokenizer, test)
     return {
         **asdict(spec),
-        "code": code_version(),
+        **tested(model, tokenizer, test),
         "train_rows": len(data),
-        "test_accuracy": sum(test_correct) / len(test_correct),
-        "test_correct": test_correct,
         "curve": recorder.curve,
         "clipped_share": recorder.clipped_share(),
         "grad_norm_min": min(recorder.grad_norms, default=None),
@@ -265,6 +262,12 @@ def train_run(
         else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def tested(model, tokenizer, test: Dataset) -> dict:
+    """What every run records of its final model: the test answers, right or wrong, their share, and the code."""
+    correct = answers_correct(model, tokenizer, test)
+    return {"test_accuracy": sum(correct) / len(correct), "test_correct": correct, "code": code_version()}
 
 
 def save_model_atomically(model, tokenizer, path: Path) -> None:
@@ -297,14 +300,11 @@ def dpo_run(
             model, tokenizer, pairs, dpo_config(scratch, spec.seed, settings.batch_size, settings.use_cpu, spec.dpo)
         )
     after = answer_log_probs(model, tokenizer, pairs, validation)
-    test_correct = answers_correct(model, tokenizer, test)
     return {
         **first_record,
         **asdict(spec),
-        "code": code_version(),
+        **tested(model, tokenizer, test),
         "dpo_pairs": len(pairs),
-        "test_accuracy": sum(test_correct) / len(test_correct),
-        "test_correct": test_correct,
         "curve": [
             *first_record["curve"],
             {**first_record["curve"][-1], **_after_dpo(model, tokenizer, validation, sample)},

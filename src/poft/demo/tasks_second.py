@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 
 from poft.demo.tasks import CONSONANTS, VOWELS, Example, Task, sample_examples
 
@@ -30,23 +31,24 @@ def make_words(count: int, seed: int = WORD_SEED) -> list[str]:
     return sorted(words)
 
 
-def _last_letter(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    word = rng.choice(words)
-    prompt = rng.choice(["What is the last letter of {w}?", "Give the final letter of {w}.", "Last letter: {w}"])
-    return prompt.format(w=word), word[-1]
+def _word_task(phrasings: list[str], answer: Callable[[str], str]) -> Task:
+    """A family asking about one word: a word, then a phrasing (in that order of draws), and `answer` of the word."""
+
+    def task(rng: random.Random, words: list[str]) -> tuple[str, str]:
+        word = rng.choice(words)
+        return rng.choice(phrasings).format(w=word), answer(word)
+
+    return task
 
 
-def _shift(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    word = rng.choice(words)
-    prompt = rng.choice(
-        [
-            "Shift every letter one step forward: {w}",
-            "Replace each letter by the next one: {w}",
-            "Next letters of {w}.",
-        ]
-    )
-    table = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[1:] + "a")
-    return prompt.format(w=word), word.translate(table)
+_SHIFTED = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[1:] + "a")
+_last_letter = _word_task(
+    ["What is the last letter of {w}?", "Give the final letter of {w}.", "Last letter: {w}"], lambda w: w[-1]
+)
+_shift = _word_task(
+    ["Shift every letter one step forward: {w}", "Replace each letter by the next one: {w}", "Next letters of {w}."],
+    lambda w: w.translate(_SHIFTED),
+)
 
 
 def _sequence(rng: random.Random, words: list[str]) -> tuple[str, str]:
@@ -62,10 +64,10 @@ def _max_digit(rng: random.Random, words: list[str]) -> tuple[str, str]:
     return prompt.format(d=" ".join(map(str, digits))), str(max(digits))
 
 
-def _no_vowels(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    word = rng.choice(words)
-    prompt = rng.choice(["Remove the vowels from {w}.", "Write without vowels: {w}", "Drop every vowel of {w}."])
-    return prompt.format(w=word), "".join(c for c in word if c not in VOWELS)
+_no_vowels = _word_task(
+    ["Remove the vowels from {w}.", "Write without vowels: {w}", "Drop every vowel of {w}."],
+    lambda w: "".join(c for c in w if c not in VOWELS),
+)
 
 
 def _swap_case(rng: random.Random, words: list[str]) -> tuple[str, str]:
@@ -74,16 +76,14 @@ def _swap_case(rng: random.Random, words: list[str]) -> tuple[str, str]:
     return prompt.format(w=word), "".join(c.lower() if c.isupper() else c.upper() for c in word)
 
 
-def _position(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    word = rng.choice(words)
-    prompt = rng.choice(
-        [
-            "Where in the alphabet is the first letter of {w}?",
-            "Alphabet position of the first letter of {w}.",
-            "Position of the initial of {w}:",
-        ]
-    )
-    return prompt.format(w=word), str(ord(word[0]) - ord("a") + 1)
+_position = _word_task(
+    [
+        "Where in the alphabet is the first letter of {w}?",
+        "Alphabet position of the first letter of {w}.",
+        "Position of the initial of {w}:",
+    ],
+    lambda w: str(ord(w[0]) - ord("a") + 1),
+)
 
 
 FAMILIES: dict[str, Task] = {
