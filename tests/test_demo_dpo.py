@@ -73,7 +73,8 @@ def test_dpo_arms_take_their_base_methods_learning_rate():
     assert arm_lr("poft_token+dpo", best, 5e-4) == 3e-3 and arm_lr("sft+dpo", best, 5e-4) == 1e-3
     assert arm_lr("token_cleaning", best, 5e-4) == 1e-3
     assert {"token_cleaning", "sft+dpo", "poft_token+dpo"} <= set(METHODS) and PAIRED == {
-        "poft_token+dpo": ("sft+dpo",)
+        "poft_token+dpo": ("sft+dpo", "poft_token"),
+        "sft+dpo": ("sft",),
     }
 
 
@@ -93,8 +94,10 @@ def test_toy_grid_trains_the_new_arms_and_reports_their_comparisons(tmp_path):
         }
         assert all(v < 0 for v in moved.values())
     (entry,) = results["summary"]
-    assert {"token_cleaning", "sft+dpo", "poft_token+dpo"} <= set(entry["differences"]["poft_token"])
-    assert set(entry["differences"]["poft_token+dpo"]) == {"sft+dpo"}
+    assert {"token_cleaning", "sft+dpo"} <= set(entry["differences"]["poft_token"])
+    assert "poft_token+dpo" not in entry["differences"]["poft_token"]  # reported as poft_token+dpo - poft_token
+    assert set(entry["differences"]["poft_token+dpo"]) == {"sft+dpo", "poft_token"}
+    assert set(entry["differences"]["sft+dpo"]) == {"sft"}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| poft_token - token_cleaning |" in report and "| poft_token+dpo - sft+dpo |" in report
     # the same-tokenizer reference is cached inside the world's directory, beside the world's own models

@@ -201,6 +201,25 @@ def test_non_finite_reference_score_fails_before_training(tiny_models, conversat
         )
 
 
+def test_calibrated_poft_needs_the_references_entropy(tiny_models, conversations, scored, tmp_path):
+    """Scores without ref_entropy (an older poft's, or brought from elsewhere) are one line that names the fix; a
+    NaN entropy names its row, as a NaN score does."""
+    args = config(tmp_path, objective="poft_calibrated")
+    with pytest.raises(
+        DataError, match=r"no 'ref_entropy' column, which objective='poft_calibrated' reads.*poft score"
+    ):
+        PoFTTrainer(
+            tiny_models["chatml"],
+            args=args,
+            train_dataset=as_dataset(conversations, ref_score=[-1.0] * len(conversations)),
+        )
+    entropies = list(scored["zephyr"]["ref_entropy"])
+    entropies[2] = float("nan")
+    data = scored["zephyr"].remove_columns("ref_entropy").add_column("ref_entropy", entropies)
+    with pytest.raises(DataError, match=r"NaN or infinite 'ref_entropy': row 2 \(poft_id"):
+        PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=data)
+
+
 def test_null_reference_score_is_skipped_with_a_warning(tiny_models, conversations, tmp_path, caplog):
     refs = [-1.0] * len(conversations)
     refs[1] = refs[3] = None

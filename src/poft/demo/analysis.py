@@ -34,8 +34,9 @@ SWEPT = (
     *(o.name for o in OBJECTIVES if not o.needs_references and o is not SFT),
 )
 DPO_SUFFIX = "+dpo"  # an arm that runs DPO after its base method, at the base method's learning rate
-# comparisons besides the preference methods' (each DPO arm against the other, with the same DPO budget)
-PAIRED = {"poft_token+dpo": ("sft+dpo",)}
+# comparisons besides the preference methods': the DPO arms against each other (the same DPO stage) and each against
+# its own first stage, as <method>+dpo - <method> (the preference methods are not compared with their own +dpo arm)
+PAIRED = {"poft_token+dpo": ("sft+dpo", "poft_token"), "sft+dpo": ("sft",)}
 
 
 def base_method(method: str) -> str:
@@ -133,6 +134,7 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
                 for other, seeds in by_method.items()
                 if other != first
                 and not (is_preference(other) and other in differences)
+                and other != first + DPO_SUFFIX
                 and set(by_method[first]) & set(seeds)
             }
     for first, others in PAIRED.items():
