@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from poft.demo.runs import answers_correct
 from poft.demo.settings import MAX_LENGTH
 from poft.demo.tasks import FAMILY
 from poft.noise import add_noise
+from poft.runtime import progress_bars_on_terminal_only
 from poft.schema import MESSAGES, NOISE
 
 
@@ -238,6 +240,10 @@ def main() -> None:
     parser.add_argument("--worlds", nargs="+", default=["second", "misaligned"])
     parser.add_argument("--noisy", nargs="*", default=[], help="KIND:RATE conditions whose separation to measure")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    progress_bars_on_terminal_only()
     records = [r for path in args.results for r in json.loads(Path(path).read_text())["runs"]]
     for world in args.worlds:
         chosen = [r for r in records if r["world"] == world and r["noise_rate"] == 0 and r["learning_rate"] == 1e-3]

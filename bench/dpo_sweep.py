@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import statistics
 from pathlib import Path
 
 from poft.demo.methods import DPO_PAIRS, DPOSettings
 from poft.demo.pipeline import DemoConfig, Grid, build_world
 from poft.demo.runs import RunSpec
+from poft.runtime import progress_bars_on_terminal_only
 
 
 def rows(records: list[dict]) -> dict[DPOSettings, list[dict]]:
@@ -72,6 +74,10 @@ def main() -> None:
     parser.add_argument("--nll_weight", type=float, default=1.0, help="the NLL term's weight at the best setting")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    progress_bars_on_terminal_only()
     config = DemoConfig(output=args.output, conditions=["clean"], methods=["sft+dpo"], workers=args.workers)
     grid = Grid(config, {"standard": build_world(config)}, Path(args.output))
 
