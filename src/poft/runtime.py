@@ -7,6 +7,7 @@ train`, `poft dpo` and the demo alike.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -111,8 +112,9 @@ def progress_bars_on_terminal_only() -> None:
 
 def quantization_config(model_args):
     """TRL's `get_quantization_config(model_args)` for `--load_in_4bit` / `--load_in_8bit` (QLoRA), after checking
-    that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters),
-    bitsandbytes installed, and a device it supports. Each failure is one line, never a full-precision run."""
+    that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters), a
+    bitsandbytes that transformers accepts (installed, at its minimum version), and a device it supports. Each
+    failure is one line, never a full-precision run."""
     from trl import get_quantization_config
 
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
@@ -126,11 +128,19 @@ def quantization_config(model_args):
         raise DependencyError(
             f"{flag} needs bitsandbytes, which is not installed: pip install 'poft[quantization]' (or leave {flag} out)."
         )
-    if not bitsandbytes_runs_here():
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():  # below this, transformers' own device check fails with a NameError
+        raise DependencyError(
+            f"{flag} needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION} (transformers' minimum), found "
+            f"{importlib.metadata.version('bitsandbytes')}: pip install -U 'poft[quantization]' (or leave {flag} out)."
+        )
+    supported, available = bitsandbytes_devices()
+    if not supported & available:
         raise OptionError(
-            f"{flag}: bitsandbytes supports none of this machine's devices (it quantizes on CUDA GPUs, torch "
-            f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}); leave {flag} out to train in full "
-            "precision."
+            f"{flag}: bitsandbytes {importlib.metadata.version('bitsandbytes')} supports none of this machine's "
+            f"devices ({', '.join(sorted(available))}; it supports {', '.join(sorted(supported)) or 'none'}); leave "
+            f"{flag} out to train in full precision."
         )
     return get_quantization_config(model_args)
 
@@ -139,11 +149,13 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def bitsandbytes_runs_here() -> bool:
-    """transformers' own test of whether the installed bitsandbytes supports a device of this machine."""
-    from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+def bitsandbytes_devices() -> tuple[set[str], set[str]]:
+    """The devices the installed bitsandbytes supports and this machine's, the two sets transformers' own check
+    (`validate_bnb_backend_availability`) compares before it loads a quantized model."""
+    import bitsandbytes
+    from transformers.utils import get_available_devices
 
-    return validate_bnb_backend_availability(raise_exception=False)
+    return set(getattr(bitsandbytes, "supported_torch_devices", ())), set(get_available_devices())
 
 
 def train_and_save(trainer_class, model_args, training_args, train_dataset, eval_dataset=None) -> str:
