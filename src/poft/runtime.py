@@ -218,19 +218,40 @@ def leave_process_group(accelerator, settle_seconds: float = 30.0) -> None:
     owner, DDP's reducer, is freed) joins gloo's worker threads while holding the GIL, and a worker thread still
     freeing a collective's tensors needs the GIL: a deadlock, seen in 2-process CPU runs that met by a barrier (the
     worker was freeing an all-gather). So on gloo the processes meet by an all-reduce of a tensor held here, and
-    wait, the GIL released, until the worker has let go of it.
+    wait, the GIL released, until the worker has let go of it. They meet so on every gloo group, not only the
+    default one: DeepSpeed makes a clone of the world group, and its objects (the ZeRO-3 parameters, the optimizer)
+    keep both groups and their worker threads alive past `end_training`, until the interpreter finalizes; Python
+    3.11 ends a thread that waits for the GIL there, which inside C++ code is that abort.
     """
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         if torch.distributed.get_backend() == "gloo":
-            meeting = torch.zeros(1)
-            torch.distributed.all_reduce(meeting)
+            meetings = []
+            for group in gloo_groups():
+                meeting = torch.zeros(1)
+                torch.distributed.all_reduce(meeting, group=group)
+                meetings.append(meeting)
             deadline = time.monotonic() + settle_seconds
             time.sleep(0.01)  # at least once: every gloo worker gets the GIL to finish freeing what it holds
-            while meeting._use_count() > 1 and time.monotonic() < deadline:
+            while any(meeting._use_count() > 1 for meeting in meetings) and time.monotonic() < deadline:
                 time.sleep(0.01)
         else:
             accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def gloo_groups() -> list:
+    """The gloo groups this process is in, the default one first, in the same order on every process (the order of
+    their names, which torch gives every process alike).
+
+    Workaround: torch has no public list of a process's groups; this reads the table `destroy_process_group` walks
+    (`distributed_c10d._world.pg_names`). Replace it when torch lists them publicly.
+    """
+    from torch.distributed import distributed_c10d
+
+    names = distributed_c10d._world.pg_names
+    default = distributed_c10d._get_default_group()
+    groups = sorted((group for group in names if group is not default), key=names.get)
+    return [group for group in [default, *groups] if torch.distributed.get_backend(group) == "gloo"]
 
 
 def resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
