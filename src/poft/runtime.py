@@ -220,8 +220,8 @@ def leave_process_group(accelerator, settle_seconds: float = 30.0) -> None:
     worker was freeing an all-gather). So on gloo the processes meet by an all-reduce of a tensor held here, and
     wait, the GIL released, until the worker has let go of it. They meet so on every gloo group, not only the
     default one: DeepSpeed makes a clone of the world group, and its objects (the ZeRO-3 parameters, the optimizer)
-    keep both groups and their worker threads alive past `end_training`, until the interpreter finalizes; Python
-    3.11 ends a thread that waits for the GIL there, which inside C++ code is that abort.
+    keep both groups and their worker threads alive past `end_training`, until the interpreter finalizes, where
+    Python 3.11 ends a thread that is still waiting for the GIL: inside C++ code, that can be this abort.
     """
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         if torch.distributed.get_backend() == "gloo":
