@@ -5,7 +5,8 @@ without it a CPU-only process gets no distributed state at all. So the processes
 with `--ddp_backend gloo` (the process group accelerate then opens, or DeepSpeed's on `DS_ACCELERATOR=cpu`), and
 for FSDP one patch: the state accelerate built (no distributed type, two processes, an FSDP plugin) is marked
 FSDP, the type it gives an FSDP config on GPUs. Every run records the class of the model it trained, so a test
-can tell a sharded run from a silent fallback.
+can tell a sharded run from a silent fallback. DeepSpeed starts without its shared-memory op (see
+`_without_shared_memory_op`).
 
 `python -m tests.sharded_runs ENGINE ARGS...` is one process's program (ENGINE: fsdp2, zero3 or none);
 `compare` trains one configuration both ways and returns the largest differences.
@@ -13,6 +14,7 @@ can tell a sharded run from a silent fallback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -40,6 +42,20 @@ def _shard_on_cpu() -> None:
             self.fsdp_plugin = fsdp_plugin
 
     AcceleratorState.__init__ = patched
+
+
+def _without_shared_memory_op() -> None:
+    """Start DeepSpeed's CPU backend without its shared-memory all-reduce op.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles that op when it starts (about 2 min on 2 cores, the first
+    time on a machine). The op serves only `inference_all_reduce` (tensor-parallel inference); ZeRO-3 training
+    communicates through torch.distributed (gloo here) either way, so its steps are the same without it.
+    """
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute of that name is torch itself
+
+    if not callable(getattr(backend, "build_shm_op", None)):
+        raise RuntimeError("deepspeed.comm.torch.build_shm_op is gone: check how this DeepSpeed builds its CPU ops")
+    backend.build_shm_op = lambda: None
 
 
 def _record_engine(output_dir: str) -> None:
@@ -162,6 +178,8 @@ def main(argv: list[str]) -> int:
     engine, *args = argv
     if engine == "fsdp2":
         _shard_on_cpu()
+    if engine == "zero3":
+        _without_shared_memory_op()
     _record_engine(args[args.index("--output_dir") + 1])
     from poft.cli import main as cli
 

@@ -522,30 +522,33 @@ def test_the_tiny_cpu_recipe_runs_as_written_after_quickstart(quickstarted, monk
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_leaving_the_process_group_waits_until_gloos_worker_has_let_go_of_the_meeting(tmp_path, monkeypatch):
-    """The processes meet by an all-reduce; the group is left only once gloo's worker thread no longer owns that
-    tensor (freeing it needs the GIL, which the group's destructor holds while it joins the worker)."""
+def test_leaving_the_process_group_waits_until_gloos_workers_have_let_go_of_the_meetings(tmp_path, monkeypatch):
+    """The processes meet by an all-reduce on every gloo group (DeepSpeed adds a clone of the world group); the groups
+    are left only once gloo's worker threads no longer own those tensors (freeing one needs the GIL, which the
+    group's destructor holds while it joins the workers)."""
     import torch.distributed as dist
 
     from poft.runtime import leave_process_group
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    clone = dist.new_group(ranks=[0])
     met, owners_when_leaving = [], []
     all_reduce = dist.all_reduce
 
     def recorded(tensor, *args, **kwargs):
-        met.append(tensor)
+        met.append((tensor, kwargs.get("group")))
         return all_reduce(tensor, *args, **kwargs)
 
-    class TwoProcesses:  # the meeting path of a multi-process run, over a real one-process gloo group
+    class TwoProcesses:  # the meeting path of a multi-process run, over real one-process gloo groups
         num_processes = 2
         device = torch.device("cpu")
 
         def end_training(self):
-            owners_when_leaving.append(met[0]._use_count())
+            owners_when_leaving.extend(tensor._use_count() for tensor, _ in met)
             dist.destroy_process_group()
 
     monkeypatch.setattr(dist, "all_reduce", recorded)
+    groups = [dist.group.WORLD, clone]
     leave_process_group(TwoProcesses())
-    assert len(met) == 1 and owners_when_leaving == [1]
+    assert [group for _, group in met] == groups and owners_when_leaving == [1, 1]
     assert not dist.is_initialized()

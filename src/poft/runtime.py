@@ -7,6 +7,7 @@ train`, `poft dpo` and the demo alike.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -111,8 +112,9 @@ def progress_bars_on_terminal_only() -> None:
 
 def quantization_config(model_args):
     """TRL's `get_quantization_config(model_args)` for `--load_in_4bit` / `--load_in_8bit` (QLoRA), after checking
-    that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters),
-    bitsandbytes installed, and a device it supports. Each failure is one line, never a full-precision run."""
+    that it can run: LoRA on (as TRL's ModelConfig says, quantized weights train only through adapters), a
+    bitsandbytes that transformers accepts (installed, at its minimum version), and a device it supports. Each
+    failure is one line, never a full-precision run."""
     from trl import get_quantization_config
 
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
@@ -126,11 +128,19 @@ def quantization_config(model_args):
         raise DependencyError(
             f"{flag} needs bitsandbytes, which is not installed: pip install 'poft[quantization]' (or leave {flag} out)."
         )
-    if not bitsandbytes_runs_here():
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():  # below this, transformers' own device check fails with a NameError
+        raise DependencyError(
+            f"{flag} needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION} (transformers' minimum), found "
+            f"{importlib.metadata.version('bitsandbytes')}: pip install -U 'poft[quantization]' (or leave {flag} out)."
+        )
+    supported, available = bitsandbytes_devices()
+    if not supported & available:
         raise OptionError(
-            f"{flag}: bitsandbytes supports none of this machine's devices (it quantizes on CUDA GPUs, torch "
-            f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}); leave {flag} out to train in full "
-            "precision."
+            f"{flag}: bitsandbytes {importlib.metadata.version('bitsandbytes')} supports none of this machine's "
+            f"devices ({', '.join(sorted(available))}; it supports {', '.join(sorted(supported)) or 'none'}); leave "
+            f"{flag} out to train in full precision."
         )
     return get_quantization_config(model_args)
 
@@ -139,11 +149,13 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def bitsandbytes_runs_here() -> bool:
-    """transformers' own test of whether the installed bitsandbytes supports a device of this machine."""
-    from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+def bitsandbytes_devices() -> tuple[set[str], set[str]]:
+    """The devices the installed bitsandbytes supports and this machine's, the two sets transformers' own check
+    (`validate_bnb_backend_availability`) compares before it loads a quantized model."""
+    import bitsandbytes
+    from transformers.utils import get_available_devices
 
-    return validate_bnb_backend_availability(raise_exception=False)
+    return set(getattr(bitsandbytes, "supported_torch_devices", ())), set(get_available_devices())
 
 
 def train_and_save(trainer_class, model_args, training_args, train_dataset, eval_dataset=None) -> str:
@@ -211,19 +223,40 @@ def leave_process_group(accelerator, settle_seconds: float = 30.0) -> None:
     owner, DDP's reducer, is freed) joins gloo's worker threads while holding the GIL, and a worker thread still
     freeing a collective's tensors needs the GIL: a deadlock, seen in 2-process CPU runs that met by a barrier (the
     worker was freeing an all-gather). So on gloo the processes meet by an all-reduce of a tensor held here, and
-    wait, the GIL released, until the worker has let go of it.
+    wait, the GIL released, until the worker has let go of it. They meet so on every gloo group, not only the
+    default one: DeepSpeed makes a clone of the world group, and its objects (the ZeRO-3 parameters, the optimizer)
+    keep both groups and their worker threads alive past `end_training`, until the interpreter finalizes, where
+    Python 3.11 ends a thread that is still waiting for the GIL: inside C++ code, that can be this abort.
     """
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         if torch.distributed.get_backend() == "gloo":
-            meeting = torch.zeros(1)
-            torch.distributed.all_reduce(meeting)
+            meetings = []
+            for group in gloo_groups():
+                meeting = torch.zeros(1)
+                torch.distributed.all_reduce(meeting, group=group)
+                meetings.append(meeting)
             deadline = time.monotonic() + settle_seconds
             time.sleep(0.01)  # at least once: every gloo worker gets the GIL to finish freeing what it holds
-            while meeting._use_count() > 1 and time.monotonic() < deadline:
+            while any(meeting._use_count() > 1 for meeting in meetings) and time.monotonic() < deadline:
                 time.sleep(0.01)
         else:
             accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def gloo_groups() -> list:
+    """The gloo groups this process is in, the default one first, in the same order on every process (the order of
+    their names, which torch gives every process alike).
+
+    Workaround: torch has no public list of a process's groups; this reads the table `destroy_process_group` walks
+    (`distributed_c10d._world.pg_names`). Replace it when torch lists them publicly.
+    """
+    from torch.distributed import distributed_c10d
+
+    names = distributed_c10d._world.pg_names
+    default = distributed_c10d._get_default_group()
+    groups = sorted((group for group in names if group is not default), key=names.get)
+    return [group for group in [default, *groups] if torch.distributed.get_backend(group) == "gloo"]
 
 
 def resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
