@@ -222,6 +222,23 @@ def test_the_demo_says_what_it_trains_on_and_prints_no_trainer_dicts(tmp_path, c
     assert "Corrupted 0 of" not in caplog.text
 
 
+def test_the_demo_holds_back_notices_of_backends_it_never_uses():
+    """bitsandbytes and DeepSpeed log notices about CPU kernels and accelerator detection when imported where they
+    are installed (the test set-up installs both); the demo's processes hold them back, and only the demo's."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("deepspeed")
+    notices = ("gemm_4bit_forward", "Setting accelerator to CPU")
+    use_both = "import bitsandbytes\nfrom deepspeed.accelerator import get_accelerator\nget_accelerator()\n"
+    for first, shown in (("", True), ("import poft.demo\n", False)):
+        run = subprocess.run([sys.executable, "-c", first + use_both], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        output = run.stdout + run.stderr
+        assert all((notice in output) == shown for notice in notices), output[-2000:]
+
+
 def test_a_poft_objective_at_another_beta_trains_with_it_and_is_compared_like_one(tmp_path, monkeypatch):
     assert training_options("poft_token@beta=0.5") == {"objective": "poft_token", "loss_type": "nll", "beta": 0.5}
     assert training_options("poft@beta=2+dpo") == {"objective": "poft", "loss_type": "nll", "beta": 2.0}
