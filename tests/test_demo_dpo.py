@@ -108,7 +108,9 @@ def test_toy_grid_trains_the_new_arms_and_reports_their_comparisons(tmp_path):
 def test_dpo_settings_are_a_dpo_arms_identity_only_and_share_its_first_stage(tmp_path, caplog):
     """Another DPO setting trains only its DPO stage, from the first stage's saved model; the first stage and every
     other run keep their key. An NLL term on the chosen answers raises their log-prob against plain DPO."""
-    config = toy_config(tmp_path, methods=["sft", "sft+dpo"], dpo_pairs=64, epochs=1, dpo_learning_rate=1e-3)
+    config = toy_config(
+        tmp_path, methods=["sft", "sft+dpo"], dpo_pairs=64, epochs=1, dpo_learning_rate=1e-3, dpo_nll_weight=0.0
+    )
     first = run_demo(config)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="poft.demo.pipeline"):

@@ -223,5 +223,5 @@ def test_recipes_use_real_options(recipe):
     data_args, training_args, model_args = TrlParser(
         (DPODataArguments, PoFTDPOConfig, ModelConfig)
     ).parse_args_and_config(["--config", str(path), "--bf16", "false"])
-    assert data_args.dataset_train_split == "train_prefs" and training_args.beta == 0.1
+    assert data_args.dataset_train_split == "train_prefs" and training_args.beta == 0.01  # zephyr-7b-beta's
     assert model_args.model_name_or_path == "outputs/mistral-7b-poft-ultrachat"

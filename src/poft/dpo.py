@@ -64,9 +64,26 @@ class DPODataArguments:
 @dataclass
 class PoFTDPOConfig(DPOConfig):
     """DPOConfig whose unset bf16 follows the hardware, since TRL turns it on even where bf16 cannot run (a laptop
-    CPU), and which takes the `warmup_ratio` transformers 5 folded into `warmup_steps`."""
+    CPU), and which takes the `warmup_ratio` transformers 5 folded into `warmup_steps`. `beta` and `learning_rate`
+    keep TRL's defaults; their help says what public recipes use."""
 
     warmup_ratio: float | None = warmup_ratio_field()
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "DPO's KL strength: higher stays closer to the starting model. TRL's default 0.1; public recipes "
+            "use 0.01 (alignment-handbook zephyr-7b-beta, the recipe recipes/dpo-paper.yaml follows), 0.05 "
+            "(SmolLM3's apo_zero) and 0.5 (SmolLM2); the demo's DPO stage chose 0.05 on its validation prompts."
+        },
+    )
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={
+            "help": "TRL's default 1e-6. Public recipes run DPO at about a thousandth of their SFT learning rate "
+            "(zephyr-7b-beta: 5e-7 after SFT at 2e-5; SmolLM2: 1e-6 after 1e-3); a tenth cost the demo 2.6 to 9.8 "
+            "points of validation accuracy (bench/RESULTS.md, DPO sweep)."
+        },
+    )
 
     def __post_init__(self):
         apply_warmup_ratio(self)

@@ -40,6 +40,7 @@ from poft.demo.methods import (
     DPO_BETA,
     DPO_EPOCHS,
     DPO_LEARNING_RATE,
+    DPO_NLL_WEIGHT,
     DPO_PAIRS,
     DPOSettings,
     preference_pairs,
@@ -108,7 +109,7 @@ class DemoConfig:
             "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
             "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
             "with the target's base, rows with IFD >= 1 dropped), sft+dpo and poft_token+dpo (then DPO on --dpo_pairs "
-            "correct-over-noised pairs on fresh prompts, 2 epochs). A PoFT objective at another Bradley-Terry scale: "
+            "correct-over-noised pairs on fresh prompts, at the --dpo_* settings). A PoFT objective at another Bradley-Terry scale: "
             "NAME@beta=B, e.g. poft_token@beta=0.5."
         },
     )
@@ -186,11 +187,14 @@ class DemoConfig:
         default=DPO_PAIRS,
         metadata={"help": "Preference pairs of the +dpo methods' DPO stage, on prompts no other split uses."},
     )
-    dpo_learning_rate: float = field(default=DPO_LEARNING_RATE, metadata={"help": "Learning rate of the DPO stage."})
-    dpo_beta: float = field(default=DPO_BETA, metadata={"help": "DPO's beta (the KL strength)."})
+    dpo_learning_rate: float = field(
+        default=DPO_LEARNING_RATE,
+        metadata={"help": "Learning rate of the DPO stage (chosen on the validation prompts: bench/RESULTS.md)."},
+    )
+    dpo_beta: float = field(default=DPO_BETA, metadata={"help": "DPO's beta, the KL strength (chosen likewise)."})
     dpo_epochs: int = field(default=DPO_EPOCHS, metadata={"help": "Epochs of the DPO stage over its pairs."})
     dpo_nll_weight: float = field(
-        default=0.0,
+        default=DPO_NLL_WEIGHT,
         metadata={"help": "Weight of an NLL term on the chosen answers in the DPO stage (0: plain DPO)."},
     )
 
