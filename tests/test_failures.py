@@ -244,11 +244,12 @@ def test_rescoring_drops_other_references_and_averages_exactly_this_run(tiny_mod
     first = load_from_disk(str(tmp_path / "a"))
     assert score(str(tmp_path / "a"), [zephyr], tmp_path / "a", cache, "--overwrite") == 0  # output = the scored set
     rescored = load_from_disk(str(tmp_path / "a"))
-    assert not {"score_chatml", "n_tokens_chatml"} & set(rescored.column_names)
-    assert rescored["ref_score"] == rescored["score_zephyr"]
+    assert not {"score_chatml", "n_tokens_chatml", "entropy_chatml"} & set(rescored.column_names)
+    assert rescored["ref_score"] == rescored["score_zephyr"] and rescored["ref_entropy"] == rescored["entropy_zephyr"]
     record = json.loads((tmp_path / "a" / "poft_score.json").read_text())
-    assert record["dropped_columns"] == ["score_chatml", "n_tokens_chatml"] and record["kept_columns"] == []
-    assert any("Dropped score_chatml, n_tokens_chatml" in r.getMessage() for r in caplog.records)
+    dropped = ["score_chatml", "n_tokens_chatml", "entropy_chatml"]
+    assert record["dropped_columns"] == dropped and record["kept_columns"] == []
+    assert any(f"Dropped {', '.join(dropped)}" in r.getMessage() for r in caplog.records)
     assert score(str(tmp_path / "a"), [chatml, zephyr], tmp_path / "both", cache) == 0
     both = load_from_disk(str(tmp_path / "both"))
     assert both["score_chatml"] == first["score_chatml"]
@@ -565,8 +566,9 @@ def test_noise_drops_the_scores_of_the_responses_it_changes(tiny_models, data, t
     assert score(data, [tiny_models["zephyr"]], tmp_path / "scored", tmp_path / "cache") == 0
     assert main(["noise", "--data", str(tmp_path / "scored"), "--output", str(tmp_path / "noised")]) == 0
     noised = load_from_disk(str(tmp_path / "noised"))
-    assert not {"ref_score", "score_zephyr", "n_tokens_zephyr"} & set(noised.column_names)
-    assert any("Dropped score_zephyr, n_tokens_zephyr, ref_score" in r.getMessage() for r in caplog.records)
+    content = ["score_zephyr", "n_tokens_zephyr", "entropy_zephyr", "ref_score", "ref_entropy"]
+    assert not set(content) & set(noised.column_names)
+    assert any(f"Dropped {', '.join(content)}" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "noised" / "poft_output.json").read_text())["columns"] == ["poft_noise"]
 
 
