@@ -90,7 +90,7 @@ def main() -> None:
         return grid.run(specs)
 
     swept = [
-        DPOSettings(DPO_PAIRS, lr, beta, epochs)
+        DPOSettings(DPO_PAIRS, lr, beta, epochs, nll_weight=0.0)
         for lr, beta, epochs in itertools.product(args.learning_rates, args.betas, args.epochs)
     ]
     by_setting = rows(run(swept))

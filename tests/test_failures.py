@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import re
 import shutil
@@ -24,7 +25,8 @@ from poft import cli
 from poft.cli import main
 from poft.errors import CacheError, ScoringError
 from poft.score_cache import ScoreCache
-from tests.conftest import write_jsonl
+from poft.scoring import ScoreConfig, score_dataset
+from tests.conftest import as_dataset, write_jsonl
 
 
 def error_line(capsys) -> str:
@@ -335,6 +337,40 @@ def test_read_only_cache_serves_what_it_holds_and_names_itself_when_more_is_need
     assert line.startswith(f"poft score: error: cannot write the score cache file {cache}")
     assert "the file system is read-only (Errno 30)" in line and line.endswith(
         "Point --cache_dir to a writable folder (scores already cached there are read fine)."
+    )
+
+
+def test_an_older_line_without_entropy_never_hides_a_complete_one(tmp_path):
+    """Cache files are read in name order and the last line of a row wins, except that a line without entropy (an
+    older poft's, say in a shard file that sorts after the main file) never replaces a complete one."""
+    main = ScoreCache(tmp_path, "fp", {})
+    main.append([{"poft_id": "a", "score": -1.0, "n_tokens": 3, "entropy": 0.5}])
+    older_shard = ScoreCache(tmp_path, "fp", {}, shard=0)
+    older_shard.append(
+        [{"poft_id": "a", "score": -1.0, "n_tokens": 3}, {"poft_id": "b", "score": -2.0, "n_tokens": 1}]
+    )
+    main.append([{"poft_id": "b", "score": -2.0, "n_tokens": 1, "entropy": 0.25}])
+    entries = main.load()
+    assert (entries["a"].entropy, entries["b"].entropy) == (0.5, 0.25) and entries["a"].complete
+
+
+def test_a_read_only_cache_of_an_older_poft_serves_its_scores_without_entropy(
+    tiny_models, conversations, small_disk, tmp_path, caplog
+):
+    """Cache lines written before poft cached entropies, on a real read-only disk: their scores are served as they
+    are, with a null ref_entropy and one warning, where a writable cache would score them again."""
+    cache = small_disk.path / "cache"
+    config = ScoreConfig(cache_dir=str(cache), device="cpu")
+    fresh = score_dataset(as_dataset(conversations[:4]), [tiny_models["zephyr"]], config)
+    (cache_file,) = cache.glob("*.jsonl")
+    lines = [json.loads(line) for line in cache_file.read_text().splitlines()]
+    cache_file.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "entropy"}) + "\n" for r in lines))
+    small_disk.read_only()
+    with caplog.at_level(logging.WARNING, logger="poft"):
+        served = score_dataset(as_dataset(conversations[:4]), [tiny_models["zephyr"]], config)
+    assert served["score_zephyr"] == fresh["score_zephyr"] and served["ref_entropy"] == [None] * 4
+    assert "4 cached scores lack the reference's entropy (cached by an older poft) and the cache is read-only" in (
+        caplog.text
     )
 
 

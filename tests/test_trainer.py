@@ -218,6 +218,14 @@ def test_calibrated_poft_needs_the_references_entropy(tiny_models, conversations
     data = scored["zephyr"].remove_columns("ref_entropy").add_column("ref_entropy", entropies)
     with pytest.raises(DataError, match=r"NaN or infinite 'ref_entropy': row 2 \(poft_id"):
         PoFTTrainer(tiny_models["chatml"], args=args, train_dataset=data)
+    # one reference's score reads that reference's entropy; a column poft score does not write has none beside it
+    one = config(tmp_path, objective="poft_calibrated", ref_score_column="score_zephyr")
+    trainer = PoFTTrainer(tiny_models["chatml"], args=one, train_dataset=data.remove_columns("ref_entropy"))
+    _, ref = trainer._forward(trainer.model, whole_batch(trainer))[:2]
+    torch.testing.assert_close(ref.entropy, torch.tensor(data["entropy_zephyr"]))
+    own = config(tmp_path, objective="poft_calibrated", ref_score_column="my_score")
+    with pytest.raises(OptionError, match="ref_score_column='my_score' is not a column `poft score` writes"):
+        PoFTTrainer(tiny_models["chatml"], args=own, train_dataset=data.add_column("my_score", data["ref_score"]))
 
 
 def test_null_reference_score_is_skipped_with_a_warning(tiny_models, conversations, tmp_path, caplog):
@@ -427,6 +435,9 @@ def test_evaluation_reports_the_poft_loss_and_metrics(tiny_models, scored, tmp_p
     trainer.model.eval()
     with torch.no_grad():
         r_theta, ref = policy_scores(trainer, compared=True)
+    if objective == "poft_calibrated":  # r_ref + H_ref of each row, read from the scored data (not shuffled)
+        expected_ref = torch.tensor(data["ref_score"]) + torch.tensor(data["ref_entropy"])
+        torch.testing.assert_close(ref, expected_ref.to(ref.dtype))
     losses = torch.nn.functional.softplus(-(r_theta - ref))  # -log sigmoid(margin)
     tokens = whole_batch(trainer)["labels"][:, 1:].ne(-100).sum(1).to(losses.dtype)
     expected = (losses.mean() if objective == "poft" else (losses * tokens).sum() / tokens.sum()).item()

@@ -27,17 +27,15 @@ GPU_BATCH_TOKENS = 16384
 MAX_PADDING = 0.2
 
 
-SCORED = ("log_probs", "entropy")  # what scoring asks of the response head
-
-
 class BatchScores(NamedTuple):
     """One batch of `iter_scores`: the conversations' indices, and per conversation its mean response log-prob, its
-    response-token count and the mean entropy of the model's next-token distribution at its response positions."""
+    response-token count and, where asked for, the mean entropy of the model's next-token distribution at its
+    response positions (None otherwise: it costs one more pass over the vocabulary)."""
 
     indices: list[int]
     means: list[float]
     counts: list[int]
-    entropies: list[float]
+    entropies: list[float] | None
 
 
 def token_budget_batches(
@@ -87,14 +85,21 @@ def collate_packed(encoded: Sequence[EncodedConversation], device: torch.device)
 
 @torch.no_grad()
 def score_packed_batch(
-    model, batch: dict[str, torch.Tensor], num_sequences: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-conversation mean response log-prob, token count and mean entropy of a packed row."""
+    model, batch: dict[str, torch.Tensor], num_sequences: int, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-conversation mean response log-prob, token count and (with `entropy`) mean entropy of a packed row."""
     seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
-    outputs = response_log_probs(model, batch, SCORED, cast_lm_head_to_fp32=True)
+    outputs = response_log_probs(model, batch, _asked(entropy), cast_lm_head_to_fp32=True)
     means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+    if not entropy:
+        return means, counts, None
     entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask, seq_ids, num_sequences)
     return means, counts, entropies
+
+
+def _asked(entropy: bool) -> tuple[str, ...]:
+    """What scoring asks of the response head."""
+    return ("log_probs", "entropy") if entropy else ("log_probs",)
 
 
 def collate(
@@ -118,11 +123,15 @@ def collate(
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean response log-prob, response token count and mean entropy of each row, from the response positions
-    alone."""
-    outputs = response_log_probs(model, batch, SCORED, cast_lm_head_to_fp32=True)
+def score_batch(
+    model, batch: dict[str, torch.Tensor], entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean response log-prob, response token count and (with `entropy`) mean entropy of each row, from the response
+    positions alone."""
+    outputs = response_log_probs(model, batch, _asked(entropy), cast_lm_head_to_fp32=True)
     means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
+    if not entropy:
+        return means, counts, None
     entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask)
     return means, counts, entropies
 
@@ -140,6 +149,7 @@ def iter_scores(
     desc: str,
     packing: bool = False,
     max_padding: float = MAX_PADDING,
+    entropy: bool = False,
 ) -> Iterator[BatchScores]:
     """Score `encoded` in length-sorted token-budget batches: `BatchScores` per batch.
 
@@ -157,10 +167,13 @@ def iter_scores(
         for batch in batches:
             chosen = [encoded[i] for i in batch]
             if packing:
-                means, counts, entropies = score_packed_batch(model, collate_packed(chosen, device), len(batch))
+                means, counts, entropies = score_packed_batch(
+                    model, collate_packed(chosen, device), len(batch), entropy
+                )
             else:
-                means, counts, entropies = score_batch(model, collate(chosen, pad_token_id, device))
-            yield BatchScores(batch, means.tolist(), [int(c) for c in counts.tolist()], entropies.tolist())
+                means, counts, entropies = score_batch(model, collate(chosen, pad_token_id, device), entropy)
+            counts = [int(c) for c in counts.tolist()]
+            yield BatchScores(batch, means.tolist(), counts, None if entropies is None else entropies.tolist())
             bar.update(sum(lengths[i] for i in batch))
 
 

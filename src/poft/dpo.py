@@ -69,7 +69,7 @@ class PoFTDPOConfig(DPOConfig):
 
     warmup_ratio: float | None = warmup_ratio_field()
     beta: float = field(
-        default=0.1,
+        default=DPOConfig.beta,
         metadata={
             "help": "DPO's KL strength: higher stays closer to the starting model. TRL's default 0.1; public recipes "
             "use 0.01 (alignment-handbook zephyr-7b-beta, the recipe recipes/dpo-paper.yaml follows), 0.05 "
@@ -77,9 +77,9 @@ class PoFTDPOConfig(DPOConfig):
         },
     )
     learning_rate: float = field(
-        default=1e-6,
+        default=DPOConfig.learning_rate,
         metadata={
-            "help": "TRL's default 1e-6. Public recipes run DPO at about a thousandth of their SFT learning rate "
+            "help": "TRL's default 1e-6. Public recipes run DPO at a fortieth to a thousandth of their SFT learning rate "
             "(zephyr-7b-beta: 5e-7 after SFT at 2e-5; SmolLM2: 1e-6 after 1e-3); a tenth cost the demo 2.6 to 9.8 "
             "points of validation accuracy (bench/RESULTS.md, DPO sweep)."
         },

@@ -173,7 +173,7 @@ def add_noise(dataset: Dataset, rate: float, *, kind: str = "paper", seed: int =
 def run_noise(config: NoiseConfig) -> Dataset:
     """`poft noise`: load, corrupt, save (atomically: see `poft.stage`).
 
-    Scores poft computed for the input (`ref_score`, `score_<name>`, `n_tokens_<name>`, `ifd`) describe
+    Scores poft computed for the input (`ref_score`, `ref_entropy` and each reference's columns, `ifd`) describe
     the responses before the noise, so they are dropped, with a warning, rather than carried over wrong.
     poft's own `poft_noise` is kept and ORed with the new marks.
     """

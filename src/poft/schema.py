@@ -52,6 +52,14 @@ def entropy_column(reference: str) -> str:
     return f"{ENTROPY_PREFIX}{reference}"
 
 
+def entropy_column_for(score: str) -> str | None:
+    """The entropy column `poft score` writes beside a score column: `ref_entropy` beside `ref_score`,
+    `entropy_<name>` beside `score_<name>`; None beside any other column."""
+    if score == REF_SCORE:
+        return REF_ENTROPY
+    return entropy_column(score.removeprefix(SCORE_PREFIX)) if score.startswith(SCORE_PREFIX) else None
+
+
 def reference_columns(references: Iterable[str]) -> set[str]:
     """The columns `poft score` writes for these reference names: theirs, `ref_score` and `ref_entropy`."""
     columns = (score_column, n_tokens_column, entropy_column)

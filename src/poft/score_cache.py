@@ -113,7 +113,8 @@ def default_cache_dir() -> Path:
 
 
 class ScoreCache:
-    """Append-only JSONL of {poft_id, score, n_tokens[, null_reason][, truncated]} for one reference fingerprint.
+    """Append-only JSONL of {poft_id, score, n_tokens, entropy[, null_reason][, truncated]} for one reference
+    fingerprint.
 
     Each batch is appended and fsynced, so a killed run loses at most the batch in flight; a torn last
     line is cut off on reading, and duplicates collapse by `poft_id`. Under several processes each
@@ -155,8 +156,8 @@ class ScoreCache:
                 parsed = _parse(line)
                 if isinstance(parsed, str):
                     corrupt.append((number, parsed))
-                else:
-                    entries[parsed[0]] = parsed[1]
+                elif parsed[1].complete or parsed[0] not in entries or not entries[parsed[0]].complete:
+                    entries[parsed[0]] = parsed[1]  # an older line without entropy never hides a complete one
             if corrupt and path not in self._warned:
                 self._warned.add(path)
                 logger.warning(
@@ -199,6 +200,14 @@ class ScoreCache:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def writable(self) -> bool:
+        """Whether lines can be appended to this cache's file (False on a read-only cache or disk)."""
+        try:
+            with open(self.path, "ab"):
+                return True
+        except OSError:
+            return False
 
     def append(self, records: list[dict]) -> None:
         try:

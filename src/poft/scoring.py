@@ -226,14 +226,24 @@ def _score_uncached(
     reference, sharded = prepared.reference, state.num_processes > 1
     ids = dataset[POFT_ID]
     scored = prepared.cache.load()
-    pending = sorted({i for i in ids if i not in scored or not scored[i].complete})
-    older = len({i for i in ids if i in scored and not scored[i].complete})
-    if older:
+    older = {i for i in ids if i in scored and not scored[i].complete}
+    if older and not prepared.cache.writable():
+        logger.warning(
+            "%s: %d cached scores lack the reference's entropy (cached by an older poft) and the cache is read-only, "
+            "so they are served without it: their %s is null, and objective poft_calibrated skips them. Point "
+            "--cache_dir to a writable folder to compute it.",
+            reference.name,
+            len(older),
+            REF_ENTROPY,
+        )
+        older = set()
+    elif older:
         logger.info(
             "%s: %d cached scores lack the reference's entropy (cached by an older poft); scoring them again.",
             reference.name,
-            older,
+            len(older),
         )
+    pending = sorted({i for i in ids if i not in scored} | older)
     mine = set(pending[state.process_index :: state.num_processes])  # round-robin shard of the uncached rows
     todo = _encode(dataset, mine, prepared, describe_row)
     _report_unknown_characters(todo, ids, reference, describe_row)
@@ -390,6 +400,7 @@ def _score_into_cache(
         device,
         f"Scoring with {reference.name}",
         packing,
+        entropy=True,
     ):
         finite = [k for k, (m, h) in enumerate(zip(means, entropies, strict=True)) if math.isfinite(m + h)]
         cache.append(
@@ -401,8 +412,9 @@ def _score_into_cache(
         )
         if len(finite) < len(batch):
             bad = sorted(rows[keys[batch[k]]] for k in range(len(batch)) if k not in finite)
+            what = "log-probs" if not all(math.isfinite(m) for m in means) else "entropies"
             raise ScoringError(
-                f"reference {reference.name!r} ({reference.path}) gives non-finite log-probs (NaN or inf) for "
+                f"reference {reference.name!r} ({reference.path}) gives non-finite {what} (NaN or inf) for "
                 f"{', '.join(map(describe_row, bad[:SHOWN_ROWS]))}{' ...' if len(bad) > SHOWN_ROWS else ''}; "
                 "nothing non-finite was cached or written. Check the model's weights (NaN weights, an overflow in "
                 "--dtype float16: try --dtype float32)."

@@ -37,7 +37,7 @@ from poft.objective_registry import HELP as OBJECTIVE_HELP
 from poft.objectives import StepTensors, calibrated_reference, poft_weights, sequence_mean_log_probs
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
 from poft.runtime import default_bf16, machine_defaults, output_dir_for, resume_checkpoint, train_and_save
-from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_ENTROPY, REF_SCORE, is_numeric
+from poft.schema import COMPLETION_MASK, MESSAGES, POFT_ID, REF_SCORE, entropy_column_for, is_numeric
 from poft.score_settings import CUT, LENGTH_SETTINGS, SETTINGS, mismatches, scoring_settings
 from poft.validation import check_model_source
 
@@ -281,7 +281,7 @@ class PoFTTrainer(SFTTrainer):
             return self._prepare_text(dataset, processing_class, args, packing, dataset_name)
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
-        entropy = REF_ENTROPY if self.objective.reads_entropy else None
+        entropy = _entropy_column(ref_column) if self.objective.reads_entropy else None
         scored = self._check_conversations(dataset, ref_column, dataset_name)
         dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, entropy, dataset_name)
         if scored is not None:
@@ -341,15 +341,16 @@ class PoFTTrainer(SFTTrainer):
             )
         if not self.objective.needs_references:
             return None
-        if self.objective.reads_entropy and REF_ENTROPY not in dataset.column_names:
+        entropy = _entropy_column(ref_column) if self.objective.reads_entropy else None
+        if entropy is not None and entropy not in dataset.column_names:
             raise DataError(
-                f"The {dataset_name} dataset has no {REF_ENTROPY!r} column, which objective={self.objective.name!r} "
+                f"The {dataset_name} dataset has no {entropy!r} column, which objective={self.objective.name!r} "
                 f"reads beside {ref_column!r}. Score it (again) with `poft score`, which writes both, or use "
                 f"objective={DEFAULT_OBJECTIVE!r}."
             )
         _check_reference_column(dataset, ref_column, dataset_name)
-        if self.objective.reads_entropy:
-            _check_reference_column(dataset, REF_ENTROPY, dataset_name)
+        if entropy is not None:
+            _check_reference_column(dataset, entropy, dataset_name)
         return scoring_settings(dataset, ref_column)
 
     def _tokenize_conversations(
@@ -564,6 +565,17 @@ class PoFTTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+
+
+def _entropy_column(ref_column: str) -> str:
+    """The entropy column an objective that reads the references' entropy takes beside `ref_column`."""
+    entropy = entropy_column_for(ref_column)
+    if entropy is None:
+        raise OptionError(
+            f"ref_score_column={ref_column!r} is not a column `poft score` writes, so there is no entropy beside it "
+            f"for an objective that reads one. Use {REF_SCORE!r} or score_<name> (with entropy_<name> beside it)."
+        )
+    return entropy
 
 
 def _capped_at_context(model, args: PoFTConfig) -> int | None:

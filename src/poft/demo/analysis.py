@@ -52,9 +52,11 @@ def split_beta(method: str) -> tuple[str, float | None]:
 
 def check_method(method: str, known: Sequence[str]) -> str | None:
     """Why `method` is not a method of the demo (None where it is)."""
-    name, mark, beta = base_method(method).partition(BETA_MARK)
+    name, mark, beta = method.partition(BETA_MARK)
     if not mark:
         return None if method in known else f"{method}: choose from {', '.join(known)}"
+    if beta.endswith(DPO_SUFFIX):
+        return f"{method}: the DPO arms ({', '.join(m for m in known if m.endswith(DPO_SUFFIX))}) take no {BETA_MARK}"
     if name not in PREFERENCE_METHODS:
         return f"{method}: {BETA_MARK} applies to the PoFT objectives ({', '.join(PREFERENCE_METHODS)})"
     try:
@@ -128,15 +130,14 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
         }
     differences = {}
     for first in sorted((m for m in by_method if is_preference(m)), key=lambda m: (m != DEFAULT.name, m)):
-        if first in by_method:
-            differences[first] = {
-                other: _paired_difference(first, by_method[first], other, seeds)
-                for other, seeds in by_method.items()
-                if other != first
-                and not (is_preference(other) and other in differences)
-                and other != first + DPO_SUFFIX
-                and set(by_method[first]) & set(seeds)
-            }
+        differences[first] = {
+            other: _paired_difference(first, by_method[first], other, seeds)
+            for other, seeds in by_method.items()
+            if other != first
+            and not (is_preference(other) and other in differences)
+            and other != first + DPO_SUFFIX
+            and set(by_method[first]) & set(seeds)
+        }
     for first, others in PAIRED.items():
         for other in others:
             if first in by_method and other in by_method and set(by_method[first]) & set(by_method[other]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ DPO_PAIRS = 600
 # learning rates 1e-6 to 1e-4, beta 0.05 to 0.5, 1 or 2 epochs, then an NLL term on the chosen answers. Every plain
 # setting lowered validation accuracy; the smallest step with the NLL term left it as SFT had it.
 DPO_EPOCHS = 1
-DPO_LEARNING_RATE = 1e-6  # a thousandth of the target's 1e-3, as public recipes set DPO against SFT
+DPO_LEARNING_RATE = 1e-6  # a thousandth of the target's 1e-3 (public recipes: a fortieth to a thousandth)
 DPO_BETA = 0.05
 DPO_NLL_WEIGHT = 1.0
 DPO_SEED = 7  # the pairs' prompts: a seed no split of the world uses (test 1, references 2, target 3, ...)
@@ -179,5 +180,9 @@ def train_dpo(model, tokenizer, pairs: Dataset, args: PoFTDPOConfig):
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     quiet(trainer)
-    trainer.train()
+    with warnings.catch_warnings():
+        # Workaround (TRL 1.16): its reference forward reads transformers' deprecated `is_gradient_checkpointing`;
+        # the demo holds back that FutureWarning, about a name it does not use. Remove when TRL reads the new name.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train()
     return trainer.model

@@ -104,7 +104,8 @@ class DemoConfig:
     methods: list[str] = field(
         default_factory=lambda: [SFT.name, DEFAULT_OBJECTIVE],
         metadata={
-            "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), dft (TRL's "
+            "help": "sft (token-level), poft (the paper's objective), poft_token (token-weighted PoFT), poft_calibrated "
+            "(token-weighted PoFT against r_ref + H_ref), dft (TRL's "
             "Dynamic Fine-Tuning), sft_norm (length-normalised SFT), oracle (SFT on the clean rows only), filter (SFT "
             "on the top --filter_fractions by ref_score), token_cleaning (SFT on the 0.6 share of response tokens a same-tokenizer "
             "reference learned most: Token Cleaning, fixed model), ifd (SFT on the top --filter_fractions by IFD, computed "
@@ -459,11 +460,19 @@ class Grid:
         self.stores = {
             name: RunStore(output, self.world_settings[name].fingerprint(w.key)) for name, w in worlds.items()
         }
+        ours = {store.directory for store in self.stores.values()}
+        others = sorted(d.name for d in (output / "runs").glob("*") if d not in ours and any(d.glob("*.json")))
+        if others:
+            logger.info(
+                "%s holds runs of other code or settings (%s): they are not reused; these runs train again",
+                output / "runs",
+                ", ".join(others),
+            )
         self.score_config = ScoreConfig(device=config.device, max_length=MAX_LENGTH)
         self.scored: dict[tuple, Dataset] = {}
         self.separation: list[dict] = []
         self.distributions: dict[str, dict] = {}
-        self.pairs: dict[str, Dataset] = {}
+        self.pairs: dict[tuple[str, int], Dataset] = {}  # the DPO pairs of a world, by their number
 
     def scored_data(self, world: str, kind: str, rate: float, seed: int) -> Dataset:
         """The target split with noise of `kind` at `rate`, scored by the world's references (cached)."""
@@ -558,7 +567,7 @@ class Grid:
                 ", ".join(str(store.directory) for store in self.stores.values()),
             )
         stages = [s for s in pending if s.dpo is not None]
-        keep = {s.first_stage() for s in stages if not self.stores[s.world].model_path(s.first_stage()).exists()}
+        keep = {s.first_stage() for s in stages if not self._first_stage_kept(s.first_stage())}
         first = [s for s in pending if s.dpo is None] + [s for s in keep if s not in pending]
         total, started, done = len(first) + len(stages), time.perf_counter(), 0
 
@@ -582,6 +591,11 @@ class Grid:
             jobs = ((spec, lambda spec=spec: self._job(spec, self._model_path(spec, keep))) for spec in phase)
             self._execute(jobs, finished)
         return [records[spec] for spec in dict.fromkeys(specs)]
+
+    def _first_stage_kept(self, first: RunSpec) -> bool:
+        """Whether a first stage's run and its model are both in the store (a kill between the two leaves one)."""
+        store = self.stores[first.world]
+        return store.model_path(first).is_dir() and store.load(first) is not None
 
     def _model_path(self, spec: RunSpec, keep: set[RunSpec]) -> Path | None:
         if spec not in keep:

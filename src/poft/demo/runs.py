@@ -34,7 +34,7 @@ from poft.demo.tasks import FAMILY
 from poft.evaluation import exact_match_per_row
 from poft.objective_registry import objective_named
 from poft.objectives import calibrated_reference, poft_weights
-from poft.outputs import atomic_write_text
+from poft.outputs import atomic_output, atomic_write_text
 from poft.schema import MESSAGES, NOISE, REF_ENTROPY, REF_SCORE
 from poft.trainer import PoFTConfig, PoFTTrainer
 
@@ -105,15 +105,6 @@ class RunStore:
 
     def __init__(self, output: Path, fingerprint: str):
         self.directory = output / "runs" / fingerprint
-        others = [
-            d for d in (output / "runs").glob("*") if d.is_dir() and d != self.directory and any(d.glob("*.json"))
-        ]
-        if others:
-            logger.info(
-                "%s holds runs of other code or settings (%s): they are not reused, and runs are trained here again",
-                output / "runs",
-                ", ".join(d.name for d in sorted(others)),
-            )
 
     def path(self, spec: RunSpec) -> Path:
         return self.directory / f"{spec.name}.json"
@@ -248,11 +239,11 @@ def train_run(
         quiet(trainer)
         trainer.train()
         model = trainer.model
-    if save_to is not None:
+    record = {**asdict(spec), **tested(model, tokenizer, test)}
+    if save_to is not None:  # after the test, so that a saved model's run has always been evaluated
         save_model_atomically(model, tokenizer, save_to)
     return {
-        **asdict(spec),
-        **tested(model, tokenizer, test),
+        **record,
         "train_rows": len(data),
         "curve": recorder.curve,
         "clipped_share": recorder.clipped_share(),
@@ -271,11 +262,11 @@ def tested(model, tokenizer, test: Dataset) -> dict:
 
 
 def save_model_atomically(model, tokenizer, path: Path) -> None:
-    """The model and tokenizer saved beside `path`, then renamed into place: a kill leaves no half-written model."""
-    partial = path.with_name(f".{path.name}.partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(path)
+    """The model and tokenizer written whole into `path` (`poft.outputs.atomic_output`): a kill leaves the old
+    folder or the new one, and a folder of an earlier run is replaced."""
+    with atomic_output(path, "demo model") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def dpo_run(
