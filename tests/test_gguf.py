@@ -63,7 +63,9 @@ def test_a_gguf_is_known_by_its_content(tiny_models, gguf_model, conversations, 
     assert len({model_fingerprint(str(p)) for p in (gguf_model, other, reseeded)}) == 3
     forwards = []
     original = scoring.iter_scores
-    monkeypatch.setattr(scoring, "iter_scores", lambda m, e, *a: forwards.append(len(e)) or original(m, e, *a))
+    monkeypatch.setattr(
+        scoring, "iter_scores", lambda m, e, *a, **k: forwards.append(len(e)) or original(m, e, *a, **k)
+    )
     config = ScoreConfig(cache_dir=str(tmp_path / "cache"))
     for spelling in (str(gguf_model), str(copy), str(copy.parent), str(copy.parent) + "/"):
         score_dataset(as_dataset(conversations), [spelling], config)

@@ -466,7 +466,7 @@ def count_scored(monkeypatch) -> list[int]:
     import poft.scoring as scoring
 
     counts, original = [], scoring.iter_scores
-    monkeypatch.setattr(scoring, "iter_scores", lambda m, e, *a: counts.append(len(e)) or original(m, e, *a))
+    monkeypatch.setattr(scoring, "iter_scores", lambda m, e, *a, **k: counts.append(len(e)) or original(m, e, *a, **k))
     return counts
 
 
@@ -513,12 +513,12 @@ def test_two_runs_sharing_a_cache_score_each_row_once(tiny_models, conversations
             if record.getMessage().startswith("Another run is scoring this reference into"):
                 second_waits.set()
 
-    def held_scores(model, encoded, *args):
+    def held_scores(model, encoded, *args, **kwargs):
         counts.append(len(encoded))
         scoring_started.set()
         if not second_waits.wait(120):  # the second run reaches the lock meanwhile
             raise TimeoutError("the second run never waited for the cache's lock")
-        yield from original(model, encoded, *args)
+        yield from original(model, encoded, *args, **kwargs)
 
     monkeypatch.setattr(scoring, "iter_scores", held_scores)
     results = {}

@@ -147,7 +147,7 @@ def test_a_model_by_any_spelling_or_copy_scores_once(tiny_models, conversations,
     monkeypatch.setattr(
         scoring,
         "iter_scores",
-        lambda model, encoded, *a: forwards.append(len(encoded)) or original(model, encoded, *a),
+        lambda model, encoded, *a, **k: forwards.append(len(encoded)) or original(model, encoded, *a, **k),
     )
     results = [score_dataset(dataset, [spelling], config)["ref_score"] for spelling in ("ref", "./ref", "ref/")]
     results.append(score_dataset(dataset, [str(copy)], config)["ref_score"])
