@@ -16,7 +16,7 @@ from poft.demo.pipeline import DemoConfig, run_demo
 from poft.demo.tasks import FAMILIES, alphabet, make_words, sample_examples
 from poft.evaluation import exact_match
 from poft.runtime import progress_bars_on_terminal_only
-from poft.trainer import PoFTTrainer
+from poft.trainer import DEFAULT_OBJECTIVE, PoFTTrainer
 
 
 def test_task_answers_are_correct():
@@ -116,7 +116,7 @@ def test_toy_demo_writes_a_well_formed_report_and_resumes(tmp_path, caplog):
 def test_sweep_picks_on_validation_and_runs_are_deterministic_across_processes(tmp_path, capfd):
     config = toy_config(tmp_path, noise_rate=[0.0], lr_sweep=[1e-3, 3e-3], sweep_seeds=[0])
     results = run_demo(config)
-    assert set(results["best_learning_rates"]) == {"sft", "poft_token"}  # the default methods
+    assert set(results["best_learning_rates"]) == {"sft", DEFAULT_OBJECTIVE}  # the default methods
     for method, lr in results["best_learning_rates"].items():
         sweep = {
             r["learning_rate"]: r["curve"][-1]["validation_accuracy"]

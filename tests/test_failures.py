@@ -415,7 +415,11 @@ def test_full_disk_in_cache_append_is_one_line(tmp_path, monkeypatch):
 
 def scored_set(tmp_path: Path, values: list) -> str:
     rows = [
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "ref_score": v}
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "ref_score": v,
+            "ref_entropy": 1.0,
+        }
         for i, v in enumerate(values)
     ]
     path = tmp_path / "scored.jsonl"

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, get_scheduler
 from poft.cli import main, parse
 from poft.errors import OptionError
 from poft.evaluation import LEADERBOARD_TASKS, EvalConfig, answer_token_bound, generate_responses
-from poft.trainer import PoFTConfig, PoFTTrainer
+from poft.trainer import DEFAULT_OBJECTIVE, PoFTConfig, PoFTTrainer
 from tests.conftest import as_dataset, make_conversations
 
 ROOT = Path(__file__).parents[1]
@@ -300,8 +300,10 @@ def test_the_readmes_headline_is_the_recorded_make_demo_run():
     results = (root / "bench" / "RESULTS.md").read_text(encoding="utf-8")
     section = results.split("## `make demo` (CPU)", 1)[1].split("\n## ", 1)[0]
     sft = re.search(r"seed0-sft-lr0\.001: test ([\d.]+)%", section).group(1)
-    poft = re.search(r"seed0-poft_token-lr0\.001: test ([\d.]+)%", section).group(1)
-    row = re.search(r"\| poft_token - sft \| 1 \| ([+-][\d.]+) \| - \| \[([+-][\d.]+), ([+-][\d.]+)\]", section)
+    poft = re.search(rf"seed0-{DEFAULT_OBJECTIVE}-lr0\.001: test ([\d.]+)%", section).group(1)
+    row = re.search(
+        rf"\| {DEFAULT_OBJECTIVE} - sft \| 1 \| ([+-][\d.]+) \| - \| \[([+-][\d.]+), ([+-][\d.]+)\]", section
+    )
     wall = re.search(r"# (\d+ min \d+ s) wall", section).group(1)
     assert f"it prints {poft}% exact match" in readme and f"against {sft}% for SFT" in readme
     assert f"{row.group(1)} points, 95% bootstrap interval over the prompts [{row.group(2)}, {row.group(3)}]" in readme

@@ -43,7 +43,10 @@ def error_lines(capsys) -> list[str]:
 def scored_data(tmp_path_factory) -> str:
     """16 conversations with made-up reference scores: enough for PoFT to train on, 4 steps per epoch."""
     path = tmp_path_factory.mktemp("data") / "scored.jsonl"
-    rows = [{"messages": m, "ref_score": -1.0 - 0.1 * i} for i, m in enumerate(make_conversations(16))]
+    rows = [
+        {"messages": m, "ref_score": -1.0 - 0.1 * i, "ref_entropy": 1.0 + 0.05 * i}
+        for i, m in enumerate(make_conversations(16))
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 
@@ -453,7 +456,7 @@ def test_an_explicit_objective_contradicted_by_a_legacy_loss_type_is_refused(tmp
 
 def test_objective_defaults_and_agreeing_legacy_spellings(tmp_path):
     out = str(tmp_path / "o")
-    assert PoFTConfig(output_dir=out).objective == DEFAULT_OBJECTIVE == "poft_token"
+    assert PoFTConfig(output_dir=out).objective == DEFAULT_OBJECTIVE == "poft_calibrated"
     assert PoFTConfig(output_dir=out, loss_type="sft").objective == "sft"
     assert PoFTConfig(output_dir=out, objective="poft", loss_type="poft").objective == "poft"
     common = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", out]

@@ -198,7 +198,7 @@ def test_guard_error_stops_scoring_and_training_naming_the_conversation(base_tok
     tokenizer = tokenizer_for(base_tokenizer, "deepseek_r1_distill")
     model = str(save_model(tiny_llama(tokenizer), tokenizer, tmp_path / "r1"))
     reasoning = [CHAT[0], {"role": "assistant", "content": "<think>two and three</think>Five."}]
-    data = as_dataset([CHAT[:2], reasoning], ref_score=[-1.0, -1.0])
+    data = as_dataset([CHAT[:2], reasoning], ref_score=[-1.0, -1.0], ref_entropy=[1.0, 1.0])
     with pytest.raises(ChatTemplateError, match=rf"poft_id {data['poft_id'][1]}: {model}: .*rewrites"):
         score_dataset(data, [model], ScoreConfig(cache_dir=str(tmp_path / "cache"), device="cpu"))
     args = PoFTConfig(output_dir=str(tmp_path / "out"), report_to=[], max_length=256)

@@ -195,10 +195,9 @@ def test_sft_needs_no_reference_scores(tiny_models, conversations, tmp_path):
 def test_non_finite_reference_score_fails_before_training(tiny_models, conversations, tmp_path, bad):
     refs = [-1.0] * len(conversations)
     refs[3] = bad
+    data = as_dataset(conversations, ref_score=refs, ref_entropy=[1.0] * len(conversations))
     with pytest.raises(DataError, match=r"^1 rows .* NaN or infinite 'ref_score': row 3 \(poft_id"):
-        PoFTTrainer(
-            tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs)
-        )
+        PoFTTrainer(tiny_models["chatml"], args=config(tmp_path), train_dataset=data)
 
 
 def test_calibrated_poft_needs_the_references_entropy(tiny_models, conversations, scored, tmp_path):
@@ -233,7 +232,9 @@ def test_null_reference_score_is_skipped_with_a_warning(tiny_models, conversatio
     refs[1] = refs[3] = None
     with caplog.at_level(logging.WARNING, logger="poft.trainer"):
         trainer = PoFTTrainer(
-            tiny_models["chatml"], args=config(tmp_path), train_dataset=as_dataset(conversations, ref_score=refs)
+            tiny_models["chatml"],
+            args=config(tmp_path),
+            train_dataset=as_dataset(conversations, ref_score=refs, ref_entropy=[1.0] * len(conversations)),
         )
     assert len(trainer.train_dataset) == len(conversations) - 2
     assert f"2 of {len(conversations)} conversations of the train dataset have a null 'ref_score'" in caplog.text

@@ -32,7 +32,7 @@ from poft.chat import ChatTemplateError, ConversationEncoder, check_reading_opti
 from poft.errors import DataError, OptionError
 from poft.logprobs import response_log_probs
 from poft.models import beyond_context, model_max_length
-from poft.objective_registry import DEFAULT, NAMES, POFT, SFT, SFT_NORM, objective_named
+from poft.objective_registry import DEFAULT, NAMES, POFT, POFT_TOKEN, SFT, SFT_NORM, objective_named
 from poft.objective_registry import HELP as OBJECTIVE_HELP
 from poft.objectives import StepTensors, calibrated_reference, poft_weights, sequence_mean_log_probs
 from poft.options import apply_warmup_ratio, skip_invalid_field, system_turns_field, warmup_ratio_field
@@ -341,14 +341,14 @@ class PoFTTrainer(SFTTrainer):
             )
         if not self.objective.needs_references:
             return None
+        _check_reference_column(dataset, ref_column, dataset_name)
         entropy = _entropy_column(ref_column) if self.objective.reads_entropy else None
         if entropy is not None and entropy not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no {entropy!r} column, which objective={self.objective.name!r} "
                 f"reads beside {ref_column!r}. Score it (again) with `poft score`, which writes both, or use "
-                f"objective={DEFAULT_OBJECTIVE!r}."
+                f"objective={POFT_TOKEN.name!r}, which reads the score alone."
             )
-        _check_reference_column(dataset, ref_column, dataset_name)
         if entropy is not None:
             _check_reference_column(dataset, entropy, dataset_name)
         return scoring_settings(dataset, ref_column)
@@ -573,7 +573,8 @@ def _entropy_column(ref_column: str) -> str:
     if entropy is None:
         raise OptionError(
             f"ref_score_column={ref_column!r} is not a column `poft score` writes, so there is no entropy beside it "
-            f"for an objective that reads one. Use {REF_SCORE!r} or score_<name> (with entropy_<name> beside it)."
+            f"for an objective that reads one. Use {REF_SCORE!r} or score_<name> (with entropy_<name> beside it), "
+            f"or objective={POFT_TOKEN.name!r}, which reads the score alone."
         )
     return entropy
 

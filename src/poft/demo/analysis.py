@@ -19,10 +19,13 @@ from collections.abc import Sequence
 from poft.demo.intervals import paired_bootstrap_interval, paired_t_interval, seeds_for_half_width, verdict, within
 from poft.objective_registry import DEFAULT, NAMES, OBJECTIVES, SFT
 
-# each PoFT objective is compared with every other method; the default comes first, so that two PoFT objectives
-# are compared once, as the default minus the other
+# each PoFT objective is compared with every other method; two PoFT objectives are compared once, the earlier in
+# this order minus the later: the default first, then the later objectives of the registry before the earlier ones
 PREFERENCE_METHODS = tuple(
-    sorted((o.name for o in OBJECTIVES if o.needs_references), key=lambda name: name != DEFAULT.name)
+    sorted(
+        (o.name for o in OBJECTIVES if o.needs_references),
+        key=lambda name: (name != DEFAULT.name, -NAMES.index(name)),
+    )
 )
 BETA_MARK = "@beta="  # a PoFT objective at another beta: poft_token@beta=0.5
 LOSS_TYPES = {"dft": "dft"}  # methods that train with SFT's objective under another of TRL's loss_type
@@ -63,6 +66,12 @@ def check_method(method: str, known: Sequence[str]) -> str | None:
         return None if float(beta) > 0 else f"{method}: beta must be positive"
     except ValueError:
         return f"{method}: give the beta as a number, e.g. {name}{BETA_MARK}0.5"
+
+
+def _comparison_order(method: str) -> tuple[int, bool, float]:
+    """A PoFT method's place among those compared: its objective's, then its beta after the objective's own."""
+    name, beta = split_beta(method)
+    return PREFERENCE_METHODS.index(name), beta is not None, beta or 0.0
 
 
 def is_preference(method: str) -> bool:
@@ -129,7 +138,7 @@ def summarise_setting(by_method: dict[str, dict[int, dict]]) -> dict:
             "clipped_share": _mean(clipped),
         }
     differences = {}
-    for first in sorted((m for m in by_method if is_preference(m)), key=lambda m: (m != DEFAULT.name, m)):
+    for first in sorted((m for m in by_method if is_preference(m)), key=_comparison_order):
         differences[first] = {
             other: _paired_difference(first, by_method[first], other, seeds)
             for other, seeds in by_method.items()
