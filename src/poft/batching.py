@@ -89,17 +89,20 @@ def score_packed_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-conversation mean response log-prob, token count and (with `entropy`) mean entropy of a packed row."""
     seq_ids = batch["seq_idx"][:, 1:].long()  # the conversation each next-token prediction belongs to
-    outputs = response_log_probs(model, batch, _asked(entropy), cast_lm_head_to_fp32=True)
-    means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, seq_ids, num_sequences)
+    return _sequence_scores(model, batch, entropy, seq_ids, num_sequences)
+
+
+def _sequence_scores(
+    model, batch: dict[str, torch.Tensor], entropy: bool, *grouping
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The response head's log-probs (and entropies, where asked: one more pass over the vocabulary) averaged per
+    sequence: per row of a padded batch, or per `grouping` (sequence ids, their number) of a packed one."""
+    asked = ("log_probs", "entropy") if entropy else ("log_probs",)
+    outputs = response_log_probs(model, batch, asked, cast_lm_head_to_fp32=True)
+    means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask, *grouping)
     if not entropy:
         return means, counts, None
-    entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask, seq_ids, num_sequences)
-    return means, counts, entropies
-
-
-def _asked(entropy: bool) -> tuple[str, ...]:
-    """What scoring asks of the response head."""
-    return ("log_probs", "entropy") if entropy else ("log_probs",)
+    return means, counts, sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask, *grouping)[0]
 
 
 def collate(
@@ -128,12 +131,7 @@ def score_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mean response log-prob, response token count and (with `entropy`) mean entropy of each row, from the response
     positions alone."""
-    outputs = response_log_probs(model, batch, _asked(entropy), cast_lm_head_to_fp32=True)
-    means, counts = sequence_mean_log_probs(outputs.log_probs.float(), outputs.label_mask)
-    if not entropy:
-        return means, counts, None
-    entropies, _ = sequence_mean_log_probs(outputs.entropy.float(), outputs.label_mask)
-    return means, counts, entropies
+    return _sequence_scores(model, batch, entropy)
 
 
 def default_batch_tokens(device: torch.device) -> int:

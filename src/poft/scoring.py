@@ -464,11 +464,12 @@ def _add_scores(
         columns[entropy_column(name)] = read.entropies
         for column in (score_column(name), entropy_column(name)):
             read_to[column], cut[column] = read.max_length, read.cut
+    shortest = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the means' reading
+    every_cut = set().union(*cut.values())
     for mean, column_of in ((REF_SCORE, score_column), (REF_ENTROPY, entropy_column)):
         per_row = zip(*(columns[column_of(r.reference.name)] for r in checked), strict=True)
         columns[mean] = [None if None in row else sum(row) / len(row) for row in per_row]
-        read_to[mean] = min(read_to.values(), key=lambda n: math.inf if n is None else n)  # the shortest reading
-        cut[mean] = set().union(*cut.values())
+        read_to[mean], cut[mean] = shortest, every_cut
     dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     for name, values in columns.items():
         # the trainer checks that it truncates as these scores were computed

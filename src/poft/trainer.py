@@ -282,7 +282,7 @@ class PoFTTrainer(SFTTrainer):
         ref_column = args.ref_score_column
         has_ref = ref_column in dataset.column_names
         entropy = _entropy_column(ref_column) if self.objective.reads_entropy else None
-        scored = self._check_conversations(dataset, ref_column, dataset_name)
+        scored = self._check_conversations(dataset, ref_column, entropy, dataset_name)
         dataset = self._tokenize_conversations(dataset, args, ref_column if has_ref else None, entropy, dataset_name)
         if scored is not None:
             self._check_scoring_settings(scored, dataset, args, dataset_name)
@@ -319,9 +319,12 @@ class PoFTTrainer(SFTTrainer):
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
-    def _check_conversations(self, dataset: Dataset, ref_column: str, dataset_name: str) -> dict | None:
+    def _check_conversations(
+        self, dataset: Dataset, ref_column: str, entropy: str | None, dataset_name: str
+    ) -> dict | None:
         """Refuse, before anything is tokenized, conversations the objective cannot train on; return the settings
-        the reference scores were computed with (None where the objective reads no reference)."""
+        the reference scores were computed with (None where the objective reads no reference). `entropy` is the
+        column beside `ref_column` the objective also reads (None where it reads none)."""
         if MESSAGES not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no 'messages' column (columns: {dataset.column_names}). "
@@ -342,7 +345,6 @@ class PoFTTrainer(SFTTrainer):
         if not self.objective.needs_references:
             return None
         _check_reference_column(dataset, ref_column, dataset_name)
-        entropy = _entropy_column(ref_column) if self.objective.reads_entropy else None
         if entropy is not None and entropy not in dataset.column_names:
             raise DataError(
                 f"The {dataset_name} dataset has no {entropy!r} column, which objective={self.objective.name!r} "

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -588,8 +589,7 @@ class Grid:
             )
 
         for phase in (first, stages):
-            jobs = ((spec, lambda spec=spec: self._job(spec, self._model_path(spec, keep))) for spec in phase)
-            self._execute(jobs, finished)
+            self._execute(phase, lambda spec: self._job(spec, self._model_path(spec, keep)), finished)
         return [records[spec] for spec in dict.fromkeys(specs)]
 
     def _first_stage_kept(self, first: RunSpec) -> bool:
@@ -604,19 +604,21 @@ class Grid:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _execute(self, jobs, finished) -> None:
-        """Each (spec, job) in this process or over the worker pool; `finished` gets each spec's record."""
-        jobs = list(jobs)
-        if self.config.workers == 1 or len(jobs) <= 1:
-            for spec, job in jobs:
-                function, arguments = job()
+    def _execute(
+        self, specs: list[RunSpec], job: Callable[[RunSpec], tuple], finished: Callable[[RunSpec, dict], None]
+    ) -> None:
+        """Each spec's `job(spec)` (its function and arguments: `_job`) in this process or over the worker pool;
+        `finished` gets each spec's record."""
+        if self.config.workers == 1 or len(specs) <= 1:
+            for spec in specs:
+                function, arguments = job(spec)
                 finished(spec, function(*arguments))
             return
         with worker_pool(self.config.workers) as pool:
             # each run is submitted as soon as its data is scored, so the workers start while the rest is scored
             futures = {}
-            for spec, job in jobs:
-                function, arguments = job()
+            for spec in specs:
+                function, arguments = job(spec)
                 futures[pool.submit(function, *arguments)] = spec
             for future in as_completed(futures):
                 finished(futures[future], future.result())
